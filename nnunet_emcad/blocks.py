@@ -1,0 +1,211 @@
+"""The building blocks of EMCAD (Rahman et al., CVPR 2024), exact to the authors' official code.
+
+Every block takes ``conv_op`` (``nn.Conv2d`` by default) so the same code serves 2D and 3D; with
+``nn.Conv2d`` each block holds the same parameters, in the same order and under the same sub-module names,
+as its official counterpart (``lib/decoders.py`` of the EMCAD repository), which keeps checkpoint import a
+matter of renaming the decoder-level containers.
+"""
+from math import gcd
+from typing import Sequence, Tuple, Type, Union
+
+import torch
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+from dynamic_network_architectures.building_blocks.helper import get_matching_batchnorm
+
+ACTIVATIONS = ('relu', 'relu6', 'leakyrelu', 'prelu', 'gelu', 'hswish')
+
+
+def make_activation(name: str, inplace: bool = True) -> nn.Module:
+    """The activation layers the official code can choose by name (leaky slope and PReLU init 0.2)."""
+    name = name.lower()
+    if name == 'relu':
+        return nn.ReLU(inplace)
+    if name == 'relu6':
+        return nn.ReLU6(inplace)
+    if name == 'leakyrelu':
+        return nn.LeakyReLU(0.2, inplace)
+    if name == 'prelu':
+        return nn.PReLU(num_parameters=1, init=0.2)
+    if name == 'gelu':
+        return nn.GELU()
+    if name == 'hswish':
+        return nn.Hardswish(inplace)
+    raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
+
+
+def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """ShuffleNet's channel shuffle: split the channels into ``groups`` groups and interleave them."""
+    b, c = x.shape[:2]
+    spatial = x.shape[2:]
+    return x.view(b, groups, c // groups, *spatial).transpose(1, 2).reshape(b, c, *spatial)
+
+
+def init_emcad_weights(module: nn.Module) -> None:
+    """The official decoder initialisation: convolutions N(0, 0.02) with zero bias, norms weight 1 and bias 0."""
+    if isinstance(module, _ConvNd):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def _spatial_dims(x: torch.Tensor) -> Tuple[int, ...]:
+    return tuple(range(2, x.ndim))
+
+
+class MSDC(nn.Module):
+    """Multi-scale depth-wise convolution: one depth-wise conv + BN + activation branch per kernel size.
+
+    In parallel mode every branch reads the block input; in sequential mode each branch's output is added to
+    the input of the next. Returns the list of branch outputs.
+    """
+
+    def __init__(self, channels: int, kernel_sizes: Sequence[int] = (1, 3, 5), activation: str = 'relu6',
+                 dw_parallel: bool = True, conv_op: Type[_ConvNd] = nn.Conv2d):
+        super().__init__()
+        norm_op = get_matching_batchnorm(conv_op)
+        self.dw_parallel = dw_parallel
+        self.dwconvs = nn.ModuleList([
+            nn.Sequential(
+                conv_op(channels, channels, k, 1, k // 2, groups=channels, bias=False),
+                norm_op(channels),
+                make_activation(activation),
+            )
+            for k in kernel_sizes
+        ])
+
+    def forward(self, x: torch.Tensor) -> list:
+        outputs = []
+        for dwconv in self.dwconvs:
+            out = dwconv(x)
+            outputs.append(out)
+            if not self.dw_parallel:
+                x = x + out
+        return outputs
+
+
+class MSCB(nn.Module):
+    """Multi-scale convolution block: expand (1x1), MSDC, combine, channel shuffle, project (1x1), residual add.
+
+    ``add=True`` sums the MSDC branches, ``add=False`` concatenates them. The residual add is the official
+    stride-1 path; the decoder always uses ``in_channels == out_channels``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_sizes: Sequence[int] = (1, 3, 5),
+                 expansion_factor: int = 2, dw_parallel: bool = True, add: bool = True, activation: str = 'relu6',
+                 conv_op: Type[_ConvNd] = nn.Conv2d):
+        super().__init__()
+        if in_channels != out_channels:
+            raise ValueError(f"MSCB keeps the width: got {in_channels} -> {out_channels} channels")
+        norm_op = get_matching_batchnorm(conv_op)
+        ex_channels = int(in_channels * expansion_factor)
+        self.add = add
+        self.combined_channels = ex_channels if add else ex_channels * len(kernel_sizes)
+        self.shuffle_groups = gcd(self.combined_channels, out_channels)
+        self.pconv1 = nn.Sequential(
+            conv_op(in_channels, ex_channels, 1, 1, 0, bias=False),
+            norm_op(ex_channels),
+            make_activation(activation),
+        )
+        self.msdc = MSDC(ex_channels, kernel_sizes, activation, dw_parallel, conv_op)
+        self.pconv2 = nn.Sequential(
+            conv_op(self.combined_channels, out_channels, 1, 1, 0, bias=False),
+            norm_op(out_channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branches = self.msdc(self.pconv1(x))
+        combined = sum(branches) if self.add else torch.cat(branches, dim=1)
+        return x + self.pconv2(channel_shuffle(combined, self.shuffle_groups))
+
+
+class CAB(nn.Module):
+    """Channel attention: a shared two-layer 1x1 MLP over average- and max-pooled features, sigmoid.
+
+    Returns the per-channel weights; the caller multiplies them in. Below ``ratio`` channels the hidden width is 1.
+    """
+
+    def __init__(self, channels: int, ratio: int = 16, conv_op: Type[_ConvNd] = nn.Conv2d):
+        super().__init__()
+        hidden = channels // min(ratio, channels)
+        self.fc1 = conv_op(channels, hidden, 1, bias=False)
+        self.fc2 = conv_op(hidden, channels, 1, bias=False)
+        self.activation = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = _spatial_dims(x)
+        avg_out = self.fc2(self.activation(self.fc1(x.mean(dim=dims, keepdim=True))))
+        max_out = self.fc2(self.activation(self.fc1(x.amax(dim=dims, keepdim=True))))
+        return torch.sigmoid(avg_out + max_out)
+
+
+class SAB(nn.Module):
+    """Spatial attention: conv over [channel mean, channel max], sigmoid. Returns the per-pixel weights."""
+
+    def __init__(self, kernel_size: int = 7, conv_op: Type[_ConvNd] = nn.Conv2d):
+        super().__init__()
+        self.conv = conv_op(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        return torch.sigmoid(self.conv(pooled))
+
+
+class LGAG(nn.Module):
+    """Large-kernel grouped attention gate: gates the encoder skip ``x`` with the upsampled decoder feature ``g``.
+
+    ``W_g`` and ``W_x`` are grouped ``kernel_size`` convs to ``channels // 2`` (groups ``channels // 2``; a 1x1
+    kernel uses groups 1), each with BN; ``psi`` maps their ReLU'd sum to one sigmoid gate.
+    """
+
+    def __init__(self, channels: int, kernel_size: int = 3, conv_op: Type[_ConvNd] = nn.Conv2d):
+        super().__init__()
+        norm_op = get_matching_batchnorm(conv_op)
+        inter = channels // 2
+        groups = 1 if kernel_size == 1 else inter
+        self.W_g = nn.Sequential(
+            conv_op(channels, inter, kernel_size, 1, kernel_size // 2, groups=groups, bias=True),
+            norm_op(inter),
+        )
+        self.W_x = nn.Sequential(
+            conv_op(channels, inter, kernel_size, 1, kernel_size // 2, groups=groups, bias=True),
+            norm_op(inter),
+        )
+        self.psi = nn.Sequential(
+            conv_op(inter, 1, 1, 1, 0, bias=True),
+            norm_op(1),
+            nn.Sigmoid(),
+        )
+        self.activation = nn.ReLU(inplace=True)
+
+    def forward(self, g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return x * self.psi(self.activation(self.W_g(g) + self.W_x(x)))
+
+
+class EUCB(nn.Module):
+    """Efficient up-convolution block: nearest upsampling, depth-wise 3x3 + BN + ReLU, 1x1 conv to ``out_channels``.
+
+    ``scale_factor`` is 2 in the paper; nnU-Net encoders pass their per-axis stride. (The official block also
+    shuffles channels with ``groups = in_channels``, which is the identity and is left out.)
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, scale_factor: Union[int, Sequence[int]] = 2,
+                 kernel_size: int = 3, conv_op: Type[_ConvNd] = nn.Conv2d):
+        super().__init__()
+        norm_op = get_matching_batchnorm(conv_op)
+        if not isinstance(scale_factor, int):
+            scale_factor = tuple(float(s) for s in scale_factor)
+        self.up_dwc = nn.Sequential(
+            nn.Upsample(scale_factor=scale_factor, mode='nearest'),
+            conv_op(in_channels, in_channels, kernel_size, 1, kernel_size // 2, groups=in_channels, bias=False),
+            norm_op(in_channels),
+            nn.ReLU(inplace=True),
+        )
+        self.pwc = conv_op(in_channels, out_channels, 1, 1, 0, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pwc(self.up_dwc(x))

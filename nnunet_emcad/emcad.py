@@ -1,0 +1,234 @@
+"""EMCAD networks: the EMCAD decoder over a PVTv2 encoder (timm) or over nnU-Net's own encoders.
+
+Layout follows timm: the decoder, the encoders, the network, then the constructors. Every network here keeps
+nnU-Net's contract: ``network.decoder.deep_supervision`` switches between a list of outputs (highest resolution
+first) and one full-resolution tensor, which is what ``nnUNetTrainer.set_deep_supervision_enabled`` sets.
+"""
+import pydoc
+from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.conv import _ConvNd
+
+from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
+from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
+
+from nnunet_emcad.blocks import CAB, EUCB, LGAG, MSCB, SAB, init_emcad_weights
+
+PVT_V2_VARIANTS = ('pvt_v2_b0', 'pvt_v2_b1', 'pvt_v2_b2', 'pvt_v2_b3', 'pvt_v2_b4', 'pvt_v2_b5')
+PVT_V2_STRIDE = 32
+
+# Blocks per stage of nnU-Net's ResEnc planners (ResEncUNetPlanner.UNet_blocks_per_stage_encoder), used when a
+# residual encoder is built from plain-U-Net plans that only give convolutions per stage.
+RESENC_BLOCKS_PER_STAGE = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6)
+
+StrideT = Union[int, Sequence[int]]
+
+
+class EMCADDecoder(nn.Module):
+    """The EMCAD decoder over any number of encoder stages, with one segmentation head per stage.
+
+    Stage widths are the encoder's own (``channels``, shallowest first), as in the official code: the LGAG gate
+    compares the upsampled decoder feature with the skip channel for channel, so keeping the encoder's width
+    needs no projection, and it keeps the decoder's cost a fixed small fraction of the encoder's. ``strides[i]``
+    is the encoder's stride into stage ``i``; EUCB ``i`` upsamples stage ``i + 1`` by ``strides[i + 1]``.
+
+    Deepest stage: ``d = MSCB(SAB(d) * d)`` after ``d = CAB(x) * x``. Every shallower stage: ``u = EUCB(d)``,
+    ``d = u + LGAG(g=u, x=skip)``, then CAB, SAB (one module shared by all stages) and MSCB.
+    ``forward`` returns the head logits at each stage's own resolution, shallowest first (only the first
+    when ``deep_supervision`` is off).
+    """
+
+    def __init__(self, channels: Sequence[int], strides: Sequence[StrideT], num_classes: int,
+                 deep_supervision: bool = True, kernel_sizes: Sequence[int] = (1, 3, 5), expansion_factor: int = 2,
+                 dw_parallel: bool = True, add: bool = True, lgag_ks: int = 3, activation: str = 'relu6',
+                 conv_op: Type[_ConvNd] = nn.Conv2d):
+        super().__init__()
+        if len(channels) != len(strides):
+            raise ValueError(f"need one stride per stage: {len(channels)} channels, {len(strides)} strides")
+        self.deep_supervision = deep_supervision
+        n = len(channels)
+        self.mscb = nn.ModuleList([
+            MSCB(c, c, kernel_sizes, expansion_factor, dw_parallel, add, activation, conv_op) for c in channels])
+        self.eucb = nn.ModuleList([
+            EUCB(channels[i + 1], channels[i], strides[i + 1], conv_op=conv_op) for i in range(n - 1)])
+        self.lgag = nn.ModuleList([LGAG(channels[i], lgag_ks, conv_op) for i in range(n - 1)])
+        self.cab = nn.ModuleList([CAB(c, conv_op=conv_op) for c in channels])
+        self.sab = SAB(conv_op=conv_op)
+        for part in (self.mscb, self.eucb, self.lgag, self.cab, self.sab):
+            part.apply(init_emcad_weights)
+        self.heads = nn.ModuleList([conv_op(c, num_classes, 1) for c in channels])
+
+    def _attend(self, d: torch.Tensor, stage: int) -> torch.Tensor:
+        d = self.cab[stage](d) * d
+        d = self.sab(d) * d
+        return self.mscb[stage](d)
+
+    def forward(self, skips: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        d = self._attend(skips[-1], len(skips) - 1)
+        features = [d]
+        for stage in range(len(skips) - 2, -1, -1):
+            u = self.eucb[stage](d)
+            d = self._attend(u + self.lgag[stage](g=u, x=skips[stage]), stage)
+            features.append(d)
+        features.reverse()
+        if not self.deep_supervision:
+            return [self.heads[0](features[0])]
+        return [head(f) for head, f in zip(self.heads, features)]
+
+
+class PVTv2Encoder(nn.Module):
+    """A timm PVTv2 (b0..b5) feature extractor: four stages at strides 4, 8, 16, 32.
+
+    ``grey_stem=True`` is the official grey-scale input: conv 1x1 (1 -> 3) + BN + ReLU in front of a 3-channel
+    PVT, applied when the input has one channel (so ImageNet weights keep their RGB patch embedding).
+    Otherwise timm's ``in_chans`` takes ``in_channels`` directly. ``pretrained`` is a local checkpoint (path or
+    state dict; timm or original PVT key names) loaded strictly before timm's feature wrapper is applied.
+    """
+
+    def __init__(self, variant: str = 'pvt_v2_b2', in_channels: int = 3, grey_stem: Optional[bool] = None,
+                 pretrained: Union[None, str, Dict[str, torch.Tensor]] = None, drop_path_rate: float = 0.1):
+        super().__init__()
+        import timm
+        from timm.models import FeatureListNet
+
+        if variant not in PVT_V2_VARIANTS:
+            raise ValueError(f"unknown PVTv2 encoder {variant!r}; choose one of {', '.join(PVT_V2_VARIANTS)}")
+        if grey_stem is None:
+            grey_stem = in_channels == 1
+        if grey_stem and in_channels not in (1, 3):
+            raise ValueError(f"the grey-scale stem takes 1-channel input, got {in_channels} channels; "
+                             f"use grey_stem=False to let timm's in_chans take them")
+        self.in_channels = in_channels
+        self.stem = nn.Sequential(nn.Conv2d(1, 3, 1), nn.BatchNorm2d(3), nn.ReLU(inplace=True)) if grey_stem else None
+        model = timm.create_model(variant, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate,
+                                  in_chans=3 if grey_stem else in_channels)
+        if pretrained is not None:
+            from nnunet_emcad.checkpoints import load_pvt_v2_weights
+            load_pvt_v2_weights(model, pretrained)
+        self.body = FeatureListNet(model, out_indices=(0, 1, 2, 3), flatten_sequential=True)
+        self.output_channels = list(self.body.feature_info.channels())
+        self.strides = [[4, 4], [2, 2], [2, 2], [2, 2]]
+        self.conv_op = nn.Conv2d
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        if any(s % PVT_V2_STRIDE for s in x.shape[2:]):
+            raise ValueError(f"PVTv2 encoders need spatial sizes divisible by {PVT_V2_STRIDE}, got "
+                             f"{tuple(x.shape[2:])}; pad or crop the input (in nnU-Net: the patch size)")
+        if self.stem is not None and x.shape[1] == 1:
+            x = self.stem(x)
+        return self.body(x)
+
+
+class EMCADNet(nn.Module):
+    """An encoder (returning its stages' features, shallowest first) with the EMCAD decoder and heads.
+
+    The encoder must expose ``output_channels`` and ``strides`` like dynamic-network-architectures' encoders.
+    ``upsample_outputs='first'`` brings only the first output to the input size (nnU-Net's deep supervision
+    then sees every other head at its own scale); ``'all'`` upsamples every head to the input size, as the
+    official code does for its MUTATION loss.
+    """
+
+    def __init__(self, encoder: nn.Module, num_classes: int, deep_supervision: bool = True,
+                 upsample_outputs: str = 'first', **decoder_kwargs):
+        super().__init__()
+        if upsample_outputs not in ('first', 'all'):
+            raise ValueError(f"upsample_outputs must be 'first' or 'all', got {upsample_outputs!r}")
+        self.encoder = encoder
+        self.upsample_outputs = upsample_outputs
+        self.decoder = EMCADDecoder(encoder.output_channels, encoder.strides, num_classes, deep_supervision,
+                                    conv_op=encoder.conv_op, **decoder_kwargs)
+
+    def decode(self, skips: Sequence[torch.Tensor], output_size: Sequence[int]) -> Union[torch.Tensor, List[torch.Tensor]]:
+        """Decoder and heads on given encoder features; outputs as ``forward`` returns them."""
+        logits = self.decoder(skips)
+        mode = 'bilinear' if len(output_size) == 2 else 'trilinear'
+        size = tuple(output_size)
+        last = len(logits) if self.upsample_outputs == 'all' else 1
+        logits = [F.interpolate(o, size=size, mode=mode, align_corners=False)
+                  if i < last and tuple(o.shape[2:]) != size else o for i, o in enumerate(logits)]
+        return logits if self.decoder.deep_supervision else logits[0]
+
+    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
+        return self.decode(self.encoder(x), x.shape[2:])
+
+
+def create_emcad_pvt(variant: str = 'pvt_v2_b2', num_classes: int = 9, in_channels: int = 3,
+                     grey_stem: Optional[bool] = None, pretrained: Union[None, str, Dict[str, torch.Tensor]] = None,
+                     deep_supervision: bool = True, upsample_outputs: str = 'first', drop_path_rate: float = 0.1,
+                     **decoder_kwargs) -> EMCADNet:
+    """EMCAD over a timm PVTv2 encoder (the paper's models are b0 and b2)."""
+    encoder = PVTv2Encoder(variant, in_channels, grey_stem, pretrained, drop_path_rate)
+    return EMCADNet(encoder, num_classes, deep_supervision, upsample_outputs, **decoder_kwargs)
+
+
+def emcad_pvt_v2_b0(num_classes: int = 9, in_channels: int = 3, **kwargs) -> EMCADNet:
+    """EMCAD-B0 of the paper: PVTv2-b0 encoder, decoder widths 256, 160, 64, 32."""
+    return create_emcad_pvt('pvt_v2_b0', num_classes, in_channels, **kwargs)
+
+
+def emcad_pvt_v2_b2(num_classes: int = 9, in_channels: int = 3, **kwargs) -> EMCADNet:
+    """EMCAD-B2 of the paper: PVTv2-b2 encoder, decoder widths 512, 320, 128, 64."""
+    return create_emcad_pvt('pvt_v2_b2', num_classes, in_channels, **kwargs)
+
+
+def _resolve_imports(arch_kwargs: dict, req_import: Sequence[str]) -> dict:
+    kwargs = dict(arch_kwargs)
+    for key in req_import:
+        if isinstance(kwargs.get(key), str):
+            located = pydoc.locate(kwargs[key])
+            if located is None:
+                raise ImportError(f"plans name {kwargs[key]!r} for {key!r}, which cannot be imported")
+            kwargs[key] = located
+    return kwargs
+
+
+def build_nnunet_encoder(arch_kwargs: dict, input_channels: int, kind: str = 'plain',
+                         arch_kwargs_req_import: Sequence[str] = ('conv_op', 'norm_op', 'dropout_op', 'nonlin')
+                         ) -> nn.Module:
+    """nnU-Net's ``PlainConvEncoder`` or ``ResidualEncoder`` from a plans configuration's ``arch_kwargs``.
+
+    Plain plans give ``n_conv_per_stage``, ResEnc plans ``n_blocks_per_stage``; a residual encoder built from
+    plain plans takes the ResEnc planners' blocks per stage.
+    """
+    kw = _resolve_imports(arch_kwargs, arch_kwargs_req_import)
+    n_stages = kw['n_stages']
+    common = dict(input_channels=input_channels, n_stages=n_stages, features_per_stage=kw['features_per_stage'],
+                  conv_op=kw['conv_op'], kernel_sizes=kw['kernel_sizes'], strides=kw['strides'],
+                  conv_bias=kw.get('conv_bias', False), norm_op=kw.get('norm_op'),
+                  norm_op_kwargs=kw.get('norm_op_kwargs'), dropout_op=kw.get('dropout_op'),
+                  dropout_op_kwargs=kw.get('dropout_op_kwargs'), nonlin=kw.get('nonlin'),
+                  nonlin_kwargs=kw.get('nonlin_kwargs'), return_skips=True)
+    if kind == 'plain':
+        n_convs = kw.get('n_conv_per_stage', kw.get('n_blocks_per_stage'))
+        return PlainConvEncoder(n_conv_per_stage=n_convs, nonlin_first=kw.get('nonlin_first', False), **common)
+    if kind == 'residual':
+        n_blocks = kw.get('n_blocks_per_stage', RESENC_BLOCKS_PER_STAGE[:n_stages])
+        extra = {k: kw[k] for k in ('block', 'bottleneck_channels', 'stem_channels') if kw.get(k) is not None}
+        return ResidualEncoder(n_blocks_per_stage=n_blocks, **common, **extra)
+    raise ValueError(f"unknown nnU-Net encoder kind {kind!r}; choose 'plain' or 'residual'")
+
+
+def create_emcad_unet(arch_kwargs: dict, input_channels: int, num_classes: int, encoder: str = 'plain',
+                      deep_supervision: bool = True,
+                      arch_kwargs_req_import: Sequence[str] = ('conv_op', 'norm_op', 'dropout_op', 'nonlin'),
+                      **decoder_kwargs) -> EMCADNet:
+    """EMCAD over nnU-Net's own encoder, self-configured by a plans configuration's ``arch_kwargs``.
+
+    One head per encoder stage: outputs come at strides ``cumprod(strides)``, highest resolution first.
+    """
+    enc = build_nnunet_encoder(arch_kwargs, input_channels, encoder, arch_kwargs_req_import)
+    return EMCADNet(enc, num_classes, deep_supervision, 'first', **decoder_kwargs)
+
+
+def output_strides(network: EMCADNet) -> List[Tuple[int, ...]]:
+    """Each output's stride relative to the input, highest resolution first (the first output is full size)."""
+    strides, total = [], None
+    for s in network.encoder.strides:
+        s = tuple(s)
+        total = s if total is None else tuple(a * b for a, b in zip(total, s))
+        strides.append(total)
+    upsampled = len(strides) if network.upsample_outputs == 'all' else 1
+    return [tuple(1 for _ in s) if i < upsampled else s for i, s in enumerate(strides)]

@@ -1,0 +1,59 @@
+"""Test helpers: official-format state dicts made from our networks (the inverse of the checkpoint import)."""
+import math
+import re
+from typing import Dict
+
+import torch
+
+_TO_OFFICIAL = (
+    (re.compile(r'^encoder\.stem\.'), 'conv.'),
+    (re.compile(r'^decoder\.heads\.(\d+)\.'), lambda m: f'out_head{int(m.group(1)) + 1}.'),
+    (re.compile(r'^decoder\.mscb\.(\d+)\.'), lambda m: f'decoder.mscb{int(m.group(1)) + 1}.0.'),
+    (re.compile(r'^decoder\.eucb\.(\d+)\.pwc\.'), lambda m: f'decoder.eucb{int(m.group(1)) + 1}.pwc.0.'),
+    (re.compile(r'^decoder\.(eucb|lgag|cab)\.(\d+)\.'), lambda m: f'decoder.{m.group(1)}{int(m.group(2)) + 1}.'),
+)
+
+
+def timm_to_original_pvt(key: str) -> str:
+    """timm PVTv2 key (plain or feature-wrapped) -> the original PVT repository's name."""
+    key = re.sub(r'^stages[._](\d+)\.downsample\.', lambda m: f'patch_embed{int(m.group(1)) + 1}.', key)
+    key = re.sub(r'^patch_embed\.', 'patch_embed1.', key)
+    key = re.sub(r'^stages[._](\d+)\.blocks\.(\d+)\.', lambda m: f'block{int(m.group(1)) + 1}.{m.group(2)}.', key)
+    key = re.sub(r'^stages[._](\d+)\.norm\.', lambda m: f'norm{int(m.group(1)) + 1}.', key)
+    return key.replace('mlp.dwconv.', 'mlp.dwconv.dwconv.')
+
+
+def to_official_key(key: str) -> str:
+    """Our EMCADNet key -> the official EMCADNet key."""
+    if key.startswith('encoder.body.'):
+        return 'backbone.' + timm_to_original_pvt(key[len('encoder.body.'):])
+    for pattern, replacement in _TO_OFFICIAL:
+        key, n = pattern.subn(replacement, key, count=1)
+        if n:
+            break
+    return key
+
+
+def official_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """The state dict the official code would hold for the same weights."""
+    return {to_official_key(k): v.clone() for k, v in model.state_dict().items()}
+
+
+def fingerprint_fill(state_dict: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The reference fingerprint's deterministic values for every non-backbone float tensor (float64)."""
+    out = dict(state_dict)
+    for key, value in state_dict.items():
+        if key.startswith('backbone.') or key.endswith('num_batches_tracked'):
+            continue
+        s = sum(ord(c) for c in key) % 97
+        j = torch.arange(value.numel(), dtype=torch.float64).reshape(value.shape)
+        filled = torch.sin(0.1 * j + s)
+        out[key] = 1 + 0.5 * filled ** 2 if key.endswith('running_var') else filled
+    return out
+
+
+def fingerprint_features() -> list:
+    """Stage inputs x_k = 10 sin(0.013 j + 0.5 k), k = 1..4 from the shallowest (B2 widths, 224x224 input)."""
+    shapes = [(1, 64, 56, 56), (1, 128, 28, 28), (1, 320, 14, 14), (1, 512, 7, 7)]
+    return [10 * torch.sin(0.013 * torch.arange(math.prod(s), dtype=torch.float64).reshape(s) + 0.5 * k)
+            for k, s in enumerate(shapes, start=1)]

@@ -1,0 +1,152 @@
+"""Behaviour of each EMCAD block against the official definitions."""
+import pytest
+import torch
+from torch import nn
+
+from nnunet_emcad.blocks import CAB, EUCB, LGAG, MSCB, MSDC, SAB, channel_shuffle, make_activation
+from nnunet_emcad.emcad import EMCADDecoder
+
+
+def _randomise_bn(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5)
+
+
+def test_msdc_parallel_branches_read_the_same_input():
+    torch.manual_seed(0)
+    msdc = MSDC(8, (1, 3, 5), dw_parallel=True).eval()
+    _randomise_bn(msdc)
+    x = torch.randn(2, 8, 12, 12)
+    outs = msdc(x)
+    assert len(outs) == 3
+    for branch, out in zip(msdc.dwconvs, outs):
+        torch.testing.assert_close(out, branch(x))
+    assert [b[0].kernel_size for b in msdc.dwconvs] == [(1, 1), (3, 3), (5, 5)]
+    assert all(b[0].groups == 8 and b[0].bias is None for b in msdc.dwconvs)
+    assert isinstance(msdc.dwconvs[0][2], nn.ReLU6)
+
+
+def test_msdc_sequential_adds_each_branch_to_the_next_input():
+    torch.manual_seed(0)
+    msdc = MSDC(8, (1, 3, 5), dw_parallel=False).eval()
+    _randomise_bn(msdc)
+    x = torch.randn(2, 8, 12, 12)
+    outs = msdc(x)
+    y0 = msdc.dwconvs[0](x)
+    y1 = msdc.dwconvs[1](x + y0)
+    y2 = msdc.dwconvs[2](x + y0 + y1)
+    for got, want in zip(outs, (y0, y1, y2)):
+        torch.testing.assert_close(got, want)
+
+
+def test_channel_shuffle_interleaves_groups():
+    x = torch.arange(6.).view(1, 6, 1, 1)
+    assert channel_shuffle(x, 2).flatten().tolist() == [0, 3, 1, 4, 2, 5]
+    assert channel_shuffle(x, 6).flatten().tolist() == list(range(6))
+
+
+@pytest.mark.parametrize('add', [True, False])
+def test_mscb_matches_its_definition(add):
+    torch.manual_seed(0)
+    block = MSCB(16, 16, (1, 3, 5), expansion_factor=2, add=add).eval()
+    _randomise_bn(block)
+    x = torch.randn(2, 16, 10, 10)
+    branches = block.msdc(block.pconv1(x))
+    combined = sum(branches) if add else torch.cat(branches, 1)
+    want = x + block.pconv2(channel_shuffle(combined, 16))  # gcd(32, 16) = gcd(96, 16) = 16
+    torch.testing.assert_close(block(x), want)
+    assert block.pconv2[0].in_channels == (32 if add else 96)
+    assert block.pconv1[0].bias is None and block.pconv2[0].bias is None
+    assert len(block.pconv2) == 2  # conv + BN, no activation
+
+
+def test_mscb_is_a_residual_block():
+    block = MSCB(8, 8).eval()
+    nn.init.zeros_(block.pconv2[1].weight)
+    x = torch.randn(1, 8, 6, 6)
+    torch.testing.assert_close(block(x), x)
+    with pytest.raises(ValueError, match='keeps the width'):
+        MSCB(8, 16)
+
+
+def test_cab_shares_one_mlp_for_avg_and_max_pooling():
+    torch.manual_seed(0)
+    cab = CAB(64)
+    assert cab.fc1.out_channels == 4 and cab.fc1.bias is None and cab.fc2.bias is None
+    x = torch.randn(2, 64, 7, 9)
+    mlp = lambda v: cab.fc2(torch.relu(cab.fc1(v)))
+    want = torch.sigmoid(mlp(nn.AdaptiveAvgPool2d(1)(x)) + mlp(nn.AdaptiveMaxPool2d(1)(x)))
+    got = cab(x)
+    assert got.shape == (2, 64, 1, 1)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize('channels,hidden', [(8, 1), (15, 1), (16, 1), (32, 2), (320, 20)])
+def test_cab_hidden_width(channels, hidden):
+    assert CAB(channels).fc1.out_channels == hidden
+
+
+def test_sab_pools_mean_then_max():
+    sab = SAB()
+    assert sab.conv.kernel_size == (7, 7) and sab.conv.padding == (3, 3) and sab.conv.bias is None
+    x = torch.randn(1, 5, 9, 9)
+    with torch.no_grad():
+        sab.conv.weight.zero_()
+        sab.conv.weight[0, 0, 3, 3] = 1.0  # centre tap of the first pooled channel
+    torch.testing.assert_close(sab(x), torch.sigmoid(x.mean(1, keepdim=True)))
+    with torch.no_grad():
+        sab.conv.weight.zero_()
+        sab.conv.weight[0, 1, 3, 3] = 1.0
+    torch.testing.assert_close(sab(x), torch.sigmoid(x.amax(1, keepdim=True)))
+
+
+def test_lgag_gates_the_skip():
+    torch.manual_seed(0)
+    gate = LGAG(32, kernel_size=3).eval()
+    _randomise_bn(gate)
+    assert gate.W_g[0].groups == 16 and gate.W_g[0].out_channels == 16 and gate.W_g[0].bias is not None
+    assert gate.psi[0].out_channels == 1
+    g, x = torch.randn(2, 32, 8, 8), torch.randn(2, 32, 8, 8)
+    psi = gate.psi(torch.relu(gate.W_g(g) + gate.W_x(x)))
+    torch.testing.assert_close(gate(g=g, x=x), x * psi)
+    assert LGAG(32, kernel_size=1).W_x[0].groups == 1
+
+
+def test_eucb_upsamples_by_the_stride():
+    block = EUCB(16, 8)
+    assert block(torch.randn(1, 16, 5, 7)).shape == (1, 8, 10, 14)
+    assert EUCB(16, 8, scale_factor=(1, 2))(torch.randn(1, 16, 5, 7)).shape == (1, 8, 5, 14)
+    assert block.up_dwc[1].groups == 16 and block.up_dwc[1].bias is None
+    assert block.pwc.bias is not None
+
+
+def test_activation_names():
+    assert isinstance(make_activation('relu6'), nn.ReLU6)
+    assert isinstance(make_activation('GELU'), nn.GELU)
+    with pytest.raises(ValueError, match='unknown activation'):
+        make_activation('swishy')
+
+
+def test_decoder_init_is_the_official_one():
+    torch.manual_seed(0)
+    dec = EMCADDecoder([64, 128, 320, 512], [[4, 4], [2, 2], [2, 2], [2, 2]], num_classes=3)
+    weights = torch.cat([m.weight.flatten() for n, m in dec.named_modules()
+                         if isinstance(m, nn.Conv2d) and not n.startswith('heads')])
+    assert abs(weights.std().item() - 0.02) < 0.001 and abs(weights.mean().item()) < 0.001
+    assert all(m.bias.abs().sum() == 0 for n, m in dec.named_modules()
+               if isinstance(m, nn.Conv2d) and m.bias is not None and not n.startswith('heads'))
+    assert all(torch.all(m.weight == 1) and torch.all(m.bias == 0) for m in dec.modules()
+               if isinstance(m, nn.BatchNorm2d))
+
+
+def test_decoder_ablation_knobs_change_the_blocks():
+    dec = EMCADDecoder([32, 64], [[1, 1], [2, 2]], 2, kernel_sizes=(3, 5, 7), expansion_factor=4,
+                       add=False, lgag_ks=1, activation='relu')
+    assert [b[0].kernel_size[0] for b in dec.mscb[0].msdc.dwconvs] == [3, 5, 7]
+    assert dec.mscb[0].pconv1[0].out_channels == 128
+    assert dec.mscb[0].pconv2[0].in_channels == 384
+    assert dec.lgag[0].W_g[0].kernel_size == (1, 1)
+    assert isinstance(dec.mscb[0].pconv1[2], nn.ReLU)

@@ -1,0 +1,90 @@
+"""Output contracts of the EMCAD networks: PVTv2 encoders and nnU-Net encoders built from plans."""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from nnunet_emcad.emcad import create_emcad_pvt, create_emcad_unet, output_strides
+
+ACDC_2D_ARCH = {  # what nnU-Net 2.8 plans for Dataset027_ACDC 2d (patch 256x224)
+    'n_stages': 6, 'features_per_stage': [32, 64, 128, 256, 512, 512],
+    'conv_op': 'torch.nn.modules.conv.Conv2d', 'kernel_sizes': [[3, 3]] * 6,
+    'strides': [[1, 1], [2, 2], [2, 2], [2, 2], [2, 2], [2, 2]], 'n_conv_per_stage': [2] * 6,
+    'n_conv_per_stage_decoder': [2] * 5, 'conv_bias': True,
+    'norm_op': 'torch.nn.modules.instancenorm.InstanceNorm2d', 'norm_op_kwargs': {'eps': 1e-05, 'affine': True},
+    'dropout_op': None, 'dropout_op_kwargs': None, 'nonlin': 'torch.nn.LeakyReLU', 'nonlin_kwargs': {'inplace': True},
+}
+
+
+def _check_outputs(net, in_channels, num_classes, patch, batch=1):
+    x = torch.randn(batch, in_channels, *patch)
+    strides = output_strides(net)
+    net.decoder.deep_supervision = True
+    with torch.no_grad():
+        outs = net(x)
+    assert len(outs) == len(strides)
+    for out, stride in zip(outs, strides):
+        assert out.shape == (batch, num_classes, *[p // s for p, s in zip(patch, stride)])
+    net.decoder.deep_supervision = False
+    with torch.no_grad():
+        single = net(x)
+    assert isinstance(single, torch.Tensor) and single.shape == (batch, num_classes, *patch)
+    torch.testing.assert_close(single, outs[0])
+
+
+@pytest.mark.parametrize('encoder', ['plain', 'residual'])
+def test_acdc_plan(encoder):
+    net = create_emcad_unet(ACDC_2D_ARCH, input_channels=1, num_classes=4, encoder=encoder).eval()
+    assert output_strides(net) == [(1, 1), (2, 2), (4, 4), (8, 8), (16, 16), (32, 32)]
+    assert net.decoder.mscb[0].pconv1[0].in_channels == 32 and net.decoder.mscb[5].pconv1[0].in_channels == 512
+    _check_outputs(net, 1, 4, (256, 224))
+
+
+def test_residual_encoder_takes_resenc_plans():
+    arch = {k: v for k, v in ACDC_2D_ARCH.items() if k != 'n_conv_per_stage'}
+    arch.update(n_blocks_per_stage=[1, 3, 4, 6, 6, 6], n_conv_per_stage_decoder=[1] * 5)
+    net = create_emcad_unet(arch, 1, 4, encoder='residual')
+    assert [len(stage.blocks) for stage in net.encoder.stages] == [1, 3, 4, 6, 6, 6]
+
+
+@pytest.mark.parametrize('variant,channels', [('pvt_v2_b0', [32, 64, 160, 256]), ('pvt_v2_b1', [64, 128, 320, 512])])
+@pytest.mark.parametrize('upsample', ['first', 'all'])
+def test_pvt_outputs(variant, channels, upsample):
+    net = create_emcad_pvt(variant, num_classes=3, in_channels=1, upsample_outputs=upsample).eval()
+    assert net.encoder.output_channels == channels
+    expected = [(1, 1), (8, 8), (16, 16), (32, 32)] if upsample == 'first' else [(1, 1)] * 4
+    assert output_strides(net) == expected
+    _check_outputs(net, 1, 3, (64, 96), batch=2)
+
+
+def test_pvt_rejects_sizes_it_cannot_take():
+    net = create_emcad_pvt('pvt_v2_b0', num_classes=2, in_channels=1)
+    with pytest.raises(ValueError, match='divisible by 32'):
+        net(torch.randn(1, 1, 64, 80))
+    with pytest.raises(ValueError, match='unknown PVTv2 encoder'):
+        create_emcad_pvt('pvt_v2_b9')
+
+
+@st.composite
+def nnunet_2d_plans(draw):
+    """Random valid 2D nnU-Net configurations: stages, per-axis strides, a patch that fits them with a
+    bottleneck of at least 4 pixels per axis (nnU-Net's planner stops pooling there)."""
+    n_stages = draw(st.integers(4, 8))
+    strides = [[1, 1]] + [draw(st.sampled_from([[2, 2], [2, 2], [1, 2], [2, 1]])) for _ in range(n_stages - 1)]
+    total = [math.prod(s[a] for s in strides) for a in range(2)]
+    patch = [t * draw(st.integers(4, max(4, 256 // t))) for t in total]
+    base = draw(st.sampled_from([4, 8, 16]))
+    arch = dict(ACDC_2D_ARCH, n_stages=n_stages, strides=strides, kernel_sizes=[[3, 3]] * n_stages,
+                features_per_stage=[min(base * 2 ** i, 64) for i in range(n_stages)],
+                n_conv_per_stage=[1] * n_stages, n_conv_per_stage_decoder=[1] * (n_stages - 1))
+    return arch, patch, draw(st.integers(1, 4)), draw(st.integers(2, 10)), draw(st.sampled_from(['plain', 'residual']))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(nnunet_2d_plans())
+def test_random_plans_give_one_output_per_stage(case):
+    arch, patch, in_channels, num_classes, encoder = case
+    net = create_emcad_unet(arch, in_channels, num_classes, encoder=encoder).eval()
+    assert len(output_strides(net)) == arch['n_stages']
+    _check_outputs(net, in_channels, num_classes, patch)

@@ -1,0 +1,62 @@
+"""The official code's parameter counts, FLOPs and decoder fingerprint, reproduced exactly."""
+import os
+
+import pytest
+import torch
+
+from helpers import fingerprint_features, fingerprint_fill, official_state_dict
+from nnunet_emcad.checkpoints import load_official_checkpoint
+from nnunet_emcad.emcad import create_emcad_pvt
+from nnunet_emcad.profiling import count_flops, count_parameters, emcad_parameter_breakdown
+
+
+@pytest.mark.parametrize('variant,decoder,total', [('pvt_v2_b0', 506_507, 3_920_923),
+                                                   ('pvt_v2_b2', 1_913_515, 26_772_635)])
+def test_parameter_counts(variant, decoder, total):
+    net = create_emcad_pvt(variant, num_classes=9, in_channels=1)
+    counts = emcad_parameter_breakdown(net)
+    assert counts['decoder'] == decoder
+    assert counts['total'] == total
+
+
+def test_b2_parameters_per_module():
+    dec = create_emcad_pvt('pvt_v2_b2', num_classes=9).decoder
+    per = lambda part: [count_parameters(m) for m in getattr(dec, part)][::-1]  # deepest first, like mscb4..1
+    assert per('mscb') == [1_093_632, 437_760, 76_800, 22_016]
+    assert per('eucb') == [169_792, 44_608, 9_664]
+    assert per('lgag') == [6_883, 2_755, 1_379]
+    assert per('cab') == [32_768, 12_800, 2_048, 512]
+    assert count_parameters(dec.sab) == 98
+
+
+@pytest.mark.parametrize('variant,flops', [('pvt_v2_b0', 1_338_876_500), ('pvt_v2_b2', 8_790_577_108)])
+def test_flops_at_224(variant, flops):
+    net = create_emcad_pvt(variant, num_classes=9, in_channels=3, upsample_outputs='all').eval()
+    assert count_flops(net, torch.randn(1, 3, 224, 224)) == flops
+
+
+def test_decoder_fingerprint_through_checkpoint_import():
+    official = fingerprint_fill(official_state_dict(create_emcad_pvt('pvt_v2_b2', num_classes=9, in_channels=1)))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        net = load_official_checkpoint(official)
+    finally:
+        torch.set_default_dtype(default)
+    assert not net.training and not net.decoder.deep_supervision
+    with torch.no_grad():
+        pred = net.decode(fingerprint_features(), (224, 224))
+    assert pred.dtype == torch.float64 and pred.shape == (1, 9, 224, 224)
+    assert pred.sum().item() == pytest.approx(53439099.9098, rel=1e-9)
+    assert pred.flatten()[0].item() == pytest.approx(-15.79948742, rel=1e-9)
+    assert pred[0, 1, 3, 5].item() == pytest.approx(20.57772953, rel=1e-9)
+
+
+def test_official_key_names_and_shapes(shared_dir):
+    rows = [line.split('\t') for line in
+            open(os.path.join(shared_dir, 'reference', 'official_emcad_keys_b2.tsv')).read().splitlines()]
+    reference = {name: shape for name, shape, _ in rows}
+    ours = {k: str(tuple(v.shape)) for k, v in
+            official_state_dict(create_emcad_pvt('pvt_v2_b2', num_classes=9, in_channels=1)).items()
+            if not k.startswith('backbone.')}
+    assert ours == reference
