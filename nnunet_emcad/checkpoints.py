@@ -120,7 +120,7 @@ def infer_pvt_v2_variant(backbone: Mapping[str, torch.Tensor]) -> str:
 
 _OFFICIAL_RENAMES = (
     (re.compile(r'^conv\.'), 'encoder.stem.'),
-    (re.compile(r'^out_head(\d)\.'), lambda m: f'decoder.heads.{int(m.group(1)) - 1}.'),
+    (re.compile(r'^out_head(\d)\.'), lambda m: f'decoder.seg_layers.{int(m.group(1)) - 1}.'),
     (re.compile(r'^decoder\.mscb(\d)\.0\.'), lambda m: f'decoder.mscb.{int(m.group(1)) - 1}.'),
     (re.compile(r'^decoder\.eucb(\d)\.pwc\.0\.'), lambda m: f'decoder.eucb.{int(m.group(1)) - 1}.pwc.'),
     (re.compile(r'^decoder\.(eucb|lgag|cab)(\d)\.'), lambda m: f'decoder.{m.group(1)}.{int(m.group(2)) - 1}.'),

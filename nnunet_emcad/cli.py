@@ -28,7 +28,7 @@ def _demo(args: argparse.Namespace) -> int:
         encoder = count_flops(net.encoder, x)
         heads_and_decoder = total - encoder
         head_macs = sum(h.in_channels * h.out_channels * (size // s) ** 2
-                        for h, s in zip(net.decoder.heads, (4, 8, 16, 32)))
+                        for h, s in zip(net.decoder.seg_layers, (4, 8, 16, 32)))
         decoder_macs = heads_and_decoder / 2 - head_macs
         counts = emcad_parameter_breakdown(net)
         print(f"{'EMCAD-' + variant[-2:].upper() + ' (PVTv2 ' + variant[-2:] + ')':<26}{counts['decoder']:>16,}"

@@ -59,7 +59,7 @@ class EMCADDecoder(nn.Module):
         self.sab = SAB(conv_op=conv_op)
         for part in (self.mscb, self.eucb, self.lgag, self.cab, self.sab):
             part.apply(init_emcad_weights)
-        self.heads = nn.ModuleList([conv_op(c, num_classes, 1) for c in channels])
+        self.seg_layers = nn.ModuleList([conv_op(c, num_classes, 1) for c in channels])
 
     def _attend(self, d: torch.Tensor, stage: int) -> torch.Tensor:
         d = self.cab[stage](d) * d
@@ -75,8 +75,8 @@ class EMCADDecoder(nn.Module):
             features.append(d)
         features.reverse()
         if not self.deep_supervision:
-            return [self.heads[0](features[0])]
-        return [head(f) for head, f in zip(self.heads, features)]
+            return [self.seg_layers[0](features[0])]
+        return [head(f) for head, f in zip(self.seg_layers, features)]
 
 
 class PVTv2Encoder(nn.Module):
@@ -91,9 +91,6 @@ class PVTv2Encoder(nn.Module):
     def __init__(self, variant: str = 'pvt_v2_b2', in_channels: int = 3, grey_stem: Optional[bool] = None,
                  pretrained: Union[None, str, Dict[str, torch.Tensor]] = None, drop_path_rate: float = 0.1):
         super().__init__()
-        import timm
-        from timm.models import FeatureListNet
-
         if variant not in PVT_V2_VARIANTS:
             raise ValueError(f"unknown PVTv2 encoder {variant!r}; choose one of {', '.join(PVT_V2_VARIANTS)}")
         if grey_stem is None:
@@ -101,17 +98,30 @@ class PVTv2Encoder(nn.Module):
         if grey_stem and in_channels not in (1, 3):
             raise ValueError(f"the grey-scale stem takes 1-channel input, got {in_channels} channels; "
                              f"use grey_stem=False to let timm's in_chans take them")
+        self.variant = variant
         self.in_channels = in_channels
+        self.drop_path_rate = drop_path_rate
         self.stem = nn.Sequential(nn.Conv2d(1, 3, 1), nn.BatchNorm2d(3), nn.ReLU(inplace=True)) if grey_stem else None
-        model = timm.create_model(variant, pretrained=False, num_classes=0, drop_path_rate=drop_path_rate,
-                                  in_chans=3 if grey_stem else in_channels)
-        if pretrained is not None:
-            from nnunet_emcad.checkpoints import load_pvt_v2_weights
-            load_pvt_v2_weights(model, pretrained)
-        self.body = FeatureListNet(model, out_indices=(0, 1, 2, 3), flatten_sequential=True)
+        self.body = self._build_body(pretrained)
         self.output_channels = list(self.body.feature_info.channels())
         self.strides = [[4, 4], [2, 2], [2, 2], [2, 2]]
         self.conv_op = nn.Conv2d
+
+    def _build_body(self, pretrained: Union[None, str, Dict[str, torch.Tensor]]) -> nn.Module:
+        """timm's model, with ``pretrained`` loaded strictly, wrapped as timm's ``features_only`` does."""
+        import timm
+        from timm.models import FeatureListNet
+
+        model = timm.create_model(self.variant, pretrained=False, num_classes=0, drop_path_rate=self.drop_path_rate,
+                                  in_chans=3 if self.stem is not None else self.in_channels)
+        if pretrained is not None:
+            from nnunet_emcad.checkpoints import load_pvt_v2_weights
+            load_pvt_v2_weights(model, pretrained)
+        return FeatureListNet(model, out_indices=(0, 1, 2, 3), flatten_sequential=True)
+
+    def load_pretrained(self, source: Union[str, Dict[str, torch.Tensor]]) -> None:
+        """Load ImageNet PVTv2 weights (timm or original PVT names) strictly into this encoder."""
+        self.body.load_state_dict(self._build_body(source).state_dict())
 
     def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
         if any(s % PVT_V2_STRIDE for s in x.shape[2:]):

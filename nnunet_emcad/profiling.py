@@ -15,7 +15,7 @@ def count_parameters(module: nn.Module) -> int:
 def emcad_parameter_breakdown(network: nn.Module) -> Dict[str, int]:
     """Parameters of an EMCAD network's encoder, decoder blocks (without heads) and heads."""
     decoder = network.decoder
-    heads = count_parameters(decoder.heads)
+    heads = count_parameters(decoder.seg_layers)
     return {'encoder': count_parameters(network.encoder), 'decoder': count_parameters(decoder) - heads,
             'heads': heads, 'total': count_parameters(network)}
 

@@ -7,7 +7,7 @@ import torch
 
 _TO_OFFICIAL = (
     (re.compile(r'^encoder\.stem\.'), 'conv.'),
-    (re.compile(r'^decoder\.heads\.(\d+)\.'), lambda m: f'out_head{int(m.group(1)) + 1}.'),
+    (re.compile(r'^decoder\.seg_layers\.(\d+)\.'), lambda m: f'out_head{int(m.group(1)) + 1}.'),
     (re.compile(r'^decoder\.mscb\.(\d+)\.'), lambda m: f'decoder.mscb{int(m.group(1)) + 1}.0.'),
     (re.compile(r'^decoder\.eucb\.(\d+)\.pwc\.'), lambda m: f'decoder.eucb{int(m.group(1)) + 1}.pwc.0.'),
     (re.compile(r'^decoder\.(eucb|lgag|cab)\.(\d+)\.'), lambda m: f'decoder.{m.group(1)}{int(m.group(2)) + 1}.'),

@@ -134,10 +134,10 @@ def test_decoder_init_is_the_official_one():
     torch.manual_seed(0)
     dec = EMCADDecoder([64, 128, 320, 512], [[4, 4], [2, 2], [2, 2], [2, 2]], num_classes=3)
     weights = torch.cat([m.weight.flatten() for n, m in dec.named_modules()
-                         if isinstance(m, nn.Conv2d) and not n.startswith('heads')])
+                         if isinstance(m, nn.Conv2d) and not n.startswith('seg_layers')])
     assert abs(weights.std().item() - 0.02) < 0.001 and abs(weights.mean().item()) < 0.001
     assert all(m.bias.abs().sum() == 0 for n, m in dec.named_modules()
-               if isinstance(m, nn.Conv2d) and m.bias is not None and not n.startswith('heads'))
+               if isinstance(m, nn.Conv2d) and m.bias is not None and not n.startswith('seg_layers'))
     assert all(torch.all(m.weight == 1) and torch.all(m.bias == 0) for m in dec.modules()
                if isinstance(m, nn.BatchNorm2d))
 

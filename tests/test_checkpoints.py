@@ -38,6 +38,14 @@ def test_pretrained_pvt_weights_load_from_either_format(imagenet_b0, fmt):
         torch.testing.assert_close(value, state[key], rtol=0, atol=0)
 
 
+def test_pretrained_weights_load_into_a_built_encoder(imagenet_b0):
+    state, _, original_file = imagenet_b0
+    encoder = PVTv2Encoder('pvt_v2_b0', in_channels=1)
+    encoder.load_pretrained(original_file)
+    for key, value in _body_state(encoder).items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+
+
 def test_pretrained_weights_with_grey_stem_and_with_timm_in_chans(imagenet_b0):
     state, timm_file, _ = imagenet_b0
     grey = PVTv2Encoder('pvt_v2_b0', in_channels=1, pretrained=timm_file)
@@ -133,6 +141,6 @@ def test_decoder_only_checkpoint_needs_the_variant():
                     if not k.startswith('backbone.')}
     with pytest.raises(CheckpointError, match="pass variant='pvt_v2_b2'"):
         load_official_checkpoint(decoder_only)
-    assert load_official_checkpoint(decoder_only, variant='pvt_v2_b2').decoder.heads[0].out_channels == 9
+    assert load_official_checkpoint(decoder_only, variant='pvt_v2_b2').decoder.seg_layers[0].out_channels == 9
     with pytest.raises(CheckpointError, match='not an official EMCAD checkpoint'):
         load_official_checkpoint({'weight': torch.zeros(1)})
