@@ -1,4 +1,30 @@
+"""Packaging; also installs ``zz_nnunet_emcad.pth`` at site-packages' root (wheel and editable installs), which
+registers the trainers with nnU-Net at interpreter start (see ``nnunet_emcad/_startup.py``)."""
+import os
+import shutil
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+from setuptools.command.editable_wheel import editable_wheel
+
+PTH = 'zz_nnunet_emcad.pth'
+
+
+class BuildPyWithPth(build_py):
+    """Put the start-up ``.pth`` at the wheel's root."""
+
+    def run(self):
+        super().run()
+        self.copy_file(PTH, os.path.join(self.build_lib, PTH), preserve_mode=0)
+
+
+class EditableWheelWithPth(editable_wheel):
+    """Put the start-up ``.pth`` into the editable wheel's root as well (its extra-files hook)."""
+
+    def _install_namespaces(self, installation_dir, pth_prefix):
+        super()._install_namespaces(installation_dir, pth_prefix)
+        shutil.copy(PTH, os.path.join(installation_dir, PTH))
+
 
 setup(
     name='nnunet-emcad',
@@ -9,6 +35,7 @@ setup(
     license='Apache-2.0',
     python_requires='>=3.10',
     packages=find_packages(include=['nnunet_emcad', 'nnunet_emcad.*']),
+    package_data={'nnunet_emcad': ['nnunet_trainers/*.py']},
     install_requires=[
         'nnunetv2>=2.8.1,<2.9',
         'torch>=2.1',
@@ -20,5 +47,6 @@ setup(
         'acvl-utils',
     ],
     extras_require={'test': ['pytest', 'hypothesis']},
+    cmdclass={'build_py': BuildPyWithPth, 'editable_wheel': EditableWheelWithPth},
     entry_points={'console_scripts': ['nnunet-emcad = nnunet_emcad.cli:main']},
 )

@@ -1,0 +1,216 @@
+"""nnU-Net v2 trainers for EMCAD. Each one overrides only what it changes; nnU-Net keeps planning,
+preprocessing, augmentation, cross-validation, validation, evaluation, ensembling and postprocessing.
+
+``build_network_architecture`` is a classmethod here (so a variant changes a class attribute, not the method);
+nnU-Net calls it with the same arguments as the stock static method, in training and in the predictor. It
+never reads files: ImageNet weights are loaded in ``initialize``, during training only.
+"""
+import math
+import os
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch._dynamo import OptimizedModule
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+
+from nnunet_emcad.emcad import PVT_V2_STRIDE, create_emcad_pvt, create_emcad_unet, output_strides
+from nnunet_emcad.losses import MutationLoss, PaperDiceCELoss
+
+__all__ = [
+    'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_ResEnc', 'nnUNetTrainerEMCAD_PVTb0', 'nnUNetTrainerEMCAD_PVTb2',
+    'nnUNetTrainerEMCAD_PVTb2_MUTATION', 'nnUNetTrainerEMCAD_5epochs', 'nnUNetTrainerEMCAD_PVTb0_5epochs',
+    'nnUNetTrainerEMCAD_smoke', 'nnUNetTrainerEMCAD_PVTb0_smoke',
+]
+
+PVT_WEIGHTS_ENV = 'nnUNet_EMCAD_PVT_WEIGHTS'
+
+
+def require_2d(configuration_manager: ConfigurationManager, trainer_name: str) -> None:
+    """Stop with a message naming the fix when a 2D trainer is given a 3D configuration."""
+    patch = configuration_manager.patch_size
+    if len(patch) != 2:
+        raise RuntimeError(f"{trainer_name} is a 2D trainer, but this configuration is {len(patch)}D (patch size "
+                           f"{list(patch)}). Train it on the 2d configuration: nnUNetv2_train DATASET 2d FOLD "
+                           f"-tr {trainer_name}")
+
+
+def unwrap(network: nn.Module) -> nn.Module:
+    """The network inside DDP and torch.compile wrappers."""
+    if isinstance(network, DDP):
+        network = network.module
+    if isinstance(network, OptimizedModule):
+        network = network._orig_mod
+    return network
+
+
+class nnUNetTrainerEMCAD(nnUNetTrainer):
+    """EMCAD decoder over the plan's own encoder: the recommended default.
+
+    The encoder is the one nnU-Net configured (``PlainConvEncoder`` from the default plans, ``ResidualEncoder``
+    from ResEnc plans), trained from scratch with nnU-Net's recipe (SGD 0.01, Nesterov, poly decay). Why this
+    default: it needs no ImageNet weights (none can be downloaded at run time, and medical data rarely has
+    three channels), it inherits nnU-Net's self-configured patch, strides and depth for any dataset, and on the
+    ACDC 2D plan it halves stock nnU-Net's FLOPs (12.3 vs 24.9 GFLOPs at 256x224, ``nnunet-emcad demo``).
+    Every encoder stage gets a supervised head; deep supervision uses all of them, weighted as nnU-Net does.
+    """
+
+    encoder_kind: Optional[str] = None  # 'plain' or 'residual'; None follows the plans' architecture class
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        require_2d(self.configuration_manager, type(self).__name__)
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        require_2d(configuration_manager, cls.__name__)
+        kind = cls.encoder_kind or (
+            'residual' if 'Residual' in configuration_manager.network_arch_class_name else 'plain')
+        return create_emcad_unet(configuration_manager.network_arch_init_kwargs, num_input_channels,
+                                 num_output_channels, kind, enable_deep_supervision,
+                                 configuration_manager.network_arch_init_kwargs_req_import)
+
+    def _get_deep_supervision_scales(self) -> Optional[List[List[float]]]:
+        """One scale per network output, read off the network's heads (nnU-Net assumes one less than stages)."""
+        if not self.enable_deep_supervision:
+            return None
+        return [list(1 / np.array(s, dtype=float)) for s in output_strides(unwrap(self.network))]
+
+
+class nnUNetTrainerEMCAD_ResEnc(nnUNetTrainerEMCAD):
+    """EMCAD over nnU-Net's residual encoder, from ResEnc plans (``-p nnUNetResEncUNetMPlans`` / ``L``) or, with
+    the default plans, with the ResEnc planners' blocks per stage. Self-configuring, trained from scratch."""
+
+    encoder_kind = 'residual'
+
+
+class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
+    """The paper's EMCAD-B2: PVTv2-b2 encoder (timm), AdamW lr 1e-4, weight decay 1e-4 (the paper's optimiser),
+    with nnU-Net's poly decay.
+
+    ImageNet weights: set ``nnUNet_EMCAD_PVT_WEIGHTS`` to a checkpoint file, or to a folder holding
+    ``pvt_v2_b2.pth`` (timm or original PVT format); they are loaded strictly when training starts. Unset, the
+    encoder trains from scratch. A patch size not divisible by 32 is rounded up to the next multiple of 32
+    (logged, and saved in the results' plans.json so prediction uses it too).
+    """
+
+    pvt_variant = 'pvt_v2_b2'
+    upsample_outputs = 'first'
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.initial_lr = 1e-4
+        self.weight_decay = 1e-4
+        self._fit_patch_size()
+
+    def _fit_patch_size(self) -> None:
+        patch = list(self.configuration_manager.patch_size)
+        fitted = [max(PVT_V2_STRIDE, math.ceil(p / PVT_V2_STRIDE) * PVT_V2_STRIDE) for p in patch]
+        if fitted != patch:
+            self.plans_manager.plans['configurations'][self.configuration_name]['patch_size'] = fitted
+            self.configuration_manager = self.plans_manager.get_configuration(self.configuration_name)
+            self.print_to_log_file(f"{type(self).__name__}: PVTv2 needs patch sizes divisible by {PVT_V2_STRIDE}; "
+                                   f"patch size {patch} -> {fitted}")
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
+                                   num_input_channels: int, num_output_channels: int,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        require_2d(configuration_manager, cls.__name__)
+        return create_emcad_pvt(cls.pvt_variant, num_output_channels, num_input_channels,
+                                deep_supervision=enable_deep_supervision, upsample_outputs=cls.upsample_outputs)
+
+    def initialize(self) -> None:
+        was_initialized = self.was_initialized
+        super().initialize()
+        source = os.environ.get(PVT_WEIGHTS_ENV)
+        if source and not was_initialized:
+            if os.path.isdir(source):
+                source = os.path.join(source, f"{self.pvt_variant}.pth")
+            unwrap(self.network).encoder.load_pretrained(source)
+            self.print_to_log_file(f"loaded ImageNet {self.pvt_variant} weights from {source}")
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay)
+        return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
+
+
+class nnUNetTrainerEMCAD_PVTb0(nnUNetTrainerEMCAD_PVTb2):
+    """The paper's EMCAD-B0: PVTv2-b0 encoder, otherwise as ``nnUNetTrainerEMCAD_PVTb2`` (weights file
+    ``pvt_v2_b0.pth``)."""
+
+    pvt_variant = 'pvt_v2_b0'
+
+
+class _TargetFromList(nn.Module):
+    """Hands a loss over all outputs nnU-Net's first (full-resolution) target."""
+
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.loss(outputs, targets[0])
+
+
+class nnUNetTrainerEMCAD_PVTb2_MUTATION(nnUNetTrainerEMCAD_PVTb2):
+    """EMCAD-B2 trained with the paper's MUTATION loss: every head upsampled to the patch size, and
+    0.3 CE + 0.7 Dice summed over the logits of all 15 non-empty subsets of the 4 heads."""
+
+    upsample_outputs = 'all'
+
+    def _build_loss(self) -> nn.Module:
+        if self.label_manager.has_regions or self.label_manager.ignore_label is not None:
+            raise RuntimeError(f"{type(self).__name__} supports plain label maps only (no regions, no ignore "
+                               f"label); use nnUNetTrainerEMCAD_PVTb2 for this dataset")
+        loss = PaperDiceCELoss(self.label_manager.num_segmentation_heads)
+        return _TargetFromList(MutationLoss(loss)) if self.enable_deep_supervision else loss
+
+
+class nnUNetTrainerEMCAD_5epochs(nnUNetTrainerEMCAD):
+    """Five epochs, for smoke tests of a set-up (like nnU-Net's ``nnUNetTrainer_5epochs``)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 5
+
+
+class nnUNetTrainerEMCAD_PVTb0_5epochs(nnUNetTrainerEMCAD_PVTb0):
+    """Five epochs of EMCAD-B0, for smoke tests."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 5
+
+
+class nnUNetTrainerEMCAD_smoke(nnUNetTrainerEMCAD):
+    """10 epochs of 25 iterations: checks a set-up end to end in about a minute on a CPU (tiny data)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 10
+        self.num_iterations_per_epoch = 25
+        self.num_val_iterations_per_epoch = 5
+
+
+class nnUNetTrainerEMCAD_PVTb0_smoke(nnUNetTrainerEMCAD_PVTb0):
+    """10 epochs of 25 iterations of EMCAD-B0, for smoke tests."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 10
+        self.num_iterations_per_epoch = 25
+        self.num_val_iterations_per_epoch = 5
