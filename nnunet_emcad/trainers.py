@@ -116,8 +116,9 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
         patch = list(self.configuration_manager.patch_size)
         fitted = [max(PVT_V2_STRIDE, math.ceil(p / PVT_V2_STRIDE) * PVT_V2_STRIDE) for p in patch]
         if fitted != patch:
+            # the plans dict is what on_train_start saves for the predictor; the (cached) manager is what training reads
             self.plans_manager.plans['configurations'][self.configuration_name]['patch_size'] = fitted
-            self.configuration_manager = self.plans_manager.get_configuration(self.configuration_name)
+            self.configuration_manager.configuration['patch_size'] = fitted
             self.print_to_log_file(f"{type(self).__name__}: PVTv2 needs patch sizes divisible by {PVT_V2_STRIDE}; "
                                    f"patch size {patch} -> {fitted}")
 

@@ -1,8 +1,11 @@
 """The real nnU-Net console scripts, in subprocesses, on a tiny generated data set."""
+import glob
 import json
 import os
 
 import pytest
+import timm
+import torch
 
 from tiny_data import make_dataset, nnunet_env, run
 
@@ -30,7 +33,7 @@ def _dice(summary_file: str) -> dict:
 def test_train_predict_evaluate_with_stock_commands(planned):
     root, env, log = planned
     assert 'nnUNet_extTrainer' not in env
-    run(['nnUNetv2_train', '901', '2d', '0', '-tr', 'nnUNetTrainerEMCAD_smoke', '-device', 'cpu'], env, log)
+    run(['nnUNetv2_train', '901', '2d', '0', '-tr', 'nnUNetTrainerEMCAD_smoke', '-device', 'cpu', '--npz'], env, log)
     fold = os.path.join(env['nnUNet_results'], 'Dataset901_Tiny', 'nnUNetTrainerEMCAD_smoke__nnUNetPlans__2d',
                         'fold_0')
     assert os.path.isfile(os.path.join(fold, 'checkpoint_final.pth'))
@@ -45,3 +48,61 @@ def test_train_predict_evaluate_with_stock_commands(planned):
          os.path.join(out, 'dataset.json'), '-pfile', os.path.join(out, 'plans.json')], env, log)
     dice = _dice(os.path.join(out, 'summary.json'))
     assert dice['1'] > 0.8 and dice['2'] > 0.7, dice  # an untrained network scores near 0 on both
+
+
+def test_validation_rerun_with_val_flag(planned):
+    root, env, log = planned
+    fold = os.path.join(env['nnUNet_results'], 'Dataset901_Tiny', 'nnUNetTrainerEMCAD_smoke__nnUNetPlans__2d',
+                        'fold_0')
+    summary = os.path.join(fold, 'validation', 'summary.json')
+    os.remove(summary)
+    run(['nnUNetv2_train', '901', '2d', '0', '-tr', 'nnUNetTrainerEMCAD_smoke', '-device', 'cpu', '--val', '--npz'],
+        env, log)
+    assert _dice(summary)['1'] > 0.5
+
+
+def test_pvt_trainer_with_imagenet_weights_from_a_local_file(planned, tmp_path):
+    root, env, log = planned
+    weights = tmp_path / 'pvt_v2_b0.pth'
+    torch.save(timm.create_model('pvt_v2_b0').state_dict(), weights)
+    env = dict(env, nnUNet_EMCAD_PVT_WEIGHTS=str(tmp_path))
+    out = run(['nnUNetv2_train', '901', '2d', '0', '-tr', 'nnUNetTrainerEMCAD_PVTb0_smoke', '-device', 'cpu'],
+              env, log)
+    assert f'loaded ImageNet pvt_v2_b0 weights from {weights}' in out
+    fold = os.path.join(env['nnUNet_results'], 'Dataset901_Tiny',
+                        'nnUNetTrainerEMCAD_PVTb0_smoke__nnUNetPlans__2d', 'fold_0')
+    assert _dice(os.path.join(fold, 'validation', 'summary.json'))['1'] > 0.5
+
+
+def test_cross_validation_model_selection_and_ensembling_with_stock_nnunet(planned):
+    root, env, log = planned
+    for trainer, folds in (('nnUNetTrainerEMCAD_smoke', ['1']), ('nnUNetTrainer_1epoch', ['0', '1'])):
+        for fold in folds:
+            run(['nnUNetv2_train', '901', '2d', fold, '-tr', trainer, '-device', 'cpu', '--npz'], env, log)
+    run(['nnUNetv2_find_best_configuration', '901', '-c', '2d', '-tr', 'nnUNetTrainer_1epoch',
+         'nnUNetTrainerEMCAD_smoke', '-f', '0', '1', '-np', '2'], env, log)
+    results = os.path.join(env['nnUNet_results'], 'Dataset901_Tiny')
+    with open(os.path.join(results, 'inference_information.json')) as f:
+        info = json.load(f)
+    evaluated = set(info['all_results'])
+    assert any('nnUNetTrainerEMCAD_smoke' in k and 'ensemble' not in k for k in evaluated)
+    assert any('nnUNetTrainer_1epoch' in k and 'ensemble' not in k for k in evaluated)
+    assert any(k.startswith('ensemble') for k in evaluated), evaluated
+    assert os.path.isfile(os.path.join(results, 'inference_instructions.txt'))
+
+    raw = os.path.join(env['nnUNet_raw'], 'Dataset901_Tiny')
+    predictions = []
+    for trainer in ('nnUNetTrainerEMCAD_smoke', 'nnUNetTrainer_1epoch'):
+        out = os.path.join(root, f'ts_{trainer}')
+        run(['nnUNetv2_predict', '-i', os.path.join(raw, 'imagesTs'), '-o', out, '-d', '901', '-c', '2d',
+             '-f', '0', '1', '-tr', trainer, '-device', 'cpu', '-npp', '1', '-nps', '1', '--save_probabilities'],
+            env, log)
+        predictions.append(out)
+    ensemble = os.path.join(root, 'ts_ensemble')
+    run(['nnUNetv2_ensemble', '-i', *predictions, '-o', ensemble, '-np', '2'], env, log)
+    assert len(glob.glob(os.path.join(ensemble, '*.png'))) == 3
+    run(['nnUNetv2_evaluate_folder', os.path.join(raw, 'labelsTs'), ensemble, '-djfile',
+         os.path.join(predictions[0], 'dataset.json'), '-pfile', os.path.join(predictions[0], 'plans.json')],
+        env, log)
+    dice = _dice(os.path.join(ensemble, 'summary.json'))
+    assert dice['1'] > 0.8, dice

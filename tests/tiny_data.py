@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from typing import Dict, List
 
 import numpy as np
@@ -59,10 +60,11 @@ def nnunet_env(root: str) -> Dict[str, str]:
 
 def run(args: List[str], env: Dict[str, str], log: str, timeout: float = 900) -> str:
     """Run one nnU-Net console script; its output goes to ``log``. Fails with the log's tail."""
+    start = time.perf_counter()
     proc = subprocess.run(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL)
     with open(log, 'a') as f:
-        f.write(f"$ {' '.join(args)}\n{proc.stdout}\n")
+        f.write(f"$ {' '.join(args)}\n{proc.stdout}\n# {time.perf_counter() - start:.1f} s, exit {proc.returncode}\n")
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-4000:]}")
     return proc.stdout

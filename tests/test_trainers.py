@@ -1,0 +1,157 @@
+"""The trainers' contracts with nnU-Net, in process: deep supervision, patch sizes, 3D refusal, optimisers."""
+import copy
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nnunet_emcad._startup as startup
+from nnunet_emcad import trainers as T
+from nnunet_emcad.trainers import unwrap
+
+DATASET_JSON = {'channel_names': {'0': 'MRI'}, 'labels': {'background': 0, 'a': 1, 'b': 2}, 'numTraining': 10,
+                'file_ending': '.nii.gz'}
+# 2D configurations as nnU-Net 2.8's ExperimentPlanner writes them: n stages -> a patch that needs them
+PATCH_FOR_STAGES = {5: [64, 64], 6: [256, 224], 7: [320, 256], 8: [512, 512]}
+
+
+def make_plans(n_stages: int, patch, residual: bool = False, extra_3d: bool = False) -> dict:
+    dim = len(patch)
+    strides = [[1] * dim] + [[2] * dim] * (n_stages - 1)
+    arch = {'n_stages': n_stages, 'features_per_stage': [min(32 * 2 ** i, 512) for i in range(n_stages)],
+            'conv_op': f'torch.nn.modules.conv.Conv{dim}d', 'kernel_sizes': [[3] * dim] * n_stages,
+            'strides': strides, 'n_conv_per_stage_decoder': [1 if residual else 2] * (n_stages - 1),
+            'conv_bias': True, 'norm_op': f'torch.nn.modules.instancenorm.InstanceNorm{dim}d',
+            'norm_op_kwargs': {'eps': 1e-05, 'affine': True}, 'dropout_op': None, 'dropout_op_kwargs': None,
+            'nonlin': 'torch.nn.LeakyReLU', 'nonlin_kwargs': {'inplace': True}}
+    if residual:
+        arch['n_blocks_per_stage'] = [1, 3, 4, 6, 6, 6, 6, 6][:n_stages]
+    else:
+        arch['n_conv_per_stage'] = [2] * n_stages
+    name = 'ResidualEncoderUNet' if residual else 'PlainConvUNet'
+    config = {'data_identifier': f'nnUNetPlans_{dim}d', 'preprocessor_name': 'DefaultPreprocessor',
+              'batch_size': 2, 'patch_size': list(patch), 'median_image_size_in_voxels': list(patch),
+              'spacing': [1.0] * dim, 'normalization_schemes': ['ZScoreNormalization'], 'use_mask_for_norm': [False],
+              'resampling_fn_data': 'resample_data_or_seg_to_shape',
+              'resampling_fn_seg': 'resample_data_or_seg_to_shape',
+              'resampling_fn_data_kwargs': {'is_seg': False, 'order': 3, 'order_z': 0, 'force_separate_z': None},
+              'resampling_fn_seg_kwargs': {'is_seg': True, 'order': 1, 'order_z': 0, 'force_separate_z': None},
+              'resampling_fn_probabilities': 'resample_data_or_seg_to_shape',
+              'resampling_fn_probabilities_kwargs': {'is_seg': False, 'order': 1, 'order_z': 0,
+                                                     'force_separate_z': None},
+              'architecture': {'network_class_name': f'dynamic_network_architectures.architectures.unet.{name}',
+                               'arch_kwargs': arch,
+                               '_kw_requires_import': ['conv_op', 'norm_op', 'dropout_op', 'nonlin']},
+              'batch_dice': True}
+    configurations = {f'{dim}d' if dim == 2 else '3d_fullres': config}
+    if extra_3d:
+        configurations['3d_fullres'] = make_plans(n_stages, [16] + list(patch))['configurations']['3d_fullres']
+    return {'dataset_name': 'Dataset999_Plans', 'plans_name': 'nnUNetPlans',
+            'original_median_spacing_after_transp': [1.0, 1.0, 1.0],
+            'original_median_shape_after_transp': [16] + list(patch)[-2:], 'image_reader_writer': 'SimpleITKIO',
+            'transpose_forward': [0, 1, 2], 'transpose_backward': [0, 1, 2], 'configurations': configurations,
+            'experiment_planner_used': 'ExperimentPlanner', 'label_manager': 'LabelManager',
+            'foreground_intensity_properties_per_channel': {'0': {'mean': 0.0, 'std': 1.0}},
+            'continue_training': False}
+
+
+@pytest.fixture(autouse=True)
+def nnunet_folders(tmp_path, monkeypatch):
+    for var in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
+        monkeypatch.setenv(var, str(tmp_path / var))
+
+
+def build(cls, plans, configuration='2d'):
+    trainer = cls(copy.deepcopy(plans), configuration, 0, DATASET_JSON, device=torch.device('cpu'))
+    trainer.network = trainer.build_network_architecture(
+        trainer.plans_manager, trainer.configuration_manager, 1, trainer.label_manager.num_segmentation_heads, True)
+    return trainer
+
+
+EMCAD_TRAINERS = [getattr(T, name) for name in T.__all__]
+
+
+@pytest.mark.parametrize('n_stages', [5, 6, 7, 8])
+@pytest.mark.parametrize('cls', EMCAD_TRAINERS, ids=lambda c: c.__name__)
+def test_deep_supervision_outputs_match_the_loss_scales(cls, n_stages):
+    trainer = build(cls, make_plans(n_stages, PATCH_FOR_STAGES[n_stages]))
+    patch = trainer.configuration_manager.patch_size
+    scales = trainer._get_deep_supervision_scales()
+    loss = trainer._build_loss()
+    trainer.network.eval()
+    with torch.no_grad():
+        outputs = trainer.network(torch.randn(1, 1, *patch))
+    assert len(outputs) == len(scales)
+    assert [tuple(o.shape[2:]) for o in outputs] == [tuple(int(round(p * s)) for p, s in zip(patch, sc))
+                                                     for sc in scales]
+    assert scales[0] == [1.0, 1.0]
+    if not isinstance(trainer, T.nnUNetTrainerEMCAD_PVTb2):
+        assert len(outputs) == n_stages  # one supervised head per encoder stage
+    target = torch.randint(0, 3, (1, 1, *patch)).float()
+    targets = [F.interpolate(target, size=o.shape[2:], mode='nearest') for o in outputs]
+    assert torch.isfinite(loss(outputs, targets))
+    trainer.set_deep_supervision_enabled(False)
+    with torch.no_grad():
+        single = trainer.network(torch.randn(1, 1, *patch))
+    assert single.shape == (1, 3, *patch)
+
+
+def test_residual_trainer_follows_resenc_plans_and_fills_in_plain_ones():
+    plain = build(T.nnUNetTrainerEMCAD_ResEnc, make_plans(6, [256, 224]))
+    assert [len(s.blocks) for s in plain.network.encoder.stages] == [1, 3, 4, 6, 6, 6]
+    resenc = build(T.nnUNetTrainerEMCAD, make_plans(6, [256, 224], residual=True))
+    assert type(resenc.network.encoder).__name__ == 'ResidualEncoder'
+    assert type(build(T.nnUNetTrainerEMCAD, make_plans(6, [256, 224])).network.encoder).__name__ == 'PlainConvEncoder'
+
+
+def test_pvt_trainers_round_the_patch_up_to_a_multiple_of_32():
+    trainer = build(T.nnUNetTrainerEMCAD_PVTb0, make_plans(5, [56, 72]))
+    assert list(trainer.configuration_manager.patch_size) == [64, 96]
+    assert trainer.plans_manager.plans['configurations']['2d']['patch_size'] == [64, 96]  # saved for the predictor
+    with torch.no_grad():
+        assert trainer.network.eval()(torch.randn(1, 1, 64, 96))[0].shape == (1, 3, 64, 96)
+
+
+@pytest.mark.parametrize('cls', EMCAD_TRAINERS, ids=lambda c: c.__name__)
+def test_a_3d_configuration_stops_at_once(cls):
+    with pytest.raises(RuntimeError, match='is a 2D trainer, but this configuration is 3D.*nnUNetv2_train DATASET 2d'):
+        cls(make_plans(5, [64, 64], extra_3d=True), '3d_fullres', 0, DATASET_JSON, device=torch.device('cpu'))
+
+
+def test_optimisers():
+    default = build(T.nnUNetTrainerEMCAD, make_plans(5, [64, 64]))
+    optimizer, _ = default.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.SGD) and optimizer.defaults['lr'] == 1e-2
+    pvt = build(T.nnUNetTrainerEMCAD_PVTb2, make_plans(5, [64, 64]))
+    optimizer, scheduler = pvt.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert optimizer.defaults['lr'] == 1e-4 and optimizer.defaults['weight_decay'] == 1e-4
+    assert type(scheduler).__name__ == 'PolyLRScheduler'
+
+
+def test_deep_supervision_switch_reaches_through_torch_compile():
+    trainer = build(T.nnUNetTrainerEMCAD, make_plans(5, [64, 64]))
+    trainer.network = torch.compile(trainer.network)
+    trainer.set_deep_supervision_enabled(False)
+    assert unwrap(trainer.network).decoder.deep_supervision is False
+    trainer.set_deep_supervision_enabled(True)
+    assert unwrap(trainer.network).decoder.deep_supervision is True
+
+
+def test_mutation_loss_trainer_upsamples_every_head():
+    trainer = build(T.nnUNetTrainerEMCAD_PVTb2_MUTATION, make_plans(5, [64, 64]))
+    assert trainer._get_deep_supervision_scales() == [[1.0, 1.0]] * 4
+    assert type(trainer._build_loss().loss).__name__ == 'MutationLoss'
+
+
+def test_startup_hook_appends_and_keeps_the_users_folders(monkeypatch):
+    monkeypatch.setenv('nnUNet_extTrainer', os.pathsep.join(['/my/trainers', '/more']))
+    startup.register_trainer_dir()
+    startup.register_trainer_dir()
+    assert os.environ['nnUNet_extTrainer'].split(os.pathsep) == ['/my/trainers', '/more', startup.TRAINER_DIR]
+    monkeypatch.delenv('nnUNet_extTrainer')
+    startup.register_trainer_dir()
+    assert os.environ['nnUNet_extTrainer'] == startup.TRAINER_DIR
+    assert os.path.isfile(os.path.join(startup.TRAINER_DIR, 'nnunet_emcad_trainers.py'))
