@@ -1,4 +1,8 @@
-"""Counting a network's cost: parameters per part and FLOPs through ``torch.utils.flop_counter``."""
+"""Counting a network's cost: parameters and FLOPs per part through ``torch.utils.flop_counter``.
+
+Works for EMCAD networks and nnU-Net's own U-Nets alike: both have ``encoder`` and ``decoder`` modules and
+their segmentation heads in ``decoder.seg_layers``. FLOPs count 2 per multiply-add, as the counter does.
+"""
 from typing import Dict
 
 import torch
@@ -6,27 +10,58 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+PAPER_DECODER = {'pvt_v2_b0': (0.507e6, 0.110e9), 'pvt_v2_b2': (1.91e6, 0.381e9)}  # parameters, multiply-adds
+
 
 def count_parameters(module: nn.Module) -> int:
     """Number of parameters (trainable or not) of a module."""
     return sum(p.numel() for p in module.parameters())
 
 
-def emcad_parameter_breakdown(network: nn.Module) -> Dict[str, int]:
-    """Parameters of an EMCAD network's encoder, decoder blocks (without heads) and heads."""
-    decoder = network.decoder
-    heads = count_parameters(decoder.seg_layers)
-    return {'encoder': count_parameters(network.encoder), 'decoder': count_parameters(decoder) - heads,
-            'heads': heads, 'total': count_parameters(network)}
+def parameter_breakdown(network: nn.Module) -> Dict[str, int]:
+    """Parameters of the encoder, the decoder without its heads, and the heads.
+
+    nnU-Net's ``UNetDecoder`` keeps a reference to its encoder; those parameters count once, as encoder.
+    """
+    encoder = {id(p) for p in network.encoder.parameters()}
+    heads = {id(p) for p in network.decoder.seg_layers.parameters()}
+    decoder = sum(p.numel() for p in network.decoder.parameters() if id(p) not in encoder | heads)
+    return {'encoder': count_parameters(network.encoder), 'decoder': decoder,
+            'heads': count_parameters(network.decoder.seg_layers), 'total': count_parameters(network)}
 
 
 @torch.no_grad()
-def count_flops(network: nn.Module, x: torch.Tensor) -> int:
-    """FLOPs of one forward pass as ``torch.utils.flop_counter`` counts them (2 per multiply-add).
+def flop_breakdown(network: nn.Module, x: torch.Tensor) -> Dict[str, int]:
+    """FLOPs of one forward pass of ``network(x)``: total, encoder, decoder without heads, heads.
 
     Attention runs through the math kernel while counting: the counter has no formula for the fused CPU
-    kernel and would silently count its matrix products as zero.
+    kernel and would count its matrix products as zero.
     """
-    with FlopCounterMode(display=False) as counter, sdpa_kernel([SDPBackend.MATH]):
+    with FlopCounterMode(display=False, depth=None) as counter, sdpa_kernel([SDPBackend.MATH]):
         network(x)
-    return counter.get_total_flops()
+    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    root = type(network).__name__
+    heads = sum(v for k, v in counts.items() if k.startswith(f'{root}.decoder.seg_layers.') and k.count('.') == 3)
+    total = counter.get_total_flops()
+    return {'total': total, 'encoder': counts.get(f'{root}.encoder', 0),
+            'decoder': counts.get(f'{root}.decoder', 0) - heads, 'heads': heads}
+
+
+def count_flops(network: nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one forward pass (2 per multiply-add)."""
+    return flop_breakdown(network, x)['total']
+
+
+def paper_fidelity(size: int = 224, num_classes: int = 9) -> list:
+    """Our EMCAD-B0/B2 decoders' parameters and multiply-adds next to the paper's (3-channel input)."""
+    from nnunet_emcad.emcad import create_emcad_pvt
+
+    rows = []
+    for variant, (paper_params, paper_macs) in PAPER_DECODER.items():
+        net = create_emcad_pvt(variant, num_classes, upsample_outputs='all').eval()
+        flops = flop_breakdown(net, torch.randn(1, 3, size, size))
+        rows.append({'network': f'EMCAD-{variant[-2:].upper()}', 'decoder_params': parameter_breakdown(net)['decoder'],
+                     'paper_decoder_params': paper_params, 'decoder_macs': flops['decoder'] // 2,
+                     'paper_decoder_macs': paper_macs, 'total_params': count_parameters(net),
+                     'total_flops': flops['total']})
+    return rows

@@ -7,14 +7,14 @@ import torch
 from helpers import fingerprint_features, fingerprint_fill, official_state_dict
 from nnunet_emcad.checkpoints import load_official_checkpoint
 from nnunet_emcad.emcad import create_emcad_pvt
-from nnunet_emcad.profiling import count_flops, count_parameters, emcad_parameter_breakdown
+from nnunet_emcad.profiling import count_flops, count_parameters, parameter_breakdown
 
 
 @pytest.mark.parametrize('variant,decoder,total', [('pvt_v2_b0', 506_507, 3_920_923),
                                                    ('pvt_v2_b2', 1_913_515, 26_772_635)])
 def test_parameter_counts(variant, decoder, total):
     net = create_emcad_pvt(variant, num_classes=9, in_channels=1)
-    counts = emcad_parameter_breakdown(net)
+    counts = parameter_breakdown(net)
     assert counts['decoder'] == decoder
     assert counts['total'] == total
 

@@ -1,0 +1,87 @@
+"""Shared by the benchmarks: the machine, nnU-Net folders, plans of the shared data sets, result files."""
+import json
+import os
+import platform
+import subprocess
+import sys
+from typing import Dict, List, Optional
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROJECT = os.path.dirname(HERE)
+SHARED_DATA = os.path.join(os.path.dirname(PROJECT), 'shared', 'data')
+RESULTS = os.path.join(HERE, 'results')
+CACHE = os.path.join(HERE, '.cache')
+BIN = os.path.dirname(sys.executable)
+
+STOCK = 'nnUNetTrainer'
+EMCAD_TRAINERS = ['nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_ResEnc', 'nnUNetTrainerEMCAD_PVTb0',
+                  'nnUNetTrainerEMCAD_PVTb2']
+
+
+def machine() -> Dict[str, str]:
+    """What the numbers were measured on."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    info = {'cpu': cpu, 'cores': str(os.cpu_count()), 'python': platform.python_version(),
+            'torch': torch.__version__, 'gpu': torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}
+    return info
+
+
+def nnunet_env(root: str, raw: Optional[str] = None) -> Dict[str, str]:
+    """Environment for nnU-Net's scripts with its folders under ``root`` (raw data may live elsewhere)."""
+    env = dict(os.environ)
+    env.update(nnUNet_raw=raw or os.path.join(root, 'raw'), nnUNet_preprocessed=os.path.join(root, 'preprocessed'),
+               nnUNet_results=os.path.join(root, 'results'), MPLBACKEND='Agg')
+    env.setdefault('nnUNet_def_n_proc', '2')
+    env.setdefault('nnUNet_n_proc_DA', '2')
+    env['PATH'] = BIN + os.pathsep + env.get('PATH', '')
+    return env
+
+
+def run(args: List[str], env: Dict[str, str], log: str) -> str:
+    """Run a console script, appending its output to ``log``; raise with the tail on failure."""
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    proc = subprocess.run(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          stdin=subprocess.DEVNULL)
+    with open(log, 'a') as f:
+        f.write(f"$ {' '.join(args)}\n{proc.stdout}\n")
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}); see {log}:\n{proc.stdout[-3000:]}")
+    return proc.stdout
+
+
+def acdc_plans(cache: str = CACHE) -> Dict[str, str]:
+    """nnU-Net's default and ResEnc M plans for ``../shared/data/Dataset027_ACDC`` (planned once, cached)."""
+    dataset = os.path.join(SHARED_DATA, 'Dataset027_ACDC')
+    if not os.path.isdir(dataset):
+        raise SystemExit(f"{dataset} is absent: pass --plans (a nnUNetPlans.json) instead")
+    root = os.path.join(cache, 'acdc')
+    env = nnunet_env(root, raw=SHARED_DATA)
+    folder = os.path.join(env['nnUNet_preprocessed'], 'Dataset027_ACDC')
+    plans = {'default': os.path.join(folder, 'nnUNetPlans.json'),
+             'resenc_m': os.path.join(folder, 'nnUNetResEncUNetMPlans.json')}
+    log = os.path.join(root, 'planning.log')
+    if not os.path.isfile(os.path.join(folder, 'dataset_fingerprint.json')):
+        print(f"planning ACDC with nnU-Net (once; log: {log})", flush=True)
+        run(['nnUNetv2_extract_fingerprint', '-d', '27', '-np', '2'], env, log)
+    if not os.path.isfile(plans['default']):
+        run(['nnUNetv2_plan_experiment', '-d', '27'], env, log)
+    if not os.path.isfile(plans['resenc_m']):
+        run(['nnUNetv2_plan_experiment', '-d', '27', '-pl', 'nnUNetPlannerResEncM'], env, log)
+    return plans
+
+
+def write_results(name: str, payload: dict, markdown: str, out_dir: str = RESULTS) -> None:
+    """``<out_dir>/<name>.json`` and ``.md``."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f'{name}.json'), 'w') as f:
+        json.dump(payload, f, indent=2)
+    with open(os.path.join(out_dir, f'{name}.md'), 'w') as f:
+        f.write(markdown)
+    print(f"wrote {os.path.join(out_dir, name)}.json and .md")

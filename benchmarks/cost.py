@@ -1,0 +1,247 @@
+"""Cost at a plan's own patch: stock nnU-Net against every EMCAD trainer, each built by its trainer.
+
+Per network and part (encoder / decoder / heads): parameters, multiply-adds and FLOPs (torch.utils.flop_counter,
+FLOPs = 2 x multiply-adds), inference latency at batch 1 (median after warm-up, fixed thread count), one
+training step (forward, the trainer's own loss with deep supervision, backward, the trainer's own optimiser)
+at a stated batch size, and peak memory. Every network is measured in its own process. On CUDA (when present)
+latency uses CUDA events under AMP, with and without torch.compile; the CPU is measured always.
+Writes benchmarks/results/<name>.json and .md.
+
+Default plans: nnU-Net's own 2D plans for ../shared/data/Dataset027_ACDC (planned once into benchmarks/.cache).
+"""
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Dict, List
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from common import EMCAD_TRAINERS, STOCK, acdc_plans, machine, write_results  # noqa: E402
+
+GOAL_DECODER_PARAMS = 0.10
+GOAL_DECODER_MACS = 0.20
+GOAL_SPEEDUP = 2.0
+
+
+def _median_ms(fn, warmup: int, repeats: int, cuda: bool) -> float:
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times)
+
+
+def measure(spec: dict) -> dict:
+    """Measure one network (runs in a worker process)."""
+    import torch
+    import torch.nn.functional as F
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+    from nnunet_emcad.profiling import flop_breakdown, parameter_breakdown
+
+    torch.set_num_threads(spec['threads'])
+    torch.manual_seed(0)
+    with open(spec['plans']) as f:
+        plans = json.load(f)
+    with open(os.path.join(os.path.dirname(spec['plans']), 'dataset.json')) as f:
+        dataset_json = json.load(f)
+    plans['continue_training'] = False
+    device = torch.device(spec['device'])
+    cls = recursive_find_trainer_class_by_name(spec['trainer'])
+    trainer = cls(plans, spec['configuration'], 0, dataset_json, device=device)
+    patch = list(trainer.configuration_manager.patch_size)
+    channels = determine_num_input_channels(trainer.plans_manager, trainer.configuration_manager, dataset_json)
+    classes = trainer.label_manager.num_segmentation_heads
+
+    def build(deep_supervision: bool):
+        return trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, channels,
+                                                  classes, deep_supervision)
+
+    net = build(False).eval()
+    result = {'name': spec['name'], 'trainer': spec['trainer'], 'patch_size': patch,
+              'network': type(net).__name__ + (f" ({type(net.encoder).__name__})" if hasattr(net, 'encoder') else ''),
+              'params': parameter_breakdown(net), 'flops': flop_breakdown(net, torch.randn(1, channels, *patch))}
+    result['macs'] = {k: v // 2 for k, v in result['flops'].items()}
+
+    net = net.to(device)
+    x = torch.randn(1, channels, *patch, device=device)
+    with torch.no_grad():
+        result['latency_ms'] = {'fp32': _median_ms(lambda: net(x), spec['warmup'], spec['repeats'], False)} \
+            if device.type == 'cpu' else {}
+        if device.type == 'cuda':
+            with torch.autocast('cuda', dtype=torch.float16):
+                result['latency_ms']['amp'] = _median_ms(lambda: net(x), spec['warmup'], spec['repeats'], True)
+                compiled = torch.compile(net)
+                result['latency_ms']['amp_compiled'] = _median_ms(lambda: compiled(x), spec['warmup'] + 2,
+                                                                  spec['repeats'], True)
+    result['peak_rss_after_inference_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    trainer.network = build(True).to(device).train()
+    trainer.loss = trainer._build_loss()
+    optimizer, _ = trainer.configure_optimizers()
+    scales = trainer._get_deep_supervision_scales()
+    batch = spec['train_batch']
+    data = torch.randn(batch, channels, *patch, device=device)
+    target = torch.randint(0, classes, (batch, 1, *patch), device=device).float()
+    targets = [F.interpolate(target, size=[round(p * s) for p, s in zip(patch, scale)], mode='nearest')
+               for scale in scales]
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, enabled=device.type == 'cuda'):
+            loss = trainer.loss(trainer.network(data), targets)
+        loss.backward()
+        optimizer.step()
+
+    result['train_step_ms'] = _median_ms(step, 1, spec['train_repeats'], device.type == 'cuda')
+    result['train_batch'] = batch
+    result['peak_rss_after_train_step_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if device.type == 'cuda':
+        result['peak_cuda_train_mb'] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return result
+
+
+def _fmt(n: float, unit: str = '') -> str:
+    for div, suffix in ((1e9, 'G'), (1e6, 'M'), (1e3, 'k')):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def report(rows: List[dict], fidelity: List[dict], args: argparse.Namespace, info: Dict[str, str]) -> str:
+    """The Markdown report, goals included."""
+    stock = next((r for r in rows if r['name'] == STOCK), None)
+    lines = [f"# Cost at the plan's patch ({os.path.relpath(args.plans, os.getcwd())}, configuration "
+             f"{args.configuration})", '',
+             f"Machine: {info['cpu']}, {info['cores']} cores, GPU: {info['gpu']}; torch {info['torch']}; "
+             f"{args.threads} CPU threads. Latency: batch 1, median of {args.repeats} runs after {args.warmup} "
+             f"warm-up runs. Training step: batch {args.train_batch}, the trainer's own loss (deep supervision on) "
+             f"and optimiser, median of {args.train_repeats}. MACs = multiply-adds = FLOPs / 2 "
+             f"(torch.utils.flop_counter). Peak RSS is the whole worker process's high-water mark.", '',
+             '| network | trainer | patch | params (enc / dec / heads) | MACs (enc / dec / heads) | GFLOPs | '
+             'CPU latency | train step | peak RSS |', '|---|---|---|---|---|---:|---:|---:|---:|']
+    for r in rows:
+        p, m = r['params'], r['macs']
+        lines.append(f"| {r['network']} | {r['trainer']} | {'x'.join(map(str, r['patch_size']))} | "
+                     f"{_fmt(p['total'])} ({_fmt(p['encoder'])} / {_fmt(p['decoder'])} / {_fmt(p['heads'])}) | "
+                     f"{_fmt(m['total'])} ({_fmt(m['encoder'])} / {_fmt(m['decoder'])} / {_fmt(m['heads'])}) | "
+                     f"{r['flops']['total'] / 1e9:.2f} | {r['latency_ms'].get('fp32', float('nan')):.0f} ms | "
+                     f"{r['train_step_ms'] / 1000:.2f} s | {r['peak_rss_after_train_step_mb']:.0f} MB |")
+    if any('amp' in r['latency_ms'] for r in rows):
+        lines += ['', '| network | CUDA AMP latency | AMP + torch.compile | peak CUDA memory (train step) |',
+                  '|---|---:|---:|---:|']
+        lines += [f"| {r['name']} | {r['latency_ms']['amp']:.2f} ms | {r['latency_ms']['amp_compiled']:.2f} ms | "
+                  f"{r['peak_cuda_train_mb']:.0f} MB |" for r in rows if 'amp' in r['latency_ms']]
+    if stock is not None:
+        lines += ['', f"## Goals against stock nnU-Net ({stock['network']})", '',
+                  f"| trainer | decoder params vs stock (goal <= {GOAL_DECODER_PARAMS:.0%}) | decoder MACs vs stock "
+                  f"(goal <= {GOAL_DECODER_MACS:.0%}) | CPU inference speed-up (goal >= {GOAL_SPEEDUP:.0f}x) |",
+                  '|---|---:|---:|---:|']
+        for r in rows:
+            if r is stock:
+                continue
+            dp = r['params']['decoder'] / stock['params']['decoder']
+            dm = r['macs']['decoder'] / stock['macs']['decoder']
+            sp = stock['latency_ms'].get('fp32', float('nan')) / r['latency_ms'].get('fp32', float('nan'))
+            mark = lambda ok: 'met' if ok else 'missed'
+            lines.append(f"| {r['name']} | {dp:.1%} ({mark(dp <= GOAL_DECODER_PARAMS)}) | "
+                         f"{dm:.1%} ({mark(dm <= GOAL_DECODER_MACS)}) | {sp:.2f}x ({mark(sp >= GOAL_SPEEDUP)}) |")
+    lines += ['', '## Fidelity: our EMCAD decoders at 224x224 (3 channels, 9 classes) next to the paper', '',
+              '| network | decoder params | paper | decoder MACs | paper |', '|---|---:|---:|---:|---:|']
+    lines += [f"| {f['network']} | {f['decoder_params']:,} | {f['paper_decoder_params'] / 1e6:.3f}M | "
+              f"{f['decoder_macs'] / 1e9:.3f}G | {f['paper_decoder_macs'] / 1e9:.3f}G |" for f in fidelity]
+    lines += ['', 'Our decoder MACs count the convolutions of CAB, SAB, LGAG, MSCB and EUCB; the paper\'s tool '
+              'presumably also counted normalisation, activation or upsampling.', '']
+    return '\n'.join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--plans', help='nnUNetPlans.json (dataset.json beside it); default: ACDC from ../shared')
+    parser.add_argument('--resenc-plans', help='ResEnc plans for the stock ResEnc row; default: ACDC ResEnc M')
+    parser.add_argument('--configuration', default='2d')
+    parser.add_argument('--trainers', nargs='+', default=[STOCK] + EMCAD_TRAINERS)
+    parser.add_argument('--threads', type=int, default=2, help='CPU threads (default 2)')
+    parser.add_argument('--warmup', type=int, default=3)
+    parser.add_argument('--repeats', type=int, default=10)
+    parser.add_argument('--train-batch', type=int, default=8)
+    parser.add_argument('--train-repeats', type=int, default=3)
+    parser.add_argument('--device', choices=['cpu', 'cuda', 'auto'], default='auto')
+    parser.add_argument('--name', default='cost', help='result file name (default cost)')
+    parser.add_argument('--out', default=os.path.join(HERE, 'results'))
+    parser.add_argument('--worker', help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(measure(json.loads(args.worker))))
+        return 0
+
+    import torch
+
+    from nnunet_emcad.profiling import paper_fidelity
+
+    if args.plans is None:
+        plans = acdc_plans()
+        args.plans, args.resenc_plans = plans['default'], args.resenc_plans or plans['resenc_m']
+    args.plans = os.path.abspath(args.plans)
+    devices = ['cpu'] + (['cuda'] if args.device != 'cpu' and torch.cuda.is_available() else [])
+    jobs = [(t, t, args.plans) for t in args.trainers]
+    if args.resenc_plans:
+        jobs.insert(1, (f'{STOCK} (ResEnc M plans)', STOCK, os.path.abspath(args.resenc_plans)))
+    env = dict(os.environ)
+    env.setdefault('nnUNet_preprocessed', os.path.join(HERE, '.cache', 'unused'))
+    env.setdefault('nnUNet_results', os.path.join(HERE, '.cache', 'unused'))
+    rows = []
+    for name, trainer, plans_file in jobs:
+        row = None
+        for device in devices:
+            spec = dict(name=name, trainer=trainer, plans=plans_file, configuration=args.configuration,
+                        threads=args.threads, warmup=args.warmup, repeats=args.repeats, device=device,
+                        train_batch=args.train_batch, train_repeats=args.train_repeats)
+            print(f"measuring {name} on {device} ...", flush=True)
+            proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--worker', json.dumps(spec)],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            if proc.returncode:
+                raise RuntimeError(f"measuring {name} failed:\n{proc.stderr[-3000:]}")
+            measured = json.loads(proc.stdout.strip().splitlines()[-1])
+            if row is None:
+                row = measured
+            else:
+                row['latency_ms'].update(measured['latency_ms'])
+                row['peak_cuda_train_mb'] = measured['peak_cuda_train_mb']
+                row['cuda_train_step_ms'] = measured['train_step_ms']
+        rows.append(row)
+        print(f"  {row['network']}: {row['params']['total']:,} params, {row['flops']['total'] / 1e9:.2f} GFLOPs, "
+              f"{row['latency_ms'].get('fp32', float('nan')):.0f} ms, train step {row['train_step_ms'] / 1000:.2f} s",
+              flush=True)
+    info = machine()
+    fidelity = paper_fidelity()
+    payload = {'machine': info, 'settings': {k: v for k, v in vars(args).items() if k != 'worker'},
+               'networks': rows, 'fidelity_224': fidelity}
+    write_results(args.name, payload, report(rows, fidelity, args, info), args.out)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

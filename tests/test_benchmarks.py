@@ -1,0 +1,38 @@
+"""The cost benchmark runs end to end on a tiny plan, so it cannot rot."""
+import json
+import os
+import subprocess
+import sys
+
+from test_trainers import DATASET_JSON, make_plans
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
+
+
+def test_cost_benchmark_on_a_tiny_plan(tmp_path):
+    plans_dir = tmp_path / 'Dataset999_Plans'
+    plans_dir.mkdir()
+    plans = make_plans(5, [64, 64])
+    del plans['continue_training']
+    (plans_dir / 'nnUNetPlans.json').write_text(json.dumps(plans))
+    (plans_dir / 'dataset.json').write_text(json.dumps(DATASET_JSON))
+    trainers = ['nnUNetTrainer', 'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_PVTb0']
+    proc = subprocess.run([sys.executable, os.path.join(BENCHMARKS, 'cost.py'), '--plans',
+                           str(plans_dir / 'nnUNetPlans.json'), '--trainers', *trainers, '--repeats', '2',
+                           '--warmup', '1', '--train-batch', '2', '--train-repeats', '1', '--device', 'cpu',
+                           '--out', str(tmp_path / 'results')], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / 'results' / 'cost.json').read_text())
+    rows = {r['name']: r for r in result['networks']}
+    assert list(rows) == trainers
+    for row in rows.values():
+        assert row['params']['total'] == sum(row['params'][k] for k in ('encoder', 'decoder', 'heads'))
+        assert row['flops']['total'] >= row['flops']['encoder'] + row['flops']['decoder'] > 0
+        assert row['latency_ms']['fp32'] > 0 and row['train_step_ms'] > 0
+    assert rows['nnUNetTrainerEMCAD']['params']['encoder'] == rows['nnUNetTrainer']['params']['encoder']
+    assert rows['nnUNetTrainerEMCAD']['macs']['decoder'] < rows['nnUNetTrainer']['macs']['decoder']
+    report = (tmp_path / 'results' / 'cost.md').read_text()
+    assert 'Goals against stock nnU-Net' in report and 'EMCAD-B2' in report
+    help_text = subprocess.run([sys.executable, os.path.join(BENCHMARKS, 'cost.py'), '--help'],
+                               capture_output=True, text=True).stdout
+    assert 'Cost at a plan' in help_text and '--train-batch' in help_text
