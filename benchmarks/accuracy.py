@@ -161,7 +161,8 @@ def network_gflops(env: Dict[str, str], dataset: str, trainer: str) -> float:
     t = recursive_find_trainer_class_by_name(trainer)(plans, '2d', 0, dataset_json, device=torch.device('cpu'))
     net = t.build_network_architecture(t.plans_manager, t.configuration_manager, len(dataset_json['channel_names']),
                                        t.label_manager.num_segmentation_heads, False).eval()
-    return count_flops(net, torch.randn(1, len(dataset_json['channel_names']), *t.configuration_manager.patch_size)) / 1e9
+    x = torch.randn(1, len(dataset_json['channel_names']), *t.configuration_manager.patch_size)
+    return count_flops(net, x) / 1e9
 
 
 def plots(results: List[dict], gflops: Dict[str, float], out_prefix: str) -> List[str]:
@@ -195,6 +196,10 @@ def plots(results: List[dict], gflops: Dict[str, float], out_prefix: str) -> Lis
     return [f'{out_prefix}_dice_vs_gflops.png', f'{out_prefix}_curves.png']
 
 
+def _verdict(ok: bool) -> str:
+    return 'met' if ok else 'missed'
+
+
 def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespace, info: Dict[str, str]) -> str:
     labels = sorted({k for r in results for k in r['dice_per_class']}, key=int)
     lines = [f"# Accuracy through the nnU-Net pipeline: {DATASETS[args.dataset][1]}, fold {args.fold}", '',
@@ -221,9 +226,8 @@ def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespa
             d_it = 100 * (it['dice_mean'] - stock['dice_mean'])
             d_tm = 100 * (tm['dice_mean'] - stock['dice_mean'])
             speed = stock['predict_seconds'] / it['predict_seconds']
-            ok = lambda c: 'met' if c else 'missed'
-            lines.append(f"| {trainer} | {d_it:+.1f} ({ok(d_it >= -0.5)}) | {d_tm:+.1f} ({ok(d_tm > 0)}) | "
-                         f"{speed:.2f}x ({ok(speed >= 1.5)}) |")
+            lines.append(f"| {trainer} | {d_it:+.1f} ({_verdict(d_it >= -0.5)}) | {d_tm:+.1f} ({_verdict(d_tm > 0)}) | "
+                         f"{speed:.2f}x ({_verdict(speed >= 1.5)}) |")
     lines += ['', f"![Dice against GFLOPs](accuracy_{args.dataset}_dice_vs_gflops.png)",
               f"![Training curves](accuracy_{args.dataset}_curves.png)", '']
     return '\n'.join(lines)

@@ -130,6 +130,10 @@ def _fmt(n: float, unit: str = '') -> str:
     return f"{n:.0f}{unit}"
 
 
+def _verdict(ok: bool) -> str:
+    return 'met' if ok else 'missed'
+
+
 def report(rows: List[dict], fidelity: List[dict], args: argparse.Namespace, info: Dict[str, str]) -> str:
     """The Markdown report, goals included."""
     stock = next((r for r in rows if r['name'] == STOCK), None)
@@ -165,9 +169,9 @@ def report(rows: List[dict], fidelity: List[dict], args: argparse.Namespace, inf
             dp = r['params']['decoder'] / stock['params']['decoder']
             dm = r['macs']['decoder'] / stock['macs']['decoder']
             sp = stock['latency_ms'].get('fp32', float('nan')) / r['latency_ms'].get('fp32', float('nan'))
-            mark = lambda ok: 'met' if ok else 'missed'
-            lines.append(f"| {r['name']} | {dp:.1%} ({mark(dp <= GOAL_DECODER_PARAMS)}) | "
-                         f"{dm:.1%} ({mark(dm <= GOAL_DECODER_MACS)}) | {sp:.2f}x ({mark(sp >= GOAL_SPEEDUP)}) |")
+            lines.append(f"| {r['name']} | {dp:.1%} ({_verdict(dp <= GOAL_DECODER_PARAMS)}) | "
+                         f"{dm:.1%} ({_verdict(dm <= GOAL_DECODER_MACS)}) | "
+                         f"{sp:.2f}x ({_verdict(sp >= GOAL_SPEEDUP)}) |")
     lines += ['', '## Fidelity: our EMCAD decoders at 224x224 (3 channels, 9 classes) next to the paper', '',
               '| network | decoder params | paper | decoder MACs | paper |', '|---|---:|---:|---:|---:|']
     lines += [f"| {f['network']} | {f['decoder_params']:,} | {f['paper_decoder_params'] / 1e6:.3f}M | "

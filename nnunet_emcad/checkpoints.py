@@ -8,7 +8,7 @@ import logging
 import os
 import re
 from collections import OrderedDict
-from typing import Dict, Mapping, Optional, Sequence, Union
+from typing import Dict, Mapping, Optional, Union
 
 import torch
 from torch import nn

@@ -151,7 +151,8 @@ class EMCADNet(nn.Module):
         self.decoder = EMCADDecoder(encoder.output_channels, encoder.strides, num_classes, deep_supervision,
                                     conv_op=encoder.conv_op, **decoder_kwargs)
 
-    def decode(self, skips: Sequence[torch.Tensor], output_size: Sequence[int]) -> Union[torch.Tensor, List[torch.Tensor]]:
+    def decode(self, skips: Sequence[torch.Tensor],
+               output_size: Sequence[int]) -> Union[torch.Tensor, List[torch.Tensor]]:
         """Decoder and heads on given encoder features; outputs as ``forward`` returns them."""
         logits = self.decoder(skips)
         mode = 'bilinear' if len(output_size) == 2 else 'trilinear'

@@ -30,21 +30,27 @@ def parameter_breakdown(network: nn.Module) -> Dict[str, int]:
             'heads': count_parameters(network.decoder.seg_layers), 'total': count_parameters(network)}
 
 
+def _counted(fn) -> FlopCounterMode:
+    with FlopCounterMode(display=False, depth=None) as counter, sdpa_kernel([SDPBackend.MATH]):
+        fn()
+    return counter
+
+
 @torch.no_grad()
 def flop_breakdown(network: nn.Module, x: torch.Tensor) -> Dict[str, int]:
     """FLOPs of one forward pass of ``network(x)``: total, encoder, decoder without heads, heads.
 
-    Attention runs through the math kernel while counting: the counter has no formula for the fused CPU
-    kernel and would count its matrix products as zero.
+    The encoder is counted on its own (nnU-Net's decoder also holds the encoder, which blurs the counter's
+    module names); the decoder is the rest. Attention runs through the math kernel while counting: the counter
+    has no formula for the fused CPU kernel and would count its matrix products as zero.
     """
-    with FlopCounterMode(display=False, depth=None) as counter, sdpa_kernel([SDPBackend.MATH]):
-        network(x)
-    counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
-    root = type(network).__name__
-    heads = sum(v for k, v in counts.items() if k.startswith(f'{root}.decoder.seg_layers.') and k.count('.') == 3)
+    counter = _counted(lambda: network(x))
     total = counter.get_total_flops()
-    return {'total': total, 'encoder': counts.get(f'{root}.encoder', 0),
-            'decoder': counts.get(f'{root}.decoder', 0) - heads, 'heads': heads}
+    encoder = _counted(lambda: network.encoder(x)).get_total_flops()
+    root = type(network).__name__
+    heads = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
+                if name.startswith(f'{root}.decoder.seg_layers.') and name.count('.') == 3)
+    return {'total': total, 'encoder': encoder, 'decoder': total - encoder - heads, 'heads': heads}
 
 
 def count_flops(network: nn.Module, x: torch.Tensor) -> int:

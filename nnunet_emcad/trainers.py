@@ -19,6 +19,7 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
+from nnunet_emcad.checkpoints import CheckpointError
 from nnunet_emcad.emcad import PVT_V2_STRIDE, create_emcad_pvt, create_emcad_unet, output_strides
 from nnunet_emcad.losses import MutationLoss, PaperDiceCELoss
 
@@ -38,6 +39,21 @@ def require_2d(configuration_manager: ConfigurationManager, trainer_name: str) -
         raise RuntimeError(f"{trainer_name} is a 2D trainer, but this configuration is {len(patch)}D (patch size "
                            f"{list(patch)}). Train it on the 2d configuration: nnUNetv2_train DATASET 2d FOLD "
                            f"-tr {trainer_name}")
+
+
+def check_nnunet_folders() -> None:
+    """Stop with the fix when nnUNet_preprocessed or nnUNet_results is unset, missing or read-only."""
+    for var in ('nnUNet_preprocessed', 'nnUNet_results'):
+        path = os.environ.get(var)
+        if not path:
+            raise RuntimeError(f"{var} is not set: export {var}=/path/to/a/writable/folder (see nnU-Net's "
+                               f"documentation on setting up paths)")
+        existing = path
+        while not os.path.exists(existing):
+            existing = os.path.dirname(existing) or '.'
+        if not os.access(existing, os.W_OK):
+            raise RuntimeError(f"{var}={path} is not writable ({existing} is read-only); training writes "
+                               f"there: point {var} to a writable folder")
 
 
 def unwrap(network: nn.Module) -> nn.Module:
@@ -78,6 +94,19 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
                                  num_output_channels, kind, enable_deep_supervision,
                                  configuration_manager.network_arch_init_kwargs_req_import)
 
+    def on_train_start(self) -> None:
+        check_nnunet_folders()
+        super().on_train_start()
+
+    def train_step(self, batch: dict) -> dict:
+        """nnU-Net's step; stops the run when the loss stops being finite instead of training a broken model."""
+        result = super().train_step(batch)
+        if not np.isfinite(result['loss']).all():
+            raise RuntimeError(f"training loss became {result['loss']} in epoch {self.current_epoch}: the network "
+                               f"diverged, and continuing would only save a broken model. Lower initial_lr or "
+                               f"check the data; the last good checkpoints are in {self.output_folder}")
+        return result
+
     def _get_deep_supervision_scales(self) -> Optional[List[List[float]]]:
         """One scale per network output, read off the network's heads (nnU-Net assumes one less than stages)."""
         if not self.enable_deep_supervision:
@@ -110,7 +139,20 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 1e-4
         self.weight_decay = 1e-4
+        self.pvt_weights = self._pvt_weights_file()
         self._fit_patch_size()
+
+    def _pvt_weights_file(self) -> Optional[str]:
+        """The ImageNet checkpoint named by ``nnUNet_EMCAD_PVT_WEIGHTS`` (checked now, loaded at initialize)."""
+        source = os.environ.get(PVT_WEIGHTS_ENV)
+        if not source:
+            return None
+        path = os.path.join(source, f'{self.pvt_variant}.pth') if os.path.isdir(source) else source
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{PVT_WEIGHTS_ENV}={source}, but {path} does not exist: put the ImageNet "
+                                  f"{self.pvt_variant} checkpoint there, or unset {PVT_WEIGHTS_ENV} to train "
+                                  f"the encoder from scratch")
+        return path
 
     def _fit_patch_size(self) -> None:
         patch = list(self.configuration_manager.patch_size)
@@ -133,12 +175,9 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
     def initialize(self) -> None:
         was_initialized = self.was_initialized
         super().initialize()
-        source = os.environ.get(PVT_WEIGHTS_ENV)
-        if source and not was_initialized:
-            if os.path.isdir(source):
-                source = os.path.join(source, f"{self.pvt_variant}.pth")
-            unwrap(self.network).encoder.load_pretrained(source)
-            self.print_to_log_file(f"loaded ImageNet {self.pvt_variant} weights from {source}")
+        if self.pvt_weights and not was_initialized:
+            unwrap(self.network).encoder.load_pretrained(self.pvt_weights)
+            self.print_to_log_file(f"loaded ImageNet {self.pvt_variant} weights from {self.pvt_weights}")
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay)

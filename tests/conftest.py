@@ -17,3 +17,11 @@ def shared_dir() -> str:
     if not os.path.isdir(SHARED):
         pytest.skip(f"{SHARED} is absent: it holds the project's reference files and real data (present in CI)")
     return SHARED
+
+
+@pytest.fixture
+def nnunet_folders(tmp_path, monkeypatch):
+    """nnU-Net's folders in a temporary directory, and no ImageNet weights named by the user's environment."""
+    for var in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
+        monkeypatch.setenv(var, str(tmp_path / var))
+    monkeypatch.delenv('nnUNet_EMCAD_PVT_WEIGHTS', raising=False)

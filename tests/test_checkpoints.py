@@ -1,5 +1,4 @@
 """ImageNet PVTv2 weights from local files and the official checkpoint import."""
-import os
 import pickle
 
 import pytest

@@ -1,7 +1,12 @@
 """The real nnU-Net console scripts, in subprocesses, on a tiny generated data set."""
 import glob
+import hashlib
 import json
 import os
+import re
+import signal
+import subprocess
+import time
 
 import pytest
 import timm
@@ -106,3 +111,47 @@ def test_cross_validation_model_selection_and_ensembling_with_stock_nnunet(plann
         env, log)
     dice = _dice(os.path.join(ensemble, 'summary.json'))
     assert dice['1'] > 0.8, dice
+
+
+def _digest(paths) -> dict:
+    out = {}
+    for path in paths:
+        with open(path, 'rb') as f:
+            out[path] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def test_a_killed_training_resumes_with_c_and_damages_nothing(planned):
+    root, env, log = planned
+    env = dict(env, nnUNet_extTrainer=os.path.join(TESTS, 'ext_trainers'))  # the user's own folder, kept
+    preprocessed = os.path.join(env['nnUNet_preprocessed'], 'Dataset901_Tiny')
+    results = os.path.join(env['nnUNet_results'], 'Dataset901_Tiny')
+    earlier = [p for p in glob.glob(os.path.join(preprocessed, '**', '*'), recursive=True) if os.path.isfile(p)]
+    earlier += [p for p in glob.glob(os.path.join(results, '**', '*'), recursive=True)
+                if os.path.isfile(p) and 'resumable' not in p]
+    before = _digest(earlier)
+    fold = os.path.join(results, 'nnUNetTrainerEMCAD_resumable__nnUNetPlans__2d', 'fold_2')
+    args = ['nnUNetv2_train', '901', '2d', '2', '-tr', 'nnUNetTrainerEMCAD_resumable', '-device', 'cpu']
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            logs = glob.glob(os.path.join(fold, 'training_log_*.txt'))
+            if logs and 'Epoch 3\n' in open(logs[0]).read():
+                time.sleep(1.0)  # into epoch 3: checkpoint_latest holds epochs 0-2
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, 'training ended before it could be interrupted'
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert os.path.isfile(os.path.join(fold, 'checkpoint_latest.pth'))
+    assert not os.path.isfile(os.path.join(fold, 'checkpoint_final.pth'))
+    out = run(args + ['--c'], env, log)
+    assert os.path.isfile(os.path.join(fold, 'checkpoint_final.pth'))
+    resumed = sorted(glob.glob(os.path.join(fold, 'training_log_*.txt')))[-1]
+    epochs = [int(e) for e in re.findall(r': Epoch (\d+)\s*$', open(resumed).read(), re.M)]
+    assert epochs and 3 <= epochs[0] <= 4 and epochs[-1] == 7, epochs
+    assert 'Using trainer' in out and _dice(os.path.join(fold, 'validation', 'summary.json'))['1'] > 0.3
+    assert _digest(earlier) == before

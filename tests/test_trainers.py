@@ -2,7 +2,6 @@
 import copy
 import os
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +9,8 @@ import torch.nn.functional as F
 import nnunet_emcad._startup as startup
 from nnunet_emcad import trainers as T
 from nnunet_emcad.trainers import unwrap
+
+pytestmark = pytest.mark.usefixtures('nnunet_folders')
 
 DATASET_JSON = {'channel_names': {'0': 'MRI'}, 'labels': {'background': 0, 'a': 1, 'b': 2}, 'numTraining': 10,
                 'file_ending': '.nii.gz'}
@@ -55,12 +56,6 @@ def make_plans(n_stages: int, patch, residual: bool = False, extra_3d: bool = Fa
             'experiment_planner_used': 'ExperimentPlanner', 'label_manager': 'LabelManager',
             'foreground_intensity_properties_per_channel': {'0': {'mean': 0.0, 'std': 1.0}},
             'continue_training': False}
-
-
-@pytest.fixture(autouse=True)
-def nnunet_folders(tmp_path, monkeypatch):
-    for var in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
-        monkeypatch.setenv(var, str(tmp_path / var))
 
 
 def build(cls, plans, configuration='2d'):

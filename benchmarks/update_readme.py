@@ -1,0 +1,50 @@
+"""Fill the README's results section from benchmarks/results/*.md (the benchmarks' own reports).
+
+python benchmarks/update_readme.py   # rewrites the part of README.md between the results markers
+"""
+import argparse
+import os
+import re
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+README = os.path.join(os.path.dirname(HERE), 'README.md')
+START, END = '<!-- results:start -->', '<!-- results:end -->'
+ORDER = ('cost', 'accuracy_acdc', 'accuracy_isbi')
+
+
+def section(results_dir: str) -> str:
+    """The results section: each report, headings moved two levels down, image paths made README-relative."""
+    parts = []
+    for name in ORDER:
+        path = os.path.join(results_dir, f'{name}.md')
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            text = f.read()
+        text = re.sub(r'^(#+) ', lambda m: '#' * (len(m.group(1)) + 2) + ' ', text, flags=re.M)
+        text = re.sub(r'\]\((?!http)([^)]+\.png)\)', lambda m: f"](benchmarks/results/{m.group(1)})", text)
+        parts.append(f"<!-- from benchmarks/results/{name}.md -->\n{text.strip()}\n")
+    if not parts:
+        return 'No benchmark has been run yet.\n'
+    return '\n'.join(parts)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--results', default=os.path.join(HERE, 'results'))
+    args = parser.parse_args(argv)
+    with open(README) as f:
+        readme = f.read()
+    if START not in readme or END not in readme:
+        raise SystemExit(f"README.md lacks the markers {START} ... {END}")
+    head, rest = readme.split(START, 1)
+    _, tail = rest.split(END, 1)
+    with open(README, 'w') as f:
+        f.write(f"{head}{START}\n{section(args.results)}{END}{tail}")
+    print(f"updated {README}")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
