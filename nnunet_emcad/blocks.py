@@ -1,12 +1,13 @@
 """The building blocks of EMCAD (Rahman et al., CVPR 2024), exact to the authors' official code.
 
-Every block takes ``conv_op`` (``nn.Conv2d`` by default) so the same code serves 2D and 3D; with
-``nn.Conv2d`` each block holds the same parameters, in the same order and under the same sub-module names,
+Every block takes ``conv_op`` (``nn.Conv2d`` by default) so the same code serves 2D and 3D, and ``norm_op``
+(a factory called with the channel count; BatchNorm by default, as in the official code). With the defaults
+each block holds the same parameters, in the same order and under the same sub-module names,
 as its official counterpart (``lib/decoders.py`` of the EMCAD repository), which keeps checkpoint import a
 matter of renaming the decoder-level containers.
 """
 from math import gcd
-from typing import Sequence, Tuple, Type, Union
+from typing import Callable, Optional, Sequence, Tuple, Type, Union
 
 import torch
 from torch import nn
@@ -15,6 +16,12 @@ from torch.nn.modules.conv import _ConvNd
 from dynamic_network_architectures.building_blocks.helper import get_matching_batchnorm
 
 ACTIVATIONS = ('relu', 'relu6', 'leakyrelu', 'prelu', 'gelu', 'hswish')
+NormFactory = Optional[Callable[[int], nn.Module]]
+
+
+def _norm(norm_op: NormFactory, conv_op: Type[_ConvNd]) -> Callable[[int], nn.Module]:
+    """``norm_op`` (called with the channel count), or BatchNorm of ``conv_op``'s dimension as in the official code."""
+    return norm_op if norm_op is not None else get_matching_batchnorm(conv_op)
 
 
 def make_activation(name: str, inplace: bool = True) -> nn.Module:
@@ -48,7 +55,7 @@ def init_emcad_weights(module: nn.Module) -> None:
         nn.init.normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.modules.batchnorm._BatchNorm):
+    elif isinstance(module, nn.modules.batchnorm._NormBase) and module.affine:
         nn.init.ones_(module.weight)
         nn.init.zeros_(module.bias)
 
@@ -65,9 +72,9 @@ class MSDC(nn.Module):
     """
 
     def __init__(self, channels: int, kernel_sizes: Sequence[int] = (1, 3, 5), activation: str = 'relu6',
-                 dw_parallel: bool = True, conv_op: Type[_ConvNd] = nn.Conv2d):
+                 dw_parallel: bool = True, conv_op: Type[_ConvNd] = nn.Conv2d, norm_op: NormFactory = None):
         super().__init__()
-        norm_op = get_matching_batchnorm(conv_op)
+        norm_op = _norm(norm_op, conv_op)
         self.dw_parallel = dw_parallel
         self.dwconvs = nn.ModuleList([
             nn.Sequential(
@@ -97,11 +104,11 @@ class MSCB(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_sizes: Sequence[int] = (1, 3, 5),
                  expansion_factor: int = 2, dw_parallel: bool = True, add: bool = True, activation: str = 'relu6',
-                 conv_op: Type[_ConvNd] = nn.Conv2d):
+                 conv_op: Type[_ConvNd] = nn.Conv2d, norm_op: NormFactory = None):
         super().__init__()
         if in_channels != out_channels:
             raise ValueError(f"MSCB keeps the width: got {in_channels} -> {out_channels} channels")
-        norm_op = get_matching_batchnorm(conv_op)
+        norm_op = _norm(norm_op, conv_op)
         ex_channels = int(in_channels * expansion_factor)
         self.add = add
         self.combined_channels = ex_channels if add else ex_channels * len(kernel_sizes)
@@ -111,7 +118,7 @@ class MSCB(nn.Module):
             norm_op(ex_channels),
             make_activation(activation),
         )
-        self.msdc = MSDC(ex_channels, kernel_sizes, activation, dw_parallel, conv_op)
+        self.msdc = MSDC(ex_channels, kernel_sizes, activation, dw_parallel, conv_op, norm_op)
         self.pconv2 = nn.Sequential(
             conv_op(self.combined_channels, out_channels, 1, 1, 0, bias=False),
             norm_op(out_channels),
@@ -162,9 +169,10 @@ class LGAG(nn.Module):
     kernel uses groups 1), each with BN; ``psi`` maps their ReLU'd sum to one sigmoid gate.
     """
 
-    def __init__(self, channels: int, kernel_size: int = 3, conv_op: Type[_ConvNd] = nn.Conv2d):
+    def __init__(self, channels: int, kernel_size: int = 3, conv_op: Type[_ConvNd] = nn.Conv2d,
+                 norm_op: NormFactory = None):
         super().__init__()
-        norm_op = get_matching_batchnorm(conv_op)
+        norm_op = _norm(norm_op, conv_op)
         inter = channels // 2
         groups = 1 if kernel_size == 1 else inter
         self.W_g = nn.Sequential(
@@ -194,9 +202,9 @@ class EUCB(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, scale_factor: Union[int, Sequence[int]] = 2,
-                 kernel_size: int = 3, conv_op: Type[_ConvNd] = nn.Conv2d):
+                 kernel_size: int = 3, conv_op: Type[_ConvNd] = nn.Conv2d, norm_op: NormFactory = None):
         super().__init__()
-        norm_op = get_matching_batchnorm(conv_op)
+        norm_op = _norm(norm_op, conv_op)
         if not isinstance(scale_factor, int):
             scale_factor = tuple(float(s) for s in scale_factor)
         self.up_dwc = nn.Sequential(

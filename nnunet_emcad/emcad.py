@@ -5,6 +5,7 @@ nnU-Net's contract: ``network.decoder.deep_supervision`` switches between a list
 first) and one full-resolution tensor, which is what ``nnUNetTrainer.set_deep_supervision_enabled`` sets.
 """
 import pydoc
+from functools import partial
 from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
@@ -15,7 +16,7 @@ from torch.nn.modules.conv import _ConvNd
 from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
 from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
 
-from nnunet_emcad.blocks import CAB, EUCB, LGAG, MSCB, SAB, init_emcad_weights
+from nnunet_emcad.blocks import CAB, EUCB, LGAG, MSCB, SAB, NormFactory, init_emcad_weights
 
 PVT_V2_VARIANTS = ('pvt_v2_b0', 'pvt_v2_b1', 'pvt_v2_b2', 'pvt_v2_b3', 'pvt_v2_b4', 'pvt_v2_b5')
 PVT_V2_STRIDE = 32
@@ -44,17 +45,18 @@ class EMCADDecoder(nn.Module):
     def __init__(self, channels: Sequence[int], strides: Sequence[StrideT], num_classes: int,
                  deep_supervision: bool = True, kernel_sizes: Sequence[int] = (1, 3, 5), expansion_factor: int = 2,
                  dw_parallel: bool = True, add: bool = True, lgag_ks: int = 3, activation: str = 'relu6',
-                 conv_op: Type[_ConvNd] = nn.Conv2d):
+                 conv_op: Type[_ConvNd] = nn.Conv2d, norm_op: NormFactory = None):
         super().__init__()
         if len(channels) != len(strides):
             raise ValueError(f"need one stride per stage: {len(channels)} channels, {len(strides)} strides")
         self.deep_supervision = deep_supervision
         n = len(channels)
         self.mscb = nn.ModuleList([
-            MSCB(c, c, kernel_sizes, expansion_factor, dw_parallel, add, activation, conv_op) for c in channels])
+            MSCB(c, c, kernel_sizes, expansion_factor, dw_parallel, add, activation, conv_op, norm_op)
+            for c in channels])
         self.eucb = nn.ModuleList([
-            EUCB(channels[i + 1], channels[i], strides[i + 1], conv_op=conv_op) for i in range(n - 1)])
-        self.lgag = nn.ModuleList([LGAG(channels[i], lgag_ks, conv_op) for i in range(n - 1)])
+            EUCB(channels[i + 1], channels[i], strides[i + 1], conv_op=conv_op, norm_op=norm_op) for i in range(n - 1)])
+        self.lgag = nn.ModuleList([LGAG(channels[i], lgag_ks, conv_op, norm_op) for i in range(n - 1)])
         self.cab = nn.ModuleList([CAB(c, conv_op=conv_op) for c in channels])
         self.sab = SAB(conv_op=conv_op)
         for part in (self.mscb, self.eucb, self.lgag, self.cab, self.sab):
@@ -225,13 +227,26 @@ def build_nnunet_encoder(arch_kwargs: dict, input_channels: int, kind: str = 'pl
 def create_emcad_unet(arch_kwargs: dict, input_channels: int, num_classes: int, encoder: str = 'plain',
                       deep_supervision: bool = True,
                       arch_kwargs_req_import: Sequence[str] = ('conv_op', 'norm_op', 'dropout_op', 'nonlin'),
-                      **decoder_kwargs) -> EMCADNet:
+                      decoder_norm: str = 'batch', **decoder_kwargs) -> EMCADNet:
     """EMCAD over nnU-Net's own encoder, self-configured by a plans configuration's ``arch_kwargs``.
 
     One head per encoder stage: outputs come at strides ``cumprod(strides)``, highest resolution first.
+    ``decoder_norm='batch'`` keeps the official BatchNorm in the decoder blocks; ``'plan'`` uses the plan's
+    norm (instance norm in nnU-Net's plans), whose statistics do not depend on the batch.
     """
     enc = build_nnunet_encoder(arch_kwargs, input_channels, encoder, arch_kwargs_req_import)
+    if decoder_norm == 'plan':
+        decoder_kwargs['norm_op'] = plan_norm(arch_kwargs, arch_kwargs_req_import)
+    elif decoder_norm != 'batch':
+        raise ValueError(f"decoder_norm must be 'batch' or 'plan', got {decoder_norm!r}")
     return EMCADNet(enc, num_classes, deep_supervision, 'first', **decoder_kwargs)
+
+
+def plan_norm(arch_kwargs: dict,
+              arch_kwargs_req_import: Sequence[str] = ('conv_op', 'norm_op', 'dropout_op', 'nonlin')) -> NormFactory:
+    """The plans' normalisation (``norm_op`` with ``norm_op_kwargs``) as a factory of the channel count."""
+    kw = _resolve_imports(arch_kwargs, arch_kwargs_req_import)
+    return partial(kw['norm_op'], **(kw.get('norm_op_kwargs') or {}))
 
 
 def output_strides(network: EMCADNet) -> List[Tuple[int, ...]]:
