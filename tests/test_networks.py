@@ -88,3 +88,13 @@ def test_random_plans_give_one_output_per_stage(case):
     net = create_emcad_unet(arch, in_channels, num_classes, encoder=encoder).eval()
     assert len(output_strides(net)) == arch['n_stages']
     _check_outputs(net, in_channels, num_classes, patch)
+
+
+def test_decoder_norm_choice():
+    official = create_emcad_unet(ACDC_2D_ARCH, 1, 4)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in official.decoder.modules())
+    planned = create_emcad_unet(ACDC_2D_ARCH, 1, 4, decoder_norm='plan')
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in planned.decoder.modules())
+    assert sum(p.numel() for p in planned.parameters()) == sum(p.numel() for p in official.parameters())
+    with pytest.raises(ValueError, match="decoder_norm must be 'batch' or 'plan'"):
+        create_emcad_unet(ACDC_2D_ARCH, 1, 4, decoder_norm='group')

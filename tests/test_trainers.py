@@ -150,3 +150,11 @@ def test_startup_hook_appends_and_keeps_the_users_folders(monkeypatch):
     startup.register_trainer_dir()
     assert os.environ['nnUNet_extTrainer'] == startup.TRAINER_DIR
     assert os.path.isfile(os.path.join(startup.TRAINER_DIR, 'nnunet_emcad_trainers.py'))
+
+
+@pytest.mark.parametrize('cls', EMCAD_TRAINERS, ids=lambda c: c.__name__)
+def test_decoders_use_the_plans_instance_norm(cls):
+    decoder = build(cls, make_plans(5, [64, 64])).network.decoder
+    norms = [type(m) for m in decoder.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
+    assert norms and set(norms) == {torch.nn.InstanceNorm2d}
+    assert all(m.affine for m in decoder.modules() if isinstance(m, torch.nn.InstanceNorm2d))
