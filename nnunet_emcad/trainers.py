@@ -71,8 +71,10 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
     The encoder is the one nnU-Net configured (``PlainConvEncoder`` from the default plans, ``ResidualEncoder``
     from ResEnc plans), trained from scratch with nnU-Net's recipe (SGD 0.01, Nesterov, poly decay). Why this
     default: it needs no ImageNet weights (none can be downloaded at run time, and medical data rarely has
-    three channels), it inherits nnU-Net's self-configured patch, strides and depth for any dataset, and on the
-    ACDC 2D plan it halves stock nnU-Net's FLOPs (12.3 vs 24.9 GFLOPs at 256x224, ``nnunet-emcad demo``).
+    three channels), it inherits nnU-Net's self-configured patch, strides and depth for any dataset, on the
+    ACDC 2D plan it halves stock nnU-Net's FLOPs (12.3 vs 24.9 GFLOPs at 256x224), and on ISBI 2012 (short CPU
+    budget, benchmarks/results/accuracy_isbi.md) it had the best Dice at equal iterations. On a CPU it is
+    slower than stock (memory-bound full-resolution stage); there ``nnUNetTrainerEMCAD_PVTb0`` is the choice.
     Every encoder stage gets a supervised head; deep supervision uses all of them, weighted as nnU-Net does.
 
     The decoder blocks normalise with the plan's norm (instance norm) instead of the official BatchNorm: with
