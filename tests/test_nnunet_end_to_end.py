@@ -138,7 +138,7 @@ def test_a_killed_training_resumes_with_c_and_damages_nothing(planned):
     try:
         while time.time() < deadline and proc.poll() is None:
             logs = glob.glob(os.path.join(fold, 'training_log_*.txt'))
-            if logs and 'Epoch 3\n' in open(logs[0]).read():
+            if logs and re.search(r': Epoch 3\s*$', open(logs[0]).read(), re.M):
                 time.sleep(1.0)  # into epoch 3: checkpoint_latest holds epochs 0-2
                 break
             time.sleep(0.2)
