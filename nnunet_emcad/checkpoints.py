@@ -13,7 +13,7 @@ from typing import Dict, Mapping, Optional, Union
 import torch
 from torch import nn
 
-from nnunet_emcad.emcad import EMCADNet, create_emcad_pvt
+from nnunet_emcad.emcad import EMCADNet, PVTv2Encoder, create_emcad_pvt
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ def read_state_dict(source: CheckpointSource) -> StateDict:
     return dict(obj)
 
 
-def check_state_dict(expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor], what: str) -> None:
+def check_state_dict(expected: Mapping[str, torch.Tensor], state_dict: Mapping[str, torch.Tensor], what: str,
+                     fix: str = '') -> None:
     """Raise ``CheckpointError`` listing missing, unexpected and mis-shaped keys unless ``state_dict`` fits."""
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
@@ -80,7 +81,8 @@ def check_state_dict(expected: Mapping[str, torch.Tensor], state_dict: Mapping[s
         raise CheckpointError(f"{what} do not fit the model; nothing was loaded."
                               + (block('missing keys', missing) if missing else '')
                               + (block('unexpected keys', unexpected) if unexpected else '')
-                              + (block('shape mismatches', mis_shaped) if mis_shaped else ''))
+                              + (block('shape mismatches', mis_shaped) if mis_shaped else '')
+                              + (f"\n{fix}" if fix else ''))
 
 
 def load_pvt_v2_weights(model: nn.Module, source: CheckpointSource) -> None:
@@ -182,3 +184,41 @@ def load_official_checkpoint(checkpoint: CheckpointSource, variant: Optional[str
     if not backbone:
         logger.warning("official checkpoint without backbone keys: the %s encoder is freshly initialised", variant)
     return model.eval()
+
+
+def official_weights_for(network: EMCADNet, checkpoint: CheckpointSource, drop_heads: bool = False) -> StateDict:
+    """An official EMCAD checkpoint's weights under ``network``'s key names, to fine-tune ``network`` from them.
+
+    ``network`` is what a PVT trainer builds for the dataset; the result goes into nnU-Net's
+    ``-pretrained_weights`` file. Encoder variant, input channels and (unless ``drop_heads``) class count must
+    match; each mismatch stops with the fix. BatchNorm running statistics of the official decoder are left
+    out where the network normalises with instance norm (the trainers do); their affine weights are kept.
+    """
+    if not isinstance(network.encoder, PVTv2Encoder):
+        raise CheckpointError(f"official EMCAD checkpoints hold a PVTv2 encoder, this network's encoder is "
+                              f"{type(network.encoder).__name__}: use nnUNetTrainerEMCAD_PVTb2 or _PVTb0")
+    source = load_official_checkpoint(checkpoint)
+    found, wanted = source.encoder.variant, network.encoder.variant
+    if found != wanted:
+        raise CheckpointError(f"the checkpoint's encoder is {found}, the network's is {wanted}: use the trainer "
+                              f"with the checkpoint's encoder (nnUNetTrainerEMCAD_PVT{found[-2:]})")
+    src_channels = 1 if source.encoder.stem is not None else source.encoder.in_channels
+    if src_channels != network.encoder.in_channels:
+        raise CheckpointError(f"the checkpoint was trained on {src_channels}-channel images, the dataset has "
+                              f"{network.encoder.in_channels} channel(s), which its stem cannot take. Start from "
+                              f"ImageNet weights instead (nnUNet_EMCAD_PVT_WEIGHTS): timm adapts their patch "
+                              f"embedding to any channel count")
+    src_classes = source.decoder.seg_layers[0].out_channels
+    dst_classes = network.decoder.seg_layers[0].out_channels
+    if src_classes != dst_classes and not drop_heads:
+        raise CheckpointError(f"the checkpoint predicts {src_classes} classes, the dataset has {dst_classes} "
+                              f"(background included), so its segmentation heads do not fit. To fine-tune its "
+                              f"encoder and decoder, drop the heads (--drop-heads): nnU-Net then trains new ones")
+
+    def kept(key: str) -> bool:
+        return not (drop_heads and '.seg_layers.' in key)
+
+    target = {k: v for k, v in network.state_dict().items() if kept(k)}
+    weights = {k: v for k, v in source.state_dict().items() if k in target}
+    check_state_dict(target, weights, "the official checkpoint's weights")
+    return weights

@@ -46,6 +46,50 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert_official(args: argparse.Namespace) -> int:
+    """Turn an official EMCAD checkpoint into a file for nnUNetv2_train's -pretrained_weights."""
+    import json
+
+    import torch
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from nnunet_emcad.checkpoints import CheckpointError, official_weights_for
+
+    nnUNet_preprocessed = os.environ.get('nnUNet_preprocessed')
+    if not nnUNet_preprocessed:
+        print("nnUNet_preprocessed is not set: export it to the folder nnUNetv2_plan_and_preprocess wrote",
+              file=sys.stderr)
+        return 2
+    dataset = maybe_convert_to_dataset_name(args.dataset)
+    folder = os.path.join(nnUNet_preprocessed, dataset)
+    plans_file = os.path.join(folder, f'{args.plans}.json')
+    if not os.path.isfile(plans_file):
+        print(f"{plans_file} does not exist: run nnUNetv2_plan_and_preprocess -d {args.dataset} first",
+              file=sys.stderr)
+        return 2
+    with open(os.path.join(folder, 'dataset.json')) as f:
+        dataset_json = json.load(f)
+    plans_manager = PlansManager(plans_file)
+    configuration = plans_manager.get_configuration(args.configuration)
+    trainer = recursive_find_trainer_class_by_name(args.trainer)
+    network = trainer.build_network_architecture(
+        plans_manager, configuration, determine_num_input_channels(plans_manager, configuration, dataset_json),
+        plans_manager.get_label_manager(dataset_json).num_segmentation_heads, True)
+    try:
+        weights = official_weights_for(network, args.checkpoint, args.drop_heads)
+    except CheckpointError as e:
+        print(f"{args.checkpoint}: {e}", file=sys.stderr)
+        return 1
+    torch.save({'network_weights': weights, 'source': os.path.abspath(args.checkpoint)}, args.output)
+    print(f"wrote {args.output} ({len(weights)} tensors{', heads dropped' if args.drop_heads else ''}). "
+          f"Fine-tune with:\n  nnUNetv2_train {args.dataset} {args.configuration} FOLD -tr {args.trainer} "
+          f"-p {args.plans} -pretrained_weights {args.output}")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Parse ``argv`` and run the chosen subcommand."""
     parser = argparse.ArgumentParser(prog='nnunet-emcad', description=__doc__)
@@ -57,6 +101,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo.set_defaults(func=_demo)
     info = sub.add_parser('info', help=_info.__doc__, description=_info.__doc__)
     info.set_defaults(func=_info)
+    convert = sub.add_parser('convert-official', help=_convert_official.__doc__,
+                             description=_convert_official.__doc__ + ' Checks encoder, channels and classes '
+                             'against the dataset and trainer first; reads the file without running pickled code.')
+    convert.add_argument('checkpoint', help='official EMCAD checkpoint (.pth state dict)')
+    convert.add_argument('-d', '--dataset', required=True, help='dataset name or id (planned and preprocessed)')
+    convert.add_argument('-c', '--configuration', default='2d', help='configuration (default 2d)')
+    convert.add_argument('-p', '--plans', default='nnUNetPlans', help='plans identifier (default nnUNetPlans)')
+    convert.add_argument('-tr', '--trainer', default='nnUNetTrainerEMCAD_PVTb2',
+                         help='the PVT trainer to fine-tune with (default nnUNetTrainerEMCAD_PVTb2)')
+    convert.add_argument('-o', '--output', required=True, help='file to write (for -pretrained_weights)')
+    convert.add_argument('--drop-heads', action='store_true',
+                         help='leave out the segmentation heads (needed when the class counts differ)')
+    convert.set_defaults(func=_convert_official)
     args = parser.parse_args(argv)
     return args.func(args)
 

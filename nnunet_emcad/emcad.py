@@ -6,7 +6,7 @@ first) and one full-resolution tensor, which is what ``nnUNetTrainer.set_deep_su
 """
 import pydoc
 from functools import partial
-from typing import Dict, List, Optional, Sequence, Tuple, Type, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
@@ -166,6 +166,28 @@ class EMCADNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
         return self.decode(self.encoder(x), x.shape[2:])
+
+    def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
+        """``nn.Module.load_state_dict``; weights of another network (a checkpoint of another trainer, plans or
+        configuration, as nnU-Net's predictor or ``--c`` would load them) fail with what they and this are."""
+        if strict:
+            from nnunet_emcad.checkpoints import check_state_dict
+            check_state_dict(self.state_dict(), state_dict,
+                             f"weights of {describe_weights(state_dict)}",
+                             f"This network is {describe_weights(self.state_dict())}. Use the trainer (-tr), plans "
+                             f"(-p) and configuration (-c) the checkpoint was trained with.")
+        return super().load_state_dict(state_dict, strict, assign)
+
+
+def describe_weights(state_dict: Mapping[str, torch.Tensor]) -> str:
+    """What kind of segmentation network a state dict belongs to, from its key names."""
+    keys = list(state_dict)
+    if any(k.startswith('decoder.mscb.') for k in keys):
+        pvt = any(k.startswith('encoder.body.') for k in keys)
+        return 'EMCAD with a PVTv2 encoder' if pvt else 'EMCAD over an nnU-Net encoder'
+    if any(k.startswith('decoder.stages.') for k in keys):
+        return "a stock nnU-Net U-Net (nnU-Net's own decoder)"
+    return 'an unknown network'
 
 
 def create_emcad_pvt(variant: str = 'pvt_v2_b2', num_classes: int = 9, in_channels: int = 3,

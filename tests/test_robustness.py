@@ -1,17 +1,21 @@
 """Misuse gets a clear message before work starts; mixed precision stays finite; divergence stops the run."""
+import json
 import os
+import re
 import stat
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import official_state_dict
+from nnunet_emcad import cli
 from nnunet_emcad import trainers as T
 from nnunet_emcad.blocks import CAB, LGAG, MSCB, SAB
 from nnunet_emcad.checkpoints import CheckpointError
 from nnunet_emcad.emcad import create_emcad_pvt, create_emcad_unet
 from test_networks import ACDC_2D_ARCH
-from test_trainers import build, make_plans
+from test_trainers import DATASET_JSON, build, make_plans
 
 pytestmark = pytest.mark.usefixtures('nnunet_folders')
 
@@ -113,3 +117,91 @@ def test_networks_stay_finite_under_float16_autocast_on_cuda():
         loss = sum(o.float().square().mean() for o in outputs)
     loss.backward()
     assert all(torch.isfinite(o).all() for o in outputs)
+
+
+def _preprocessed(root, channels: int, classes: int) -> str:
+    """A planned data set as nnUNet_preprocessed holds it: plans and dataset.json."""
+    folder = root / 'Dataset901_Tiny'
+    folder.mkdir(parents=True)
+    (folder / 'nnUNetPlans.json').write_text(json.dumps(make_plans(5, [64, 64])))
+    labels = {'background': 0, **{f'c{i}': i for i in range(1, classes)}}
+    (folder / 'dataset.json').write_text(json.dumps(dict(
+        DATASET_JSON, channel_names={str(i): 'MRI' for i in range(channels)}, labels=labels)))
+    return 'Dataset901_Tiny'
+
+
+@pytest.fixture
+def official_b0(tmp_path):
+    """An official-format EMCAD-B0 checkpoint for 9 classes and grey-scale input (as trained on Synapse)."""
+    torch.manual_seed(0)
+    path = tmp_path / 'emcad_b0_synapse.pth'
+    torch.save(official_state_dict(create_emcad_pvt('pvt_v2_b0', 9, 1)), path)
+    return path
+
+
+def _convert(monkeypatch, tmp_path, checkpoint, channels, classes, *extra):
+    monkeypatch.setenv('nnUNet_preprocessed', str(tmp_path / 'pre'))
+    dataset = _preprocessed(tmp_path / 'pre', channels, classes)
+    output = tmp_path / 'pretrained.pth'
+    return cli.main(['convert-official', str(checkpoint), '-d', dataset, '-o', str(output), *extra]), output
+
+
+def test_official_checkpoint_with_another_class_count_needs_drop_heads(tmp_path, monkeypatch, capsys, official_b0):
+    rc, output = _convert(monkeypatch, tmp_path, official_b0, 1, 3, '-tr', 'nnUNetTrainerEMCAD_PVTb0')
+    assert rc == 1 and not output.exists()
+    assert re.search(r'predicts 9 classes, the dataset has 3 .*drop the heads \(--drop-heads\)',
+                     capsys.readouterr().err)
+
+
+def test_official_checkpoint_fine_tunes_through_nnunets_pretrained_weights(tmp_path, monkeypatch, capsys,
+                                                                         official_b0):
+    from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
+
+    rc, output = _convert(monkeypatch, tmp_path, official_b0, 1, 3, '-tr', 'nnUNetTrainerEMCAD_PVTb0',
+                          '--drop-heads')
+    assert rc == 0 and '-pretrained_weights' in capsys.readouterr().out
+    trainer = build(T.nnUNetTrainerEMCAD_PVTb0, make_plans(5, [64, 64]))
+    load_pretrained_weights(trainer.network, str(output))
+    official = torch.load(official_b0, weights_only=True)
+    loaded = trainer.network.state_dict()
+    for ours, theirs in (('decoder.mscb.0.pconv1.0.weight', 'decoder.mscb1.0.pconv1.0.weight'),
+                         ('encoder.stem.0.weight', 'conv.0.weight'),
+                         ('encoder.body.stages_3.blocks.1.mlp.fc2.weight', 'backbone.block4.1.mlp.fc2.weight')):
+        torch.testing.assert_close(loaded[ours], official[theirs], rtol=0, atol=0)
+    assert loaded['decoder.seg_layers.0.weight'].shape[0] == 3
+
+
+def test_official_checkpoint_with_another_channel_count_stops(tmp_path, monkeypatch, capsys, official_b0):
+    rc, _ = _convert(monkeypatch, tmp_path, official_b0, 2, 9, '-tr', 'nnUNetTrainerEMCAD_PVTb0')
+    assert rc == 1
+    assert re.search(r'trained on 1-channel images, the dataset has 2 channel\(s\).*nnUNet_EMCAD_PVT_WEIGHTS',
+                     capsys.readouterr().err)
+
+
+@pytest.mark.parametrize('trainer,message', [
+    ('nnUNetTrainerEMCAD_PVTb2', r'encoder is pvt_v2_b0, the network\'s is pvt_v2_b2: .*nnUNetTrainerEMCAD_PVTb0'),
+    ('nnUNetTrainerEMCAD', r'hold a PVTv2 encoder, this network\'s encoder is PlainConvEncoder'),
+])
+def test_official_checkpoint_for_another_encoder_stops(tmp_path, monkeypatch, capsys, official_b0, trainer, message):
+    rc, _ = _convert(monkeypatch, tmp_path, official_b0, 1, 9, '-tr', trainer)
+    assert rc == 1 and re.search(message, capsys.readouterr().err)
+
+
+def test_prediction_with_another_trainers_checkpoint_names_both_networks(tmp_path):
+    """A stock nnU-Net checkpoint labelled as an EMCAD trainer's (copied into the wrong results folder)."""
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    plans = make_plans(5, [64, 64])
+    stock = build(nnUNetTrainer, plans)
+    (tmp_path / 'fold_0').mkdir()
+    (tmp_path / 'plans.json').write_text(json.dumps(plans))
+    (tmp_path / 'dataset.json').write_text(json.dumps(DATASET_JSON))
+    torch.save({'trainer_name': 'nnUNetTrainerEMCAD', 'init_args': {'configuration': '2d'},
+                'network_weights': stock.network.state_dict()}, tmp_path / 'fold_0' / 'checkpoint_final.pth')
+    predictor = nnUNetPredictor(device=torch.device('cpu'))
+    with pytest.raises(CheckpointError) as info:
+        predictor.initialize_from_trained_model_folder(str(tmp_path), (0,))
+    message = str(info.value)
+    assert re.search(r'weights of a stock nnU-Net U-Net .* do not fit the model; nothing was loaded', message)
+    assert 'This network is EMCAD over an nnU-Net encoder' in message and 'Use the trainer (-tr)' in message

@@ -1,0 +1,141 @@
+"""Real lung CT for demos: four non-small-cell lung cancer patients with their gross tumour volume (GTV).
+
+The CT scans and RTSTRUCT outlines of the Radiomics Digital Phantom ship inside the PyPI wheel
+``pycerr==2.5.1``, so a demo needs nothing but PyPI. Each scan is a real patient's chest CT cropped to a box
+around the tumour (41-60 axial slices of 3 mm, about 0.98 mm pixels); each RTSTRUCT holds one structure,
+``GTV-1``, which becomes label 1 of an nnU-Net v2 raw data set.
+"""
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from typing import Dict
+
+import numpy as np
+import SimpleITK as sitk
+from skimage.draw import polygon
+
+PYCERR_SOURCE = ('Lung CT with GTV outlines of 4 patients from the Radiomics Digital Phantom (Lambin P, CancerData '
+                 '2016, DOI 10.17195/candat.2016.08.1), as shipped in the PyPI wheel pycerr==2.5.1, licensed '
+                 'CC BY-NC 3.0 (non-commercial use only).')
+
+PYCERR_REQUIREMENT = 'pycerr==2.5.1'
+WHEEL_PREFIX = 'cerr/datasets/radiomics_phantom_dicom/'
+DICOM_FOLDER = 'radiomics_phantom_dicom'
+# nnU-Net label of each class; every RTSTRUCT structure whose name starts with the class name is part of it.
+LABELS: Dict[str, int] = {'background': 0, 'GTV': 1}
+
+
+def fetch_pycerr_dicom(cache_dir: str) -> str:
+    """The folder of ``pat_1`` .. ``pat_4`` DICOM folders, downloaded from PyPI into ``cache_dir`` once."""
+    dest = os.path.join(cache_dir, DICOM_FOLDER)
+    if os.path.isdir(os.path.join(dest, 'pat_1')):
+        return dest
+    result = subprocess.run([sys.executable, '-m', 'pip', 'download', '--no-deps', '--disable-pip-version-check',
+                             PYCERR_REQUIREMENT, '-d', cache_dir], capture_output=True, text=True)
+    wheels = glob.glob(os.path.join(cache_dir, 'pycerr-2.5.1-*.whl'))
+    if result.returncode != 0 or not wheels:
+        tail = '\n'.join((result.stdout + result.stderr).strip().splitlines()[-10:])
+        raise RuntimeError(f'PyPI could not be reached: pip download {PYCERR_REQUIREMENT} failed '
+                           f'(exit code {result.returncode}):\n{tail}')
+    partial = dest + '.partial'
+    shutil.rmtree(partial, ignore_errors=True)
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        for member in wheel.infolist():
+            if not member.filename.startswith(WHEEL_PREFIX) or member.is_dir():
+                continue
+            relative = member.filename[len(WHEEL_PREFIX):]
+            if '..' in relative.split('/') or os.path.isabs(relative):
+                raise RuntimeError(f'unsafe path in {wheels[0]}: {member.filename}')
+            target = os.path.join(partial, *relative.split('/'))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            with wheel.open(member) as src, open(target, 'wb') as dst:
+                shutil.copyfileobj(src, dst)
+    os.remove(wheels[0])
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(partial, dest)
+    return dest
+
+
+def _rasterise(structure_set, image: sitk.Image, class_name: str) -> np.ndarray:
+    """Boolean (z, y, x) mask on ``image``'s grid of every structure whose name starts with ``class_name``.
+
+    Contours of one structure on one slice are combined by XOR, so a contour inside another is a hole;
+    different structures of the class are combined by union.
+    """
+    names = {roi.ROINumber: str(roi.ROIName) for roi in structure_set.StructureSetROISequence}
+    numbers = {n for n, roi_name in names.items() if roi_name.upper().startswith(class_name.upper())}
+    if not numbers:
+        raise ValueError(f'no structure named {class_name}* in the RTSTRUCT; it has {sorted(names.values())}')
+    size_x, size_y, size_z = image.GetSize()
+    mask = np.zeros((size_z, size_y, size_x), bool)
+    for roi_contour in structure_set.ROIContourSequence:
+        if roi_contour.ReferencedROINumber not in numbers:
+            continue
+        structure = np.zeros_like(mask)
+        for contour in roi_contour.get('ContourSequence', []):
+            if contour.ContourGeometricType != 'CLOSED_PLANAR':
+                continue
+            points = np.asarray(contour.ContourData, float).reshape(-1, 3)
+            index = np.array([image.TransformPhysicalPointToContinuousIndex(tuple(p)) for p in points])
+            z = int(round(index[:, 2].mean()))
+            if not 0 <= z < size_z:
+                raise ValueError(f'a contour of {names[roi_contour.ReferencedROINumber]} lies outside the CT '
+                                 f'(slice index {z}, the CT has {size_z} slices)')
+            rows, cols = polygon(index[:, 1], index[:, 0], shape=(size_y, size_x))
+            structure[z, rows, cols] ^= True
+        mask |= structure
+    return mask
+
+
+def convert_rtstruct_dataset(dicom_root: str, raw_dir: str, dataset_id: int, name: str = 'LungCT') -> str:
+    """Write ``raw_dir/Dataset{id:03d}_{name}`` (CT images, GTV labels, dataset.json); returns its folder.
+
+    Every ``pat_<n>`` folder of ``dicom_root`` (one CT series and one ``DCM_RS_*.dcm`` RTSTRUCT) becomes case
+    ``{name}_{n:03d}``; the labels are uint8 on the CT's grid.
+    """
+    try:
+        import pydicom
+    except ImportError as e:
+        raise ImportError('reading RTSTRUCT files needs pydicom: pip install pydicom') from e
+    folder = os.path.join(raw_dir, f'Dataset{dataset_id:03d}_{name}')
+    os.makedirs(os.path.join(folder, 'imagesTr'), exist_ok=True)
+    os.makedirs(os.path.join(folder, 'labelsTr'), exist_ok=True)
+    patients = sorted(glob.glob(os.path.join(dicom_root, 'pat_*')), key=lambda p: int(p.rsplit('_', 1)[1]))
+    if not patients:
+        raise FileNotFoundError(f'no pat_* folders in {dicom_root}')
+    for patient in patients:
+        reader = sitk.ImageSeriesReader()
+        files = reader.GetGDCMSeriesFileNames(patient)
+        reader.SetFileNames(files)
+        image = reader.Execute()
+        structure_files = glob.glob(os.path.join(patient, 'DCM_RS_*.dcm'))
+        if len(structure_files) != 1:
+            raise ValueError(f'expected one DCM_RS_*.dcm RTSTRUCT in {patient}, found {len(structure_files)}')
+        structure_set = pydicom.dcmread(structure_files[0])
+        ct_frame = pydicom.dcmread(files[0], stop_before_pixels=True).FrameOfReferenceUID
+        if any(roi.ReferencedFrameOfReferenceUID != ct_frame for roi in structure_set.StructureSetROISequence):
+            raise ValueError(f'the RTSTRUCT of {patient} refers to another frame of reference than its CT')
+        label = np.zeros(image.GetSize()[::-1], np.uint8)
+        for class_name, value in LABELS.items():
+            if value:
+                label[_rasterise(structure_set, image, class_name)] = value
+        label_image = sitk.GetImageFromArray(label)
+        label_image.CopyInformation(image)
+        case = f'{name}_{int(patient.rsplit("_", 1)[1]):03d}'
+        sitk.WriteImage(image, os.path.join(folder, 'imagesTr', f'{case}_0000.nii.gz'))
+        sitk.WriteImage(label_image, os.path.join(folder, 'labelsTr', f'{case}.nii.gz'))
+    with open(os.path.join(folder, 'dataset.json'), 'w') as f:
+        json.dump({'name': name,
+                   'description': 'Chest CT of non-small-cell lung cancer patients (cropped around the tumour) '
+                                  'with the gross tumour volume (GTV) outlined for radiotherapy.',
+                   'reference': PYCERR_SOURCE,
+                   'licence': 'CC BY-NC 3.0 (https://creativecommons.org/licenses/by-nc/3.0/)',
+                   'channel_names': {'0': 'CT'},
+                   'labels': dict(LABELS),
+                   'numTraining': len(patients),
+                   'file_ending': '.nii.gz'}, f, indent=2)
+    return folder
