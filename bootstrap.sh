@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets everything up on a fresh machine, then runs one job:
-#   bash bootstrap.sh demo   # build the EMCAD networks and print their cost next to the paper's
+#   bash bootstrap.sh demo   # train EMCAD through nnU-Net on real data for a few minutes; Dice and overlays
 #   bash bootstrap.sh test   # the test suite (what CI runs); extra arguments go to pytest
 # Set-up: a virtual environment in .venv (or $NNUNET_EMCAD_VENV) with PyTorch ($TORCH_PACKAGES, default
 # torch==2.14.1 torchvision==0.29.1), nnU-Net and this package (editable). Repeated runs reuse it.
@@ -30,7 +30,7 @@ fi
 stamp="$venv/.nnunet_emcad_installed"
 if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   echo "bootstrap: installing nnunet-emcad and its dependencies (log: $log)"
-  install install -e '.[test]'
+  install install -e '.[test,demo]'
   touch "$stamp"
 fi
 

@@ -46,7 +46,7 @@ setup(
         'SimpleITK',
         'acvl-utils',
     ],
-    extras_require={'test': ['pytest', 'hypothesis']},
+    extras_require={'test': ['pytest', 'hypothesis', 'pydicom'], 'demo': ['pydicom']},
     cmdclass={'build_py': BuildPyWithPth, 'editable_wheel': EditableWheelWithPth},
     entry_points={'console_scripts': ['nnunet-emcad = nnunet_emcad.cli:main']},
 )

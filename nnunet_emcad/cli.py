@@ -6,6 +6,18 @@ import sys
 from typing import List, Optional
 
 def _demo(args: argparse.Namespace) -> int:
+    """A short real EMCAD training through nnU-Net's commands: data, plan, train, predict, evaluate, overlays."""
+    from nnunet_emcad.demo import Schedule, run_demo
+
+    if args.device is None:
+        import torch
+        args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    schedule = Schedule(2, 5, 4, 2) if args.fast else Schedule(args.epochs, args.iterations, args.batch_size, 5)
+    run_demo(args.workdir, args.data, args.trainer, schedule, args.device)
+    return 0
+
+
+def _paper(args: argparse.Namespace) -> int:
     """Build the paper's EMCAD-B0/B2 and print their cost next to the paper's."""
     import torch
 
@@ -20,12 +32,11 @@ def _demo(args: argparse.Namespace) -> int:
         print(f"{row['network']:<10}{row['decoder_params']:>16,}{row['paper_decoder_params'] / 1e6:>9.3f}M"
               f"{row['decoder_macs'] / 1e9:>14.3f}G{row['paper_decoder_macs'] / 1e9:>9.3f}G"
               f"{row['total_params']:>15,}{row['total_flops'] / 1e9:>14.2f}")
-    print("Training through nnU-Net: nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerEMCAD (see README).")
     return 0
 
 
 def _info(args: argparse.Namespace) -> int:
-    """Versions, device and nnU-Net folders."""
+    """Versions, device, where nnU-Net finds the trainers, and the state of the nnUNet_* folders."""
     from importlib.metadata import PackageNotFoundError, version
 
     print(f"python {platform.python_version()} on {platform.platform()}")
@@ -38,6 +49,15 @@ def _info(args: argparse.Namespace) -> int:
 
     print(f"device: {'cuda (' + torch.cuda.get_device_name(0) + ')' if torch.cuda.is_available() else 'cpu'}, "
           f"{os.cpu_count()} CPU cores")
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    print(f"nnUNet_extTrainer: {os.environ.get('nnUNet_extTrainer', '')}")
+    try:
+        trainer = recursive_find_trainer_class_by_name('nnUNetTrainerEMCAD')
+        print(f"nnUNetTrainerEMCAD: found by nnU-Net ({trainer.__module__})")
+    except RuntimeError as e:
+        print(f"nnUNetTrainerEMCAD: NOT found by nnU-Net ({str(e).splitlines()[0]}); reinstall the package or add "
+              f"its nnunet_trainers folder to nnUNet_extTrainer")
     for var in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
         path = os.environ.get(var)
         state = 'unset' if not path else (
@@ -90,15 +110,48 @@ def _convert_official(args: argparse.Namespace) -> int:
     return 0
 
 
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    """Run a benchmark of the source tree's benchmarks/ (cost, accuracy, update_readme); arguments pass on."""
+    script = os.path.join(BENCHMARKS, f'{args.name}.py')
+    if not os.path.isfile(script):
+        print(f"{script} is absent: the benchmarks ship with the source repository (install it with "
+              f"pip install -e from a clone)", file=sys.stderr)
+        return 2
+    import subprocess
+
+    return subprocess.call([sys.executable, script, *args.args])
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """Parse ``argv`` and run the chosen subcommand."""
+    from nnunet_emcad.demo import DATA_CHOICES
+
     parser = argparse.ArgumentParser(prog='nnunet-emcad', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
-    demo = sub.add_parser('demo', help=_demo.__doc__, description=_demo.__doc__)
-    demo.add_argument('--size', type=int, default=224, help='input size (default 224, as in the paper)')
-    demo.add_argument('--classes', type=int, default=9, help='output classes (default 9, Synapse)')
-    demo.add_argument('--threads', type=int, default=min(4, os.cpu_count() or 1), help='torch CPU threads')
+    demo = sub.add_parser('demo', help=_demo.__doc__, description=_demo.__doc__ + ' Data: ACDC cardiac MRI '
+                          'where ../shared/data is present, else real lung CT from the pycerr wheel on PyPI, else '
+                          'generated images. About ten minutes on 2 CPU cores.')
+    demo.add_argument('--data', choices=DATA_CHOICES, default='auto', help='data set (default auto: the first '
+                      'available of acdc, lungct, synthetic)')
+    demo.add_argument('--workdir', default='nnunet_emcad_demo', help='folder for data, models, logs and results '
+                      '(default ./nnunet_emcad_demo; planning is reused on a second run)')
+    demo.add_argument('--trainer', default='nnUNetTrainerEMCAD_PVTb0',
+                      help='EMCAD trainer to train (default nnUNetTrainerEMCAD_PVTb0, the fastest on a CPU)')
+    demo.add_argument('--epochs', type=int, default=14, help='epochs (default 14)')
+    demo.add_argument('--iterations', type=int, default=30, help='training iterations per epoch (default 30)')
+    demo.add_argument('--batch-size', type=int, default=8, help='batch size (default 8)')
+    demo.add_argument('--device', choices=('cpu', 'cuda', 'mps'), help='default: cuda when present, else cpu')
+    demo.add_argument('--fast', action='store_true', help='2 epochs of 5 iterations at batch 4: checks the '
+                      'pipeline in about a minute (use with --data synthetic)')
     demo.set_defaults(func=_demo)
+    paper = sub.add_parser('paper', help=_paper.__doc__, description=_paper.__doc__)
+    paper.add_argument('--size', type=int, default=224, help='input size (default 224, as in the paper)')
+    paper.add_argument('--classes', type=int, default=9, help='output classes (default 9, Synapse)')
+    paper.add_argument('--threads', type=int, default=min(4, os.cpu_count() or 1), help='torch CPU threads')
+    paper.set_defaults(func=_paper)
     info = sub.add_parser('info', help=_info.__doc__, description=_info.__doc__)
     info.set_defaults(func=_info)
     convert = sub.add_parser('convert-official', help=_convert_official.__doc__,
@@ -114,6 +167,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     convert.add_argument('--drop-heads', action='store_true',
                          help='leave out the segmentation heads (needed when the class counts differ)')
     convert.set_defaults(func=_convert_official)
+    bench = sub.add_parser('benchmark', help=_benchmark.__doc__, description=_benchmark.__doc__ + ' Example: '
+                           'nnunet-emcad benchmark cost --help')
+    bench.add_argument('name', choices=('cost', 'accuracy', 'update_readme'), help='which benchmark')
+    bench.add_argument('args', nargs=argparse.REMAINDER, help='its arguments (see nnunet-emcad benchmark NAME --help)')
+    bench.set_defaults(func=_benchmark)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,4 +1,8 @@
-"""Real lung CT for demos: four non-small-cell lung cancer patients with their gross tumour volume (GTV).
+"""Data sets for the demo, written in nnU-Net v2's raw format.
+
+- ACDC cine cardiac MRI: a patient subset of ``Dataset027_ACDC`` where the project's shared data is present.
+- Real lung CT: four non-small-cell lung cancer patients with their gross tumour volume (GTV), from PyPI.
+- A generated 2D set (noise, disks and squares): the last fallback, and the tests' tiny data.
 
 The CT scans and RTSTRUCT outlines of the Radiomics Digital Phantom ship inside the PyPI wheel
 ``pycerr==2.5.1``, so a demo needs nothing but PyPI. Each scan is a real patient's chest CT cropped to a box
@@ -12,11 +16,16 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from typing import Dict
+from typing import Dict, List, Tuple
 
 import numpy as np
 import SimpleITK as sitk
+from PIL import Image
 from skimage.draw import polygon
+
+ACDC_SOURCE = ('ACDC cine cardiac MRI (Bernard et al., IEEE TMI 2018), non-commercial research use; cite the '
+               'paper. Labels: right ventricle (RV), myocardium (MLV), left-ventricle cavity (LVC).')
+SYNTHETIC_SOURCE = 'generated images (noise with a bright disk and a dark square); no real data.'
 
 PYCERR_SOURCE = ('Lung CT with GTV outlines of 4 patients from the Radiomics Digital Phantom (Lambin P, CancerData '
                  '2016, DOI 10.17195/candat.2016.08.1), as shipped in the PyPI wheel pycerr==2.5.1, licensed '
@@ -138,4 +147,80 @@ def convert_rtstruct_dataset(dicom_root: str, raw_dir: str, dataset_id: int, nam
                    'labels': dict(LABELS),
                    'numTraining': len(patients),
                    'file_ending': '.nii.gz'}, f, indent=2)
+    return folder
+
+
+def _write_json(path: str, content: dict) -> None:
+    with open(path, 'w') as f:
+        json.dump(content, f, indent=2)
+
+
+def acdc_subset(acdc_dir: str, raw_dir: str, dataset_id: int, train_patients: int, test_patients: int,
+                name: str = 'ACDCDemo') -> Tuple[str, List[str]]:
+    """Link a subset of ``Dataset027_ACDC`` (both frames of each patient) into ``raw_dir``.
+
+    Training patients come from the training side of fold 0 of its patient-grouped ``splits_final.json``,
+    test patients (``imagesTs``/``labelsTs``) from its validation side, so none is in both. Returns the data
+    set folder and the names of the training cases.
+    """
+    with open(os.path.join(acdc_dir, 'splits_final.json')) as f:
+        fold = json.load(f)[0]
+    patients = {side: sorted({case.split('_')[0] for case in fold[side]}) for side in ('train', 'val')}
+    chosen = {'Tr': patients['train'][:train_patients], 'Ts': patients['val'][:test_patients]}
+    folder = os.path.join(raw_dir, f'Dataset{dataset_id:03d}_{name}')
+    training = []
+    for split, chosen_patients in chosen.items():
+        for sub in (f'images{split}', f'labels{split}'):
+            os.makedirs(os.path.join(folder, sub), exist_ok=True)
+        for patient in chosen_patients:
+            for frame in ('frame01', 'frame02'):
+                case = f'{patient}_{frame}'
+                for src, dst in ((f'imagesTr/{case}_0000.nii.gz', f'images{split}/{case}_0000.nii.gz'),
+                                 (f'labelsTr/{case}.nii.gz', f'labels{split}/{case}.nii.gz')):
+                    target = os.path.join(folder, dst)
+                    if not os.path.lexists(target):
+                        os.symlink(os.path.abspath(os.path.join(acdc_dir, src)), target)
+                if split == 'Tr':
+                    training.append(case)
+    with open(os.path.join(acdc_dir, 'dataset.json')) as f:
+        dataset_json = json.load(f)
+    _write_json(os.path.join(folder, 'dataset.json'), dict(dataset_json, numTraining=len(training),
+                                                           reference=ACDC_SOURCE))
+    return folder, training
+
+
+def _synthetic_case(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Noise with a bright disk (label 1) and a dark square (label 2) at random places."""
+    image = rng.normal(0.5, 0.08, (size, size))
+    label = np.zeros((size, size), np.uint8)
+    yy, xx = np.mgrid[:size, :size]
+    cy, cx, r = rng.integers(14, size - 14), rng.integers(14, size - 14), rng.integers(6, 11)
+    disk = (yy - cy) ** 2 + (xx - cx) ** 2 <= r ** 2
+    image[disk] += 0.35
+    label[disk] = 1
+    s = rng.integers(6, 12)
+    y0, x0 = rng.integers(0, size - s, 2)
+    square = np.zeros_like(disk)
+    square[y0:y0 + s, x0:x0 + s] = True
+    square &= ~disk
+    image[square] -= 0.35
+    label[square] = 2
+    return (np.clip(image, 0, 1) * 255).astype(np.uint8), label
+
+
+def make_synthetic_dataset(raw_dir: str, dataset_id: int = 901, n_train: int = 10, n_test: int = 3, seed: int = 0,
+                           size: int = 64, name: str = 'Tiny') -> str:
+    """Write ``Dataset{id}_{name}`` (PNG, ``size`` x ``size``, 3 classes) under ``raw_dir``; returns its folder."""
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(raw_dir, f'Dataset{dataset_id:03d}_{name}')
+    for sub in ('imagesTr', 'labelsTr', 'imagesTs', 'labelsTs'):
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+    for split, n in (('Tr', n_train), ('Ts', n_test)):
+        for i in range(n):
+            image, label = _synthetic_case(rng, size)
+            Image.fromarray(image).save(os.path.join(folder, f'images{split}', f'case{split}{i:03d}_0000.png'))
+            Image.fromarray(label).save(os.path.join(folder, f'labels{split}', f'case{split}{i:03d}.png'))
+    _write_json(os.path.join(folder, 'dataset.json'), {
+        'channel_names': {'0': 'grey'}, 'labels': {'background': 0, 'disk': 1, 'square': 2},
+        'numTraining': n_train, 'file_ending': '.png', 'reference': SYNTHETIC_SOURCE})
     return folder

@@ -1,0 +1,77 @@
+"""The demo's fast path end to end (the real nnU-Net commands), its data preparation and the CLI."""
+import json
+import os
+import subprocess
+import sys
+
+from PIL import Image
+
+from nnunet_emcad import cli
+from nnunet_emcad.demo import prepare_data
+from tiny_data import nnunet_env
+
+BIN = os.path.dirname(sys.executable)
+
+
+def test_demo_fast_path_trains_predicts_evaluates_and_draws(tmp_path):
+    env = nnunet_env(str(tmp_path / 'unused'))
+    env = {k: v for k, v in env.items() if not k.startswith('nnUNet_') or k.endswith('_n_proc_DA') or
+           k.endswith('_def_n_proc')}
+    workdir = tmp_path / 'demo'
+    proc = subprocess.run([os.path.join(BIN, 'nnunet-emcad'), 'demo', '--data', 'synthetic', '--fast',
+                           '--workdir', str(workdir)], env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    lines = out.strip().splitlines()
+    assert len(lines) <= 20, out
+    for n in range(1, 6):
+        assert f'[{n}/5' in out
+    assert 'epoch 1/2: train loss' in out and 'epoch 2/2: train loss' in out
+    assert 'Pseudo dice' not in out and '#######' not in out, "nnU-Net's own output belongs in the logs"
+    with open(workdir / 'predictions' / 'summary.json') as f:
+        summary = json.load(f)
+    dice_line = next(line for line in lines if line.startswith('test Dice:'))
+    assert f"disk {summary['mean']['1']['Dice']:.3f}" in dice_line
+    assert f"mean {summary['foreground_mean']['Dice']:.3f}" in dice_line
+    with Image.open(workdir / 'overlays.png') as png:
+        assert png.width > 300 and png.height > 4 * 150
+    with open(workdir / 'logs' / 'train.log') as f:
+        train_log = f.read()
+    assert 'nnUNetTrainerEMCAD_PVTb0_demo' in train_log and 'Epoch 1' in train_log
+    assert sorted(os.listdir(workdir / 'predictions')) == sorted(
+        [f'caseTs{i:03d}.png' for i in range(4)] + ['dataset.json', 'plans.json', 'predict_from_raw_data_args.json',
+                                                    'summary.json'])
+
+
+def test_acdc_subset_keeps_test_patients_out_of_training(tmp_path, shared_dir):
+    facts = prepare_data('acdc', str(tmp_path / 'raw'), str(tmp_path / 'pre'), str(tmp_path / 'cache'), print)
+    folder = facts['folder']
+    patients = {split: {f.split('_')[0] for f in os.listdir(os.path.join(folder, f'labels{split}'))}
+                for split in ('Tr', 'Ts')}
+    assert len(patients['Tr']) == 12 and len(patients['Ts']) == 4 and not patients['Tr'] & patients['Ts']
+    with open(os.path.join(tmp_path, 'pre', os.path.basename(folder), 'splits_final.json')) as f:
+        split = json.load(f)
+    assert len(split) == 1 and len(split[0]['train']) == 20 and len(split[0]['val']) == 4
+    assert {c.split('_')[0] for c in split[0]['train']}.isdisjoint({c.split('_')[0] for c in split[0]['val']})
+    with open(os.path.join(folder, 'dataset.json')) as f:
+        assert json.load(f)['numTraining'] == 24
+    assert os.path.realpath(os.path.join(folder, 'imagesTr', f"{sorted(patients['Tr'])[0]}_frame01_0000.nii.gz"))\
+        .startswith(os.path.realpath(shared_dir))
+
+
+def test_every_subcommand_explains_itself(capsys):
+    for command in ('demo', 'info', 'paper', 'convert-official', 'benchmark'):
+        try:
+            cli.main([command, '--help'])
+        except SystemExit as e:
+            assert e.code == 0
+        assert 'usage: nnunet-emcad ' + command in capsys.readouterr().out
+
+
+def test_info_names_trainer_registration_and_folders(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv('nnUNet_results', str(tmp_path))
+    monkeypatch.delenv('nnUNet_raw', raising=False)
+    assert cli.main(['info']) == 0
+    out = capsys.readouterr().out
+    assert f'nnUNet_results: {tmp_path} (writable)' in out and 'nnUNet_raw:  (unset)' in out
+    assert 'nnUNetTrainerEMCAD: found by nnU-Net' in out
