@@ -30,7 +30,7 @@ fi
 stamp="$venv/.nnunet_emcad_installed"
 if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   echo "bootstrap: installing nnunet-emcad and its dependencies (log: $log)"
-  install install -e '.[test,demo]'
+  install install -e '.[test,demo,onnx]'
   touch "$stamp"
 fi
 

@@ -46,7 +46,8 @@ setup(
         'SimpleITK',
         'acvl-utils',
     ],
-    extras_require={'test': ['pytest', 'hypothesis', 'pydicom'], 'demo': ['pydicom']},
+    extras_require={'test': ['pytest', 'hypothesis', 'pydicom', 'onnx', 'onnxscript', 'onnxruntime'],
+                    'demo': ['pydicom'], 'onnx': ['onnx', 'onnxscript', 'onnxruntime']},
     cmdclass={'build_py': BuildPyWithPth, 'editable_wheel': EditableWheelWithPth},
     entry_points={'console_scripts': ['nnunet-emcad = nnunet_emcad.cli:main']},
 )

@@ -10,7 +10,7 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 README = os.path.join(os.path.dirname(HERE), 'README.md')
 START, END = '<!-- results:start -->', '<!-- results:end -->'
-ORDER = ('cost', 'accuracy_acdc', 'accuracy_isbi')
+ORDER = ('cost', 'cost_3d', 'accuracy_acdc', 'accuracy_isbi')
 
 
 def section(results_dir: str) -> str:

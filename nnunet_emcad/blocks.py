@@ -17,6 +17,20 @@ from dynamic_network_architectures.building_blocks.helper import get_matching_ba
 
 ACTIVATIONS = ('relu', 'relu6', 'leakyrelu', 'prelu', 'gelu', 'hswish')
 NormFactory = Optional[Callable[[int], nn.Module]]
+KernelT = Union[int, Sequence[int]]
+
+
+def same_padding(kernel_size: KernelT) -> KernelT:
+    """Padding that keeps the size for an odd kernel, per axis for anisotropic kernels such as (1, 3, 3)."""
+    return kernel_size // 2 if isinstance(kernel_size, int) else tuple(k // 2 for k in kernel_size)
+
+
+def along_axes(kernel_size: int, axes: Optional[Sequence[bool]]) -> KernelT:
+    """``kernel_size`` on the axes an nnU-Net stage convolves along and 1 on the others (anisotropic plans);
+    the plain int when ``axes`` is None or all true, so isotropic networks keep the official layers."""
+    if axes is None or all(axes):
+        return kernel_size
+    return tuple(kernel_size if a else 1 for a in axes)
 
 
 def _norm(norm_op: NormFactory, conv_op: Type[_ConvNd]) -> Callable[[int], nn.Module]:
@@ -60,6 +74,33 @@ def init_emcad_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+class _ChannelsLastOnCPU:
+    """Runs a grouped convolution in channels-last memory format on the CPU, where PyTorch then uses oneDNN.
+
+    In the default layout PyTorch's CPU backward of depth-wise 3D convolutions takes a generic kernel: measured
+    10.8 s against 0.25 s (channels last) for 128 channels at 2 x 12 x 48 x 48; 2D depth-wise 0.116 against
+    0.043 s. Weights and outputs are the same; float64 (no oneDNN kernel) keeps the default layout.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type == 'cpu' and x.dtype != torch.float64 and x.ndim in (4, 5):
+            x = x.contiguous(memory_format=torch.channels_last if x.ndim == 4 else torch.channels_last_3d)
+        return super().forward(x)
+
+
+class GroupedConv2d(_ChannelsLastOnCPU, nn.Conv2d):
+    """``nn.Conv2d`` for depth-wise and grouped convolutions (same parameters), fast on the CPU."""
+
+
+class GroupedConv3d(_ChannelsLastOnCPU, nn.Conv3d):
+    """``nn.Conv3d`` for depth-wise and grouped convolutions (same parameters), fast on the CPU."""
+
+
+def grouped_conv_op(conv_op: Type[_ConvNd]) -> Type[_ConvNd]:
+    """The channels-last-on-CPU variant of ``conv_op`` for grouped convolutions (other conv types unchanged)."""
+    return {nn.Conv2d: GroupedConv2d, nn.Conv3d: GroupedConv3d}.get(conv_op, conv_op)
+
+
 def _spatial_dims(x: torch.Tensor) -> Tuple[int, ...]:
     return tuple(range(2, x.ndim))
 
@@ -71,14 +112,14 @@ class MSDC(nn.Module):
     the input of the next. Returns the list of branch outputs.
     """
 
-    def __init__(self, channels: int, kernel_sizes: Sequence[int] = (1, 3, 5), activation: str = 'relu6',
+    def __init__(self, channels: int, kernel_sizes: Sequence[KernelT] = (1, 3, 5), activation: str = 'relu6',
                  dw_parallel: bool = True, conv_op: Type[_ConvNd] = nn.Conv2d, norm_op: NormFactory = None):
         super().__init__()
         norm_op = _norm(norm_op, conv_op)
         self.dw_parallel = dw_parallel
         self.dwconvs = nn.ModuleList([
             nn.Sequential(
-                conv_op(channels, channels, k, 1, k // 2, groups=channels, bias=False),
+                grouped_conv_op(conv_op)(channels, channels, k, 1, same_padding(k), groups=channels, bias=False),
                 norm_op(channels),
                 make_activation(activation),
             )
@@ -102,7 +143,7 @@ class MSCB(nn.Module):
     stride-1 path; the decoder always uses ``in_channels == out_channels``.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_sizes: Sequence[int] = (1, 3, 5),
+    def __init__(self, in_channels: int, out_channels: int, kernel_sizes: Sequence[KernelT] = (1, 3, 5),
                  expansion_factor: int = 2, dw_parallel: bool = True, add: bool = True, activation: str = 'relu6',
                  conv_op: Type[_ConvNd] = nn.Conv2d, norm_op: NormFactory = None):
         super().__init__()
@@ -153,9 +194,9 @@ class CAB(nn.Module):
 class SAB(nn.Module):
     """Spatial attention: conv over [channel mean, channel max], sigmoid. Returns the per-pixel weights."""
 
-    def __init__(self, kernel_size: int = 7, conv_op: Type[_ConvNd] = nn.Conv2d):
+    def __init__(self, kernel_size: KernelT = 7, conv_op: Type[_ConvNd] = nn.Conv2d):
         super().__init__()
-        self.conv = conv_op(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        self.conv = conv_op(2, 1, kernel_size, padding=same_padding(kernel_size), bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
@@ -169,18 +210,21 @@ class LGAG(nn.Module):
     kernel uses groups 1), each with BN; ``psi`` maps their ReLU'd sum to one sigmoid gate.
     """
 
-    def __init__(self, channels: int, kernel_size: int = 3, conv_op: Type[_ConvNd] = nn.Conv2d,
+    def __init__(self, channels: int, kernel_size: KernelT = 3, conv_op: Type[_ConvNd] = nn.Conv2d,
                  norm_op: NormFactory = None):
         super().__init__()
         norm_op = _norm(norm_op, conv_op)
         inter = channels // 2
-        groups = 1 if kernel_size == 1 else inter
+        largest = kernel_size if isinstance(kernel_size, int) else max(kernel_size)
+        groups = 1 if largest == 1 else inter
         self.W_g = nn.Sequential(
-            conv_op(channels, inter, kernel_size, 1, kernel_size // 2, groups=groups, bias=True),
+            grouped_conv_op(conv_op)(channels, inter, kernel_size, 1, same_padding(kernel_size), groups=groups,
+                                     bias=True),
             norm_op(inter),
         )
         self.W_x = nn.Sequential(
-            conv_op(channels, inter, kernel_size, 1, kernel_size // 2, groups=groups, bias=True),
+            grouped_conv_op(conv_op)(channels, inter, kernel_size, 1, same_padding(kernel_size), groups=groups,
+                                     bias=True),
             norm_op(inter),
         )
         self.psi = nn.Sequential(
@@ -202,14 +246,15 @@ class EUCB(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, scale_factor: Union[int, Sequence[int]] = 2,
-                 kernel_size: int = 3, conv_op: Type[_ConvNd] = nn.Conv2d, norm_op: NormFactory = None):
+                 kernel_size: KernelT = 3, conv_op: Type[_ConvNd] = nn.Conv2d, norm_op: NormFactory = None):
         super().__init__()
         norm_op = _norm(norm_op, conv_op)
         if not isinstance(scale_factor, int):
             scale_factor = tuple(float(s) for s in scale_factor)
         self.up_dwc = nn.Sequential(
             nn.Upsample(scale_factor=scale_factor, mode='nearest'),
-            conv_op(in_channels, in_channels, kernel_size, 1, kernel_size // 2, groups=in_channels, bias=False),
+            grouped_conv_op(conv_op)(in_channels, in_channels, kernel_size, 1, same_padding(kernel_size),
+                                     groups=in_channels, bias=False),
             norm_op(in_channels),
             nn.ReLU(inplace=True),
         )

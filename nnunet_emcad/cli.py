@@ -110,6 +110,23 @@ def _convert_official(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_onnx(args: argparse.Namespace) -> int:
+    """Export a trained fold's network to ONNX, check it against PyTorch with onnxruntime, write the plan facts."""
+    from nnunet_emcad.export import export_onnx, model_folder_for
+
+    folder = model_folder_for(args.dataset, args.trainer, args.plans, args.configuration)
+    try:
+        facts = export_onnx(folder, args.fold, args.output, args.checkpoint)
+    except FileNotFoundError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(f"wrote {args.output} (input image: batch x {len(facts['channel_names'])} x "
+          f"{' x '.join(map(str, facts['patch_size']))}, output logits, {len(facts['labels'])} classes) and "
+          f"{os.path.splitext(args.output)[0]}.json; onnxruntime vs PyTorch on random inputs (batch 1-"
+          f"{facts['checked_batches']}): max abs difference {facts['max_abs_difference']:.2e}")
+    return 0
+
+
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
 
 
@@ -167,6 +184,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     convert.add_argument('--drop-heads', action='store_true',
                          help='leave out the segmentation heads (needed when the class counts differ)')
     convert.set_defaults(func=_convert_official)
+    export = sub.add_parser('export-onnx', help=_export_onnx.__doc__, description=_export_onnx.__doc__ + ' The '
+                            'graph is the network (deep supervision off, dynamic batch, the plan\'s patch size); '
+                            'nnU-Net\'s preprocessing, sliding window and resampling are listed in the JSON file.')
+    export.add_argument('-d', '--dataset', required=True, help='dataset name or id')
+    export.add_argument('-c', '--configuration', default='2d', help='configuration (default 2d)')
+    export.add_argument('-f', '--fold', default='0', help='fold (0-4 or all; default 0)')
+    export.add_argument('-tr', '--trainer', default='nnUNetTrainerEMCAD', help='trainer (default nnUNetTrainerEMCAD)')
+    export.add_argument('-p', '--plans', default='nnUNetPlans', help='plans identifier (default nnUNetPlans)')
+    export.add_argument('-chk', '--checkpoint', default='checkpoint_final.pth',
+                        help='checkpoint file name in the fold folder (default checkpoint_final.pth)')
+    export.add_argument('-o', '--output', required=True, help='ONNX file to write')
+    export.set_defaults(func=_export_onnx)
     bench = sub.add_parser('benchmark', help=_benchmark.__doc__, description=_benchmark.__doc__ + ' Example: '
                            'nnunet-emcad benchmark cost --help')
     bench.add_argument('name', choices=('cost', 'accuracy', 'update_readme'), help='which benchmark')

@@ -16,7 +16,7 @@ from torch.nn.modules.conv import _ConvNd
 from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
 from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
 
-from nnunet_emcad.blocks import CAB, EUCB, LGAG, MSCB, SAB, NormFactory, init_emcad_weights
+from nnunet_emcad.blocks import CAB, EUCB, LGAG, MSCB, SAB, NormFactory, along_axes, init_emcad_weights
 
 PVT_V2_VARIANTS = ('pvt_v2_b0', 'pvt_v2_b1', 'pvt_v2_b2', 'pvt_v2_b3', 'pvt_v2_b4', 'pvt_v2_b5')
 PVT_V2_STRIDE = 32
@@ -39,26 +39,33 @@ class EMCADDecoder(nn.Module):
     Deepest stage: ``d = MSCB(SAB(d) * d)`` after ``d = CAB(x) * x``. Every shallower stage: ``u = EUCB(d)``,
     ``d = u + LGAG(g=u, x=skip)``, then CAB, SAB (one module shared by all stages) and MSCB.
     ``forward`` returns the head logits at each stage's own resolution, shallowest first (only the first
-    when ``deep_supervision`` is off).
+    when ``deep_supervision`` is off). ``axes[i]`` says along which axes stage ``i`` convolves (an anisotropic
+    3D plan's kernel (1, 3, 3) -> (False, True, True)); the blocks' kernels are 1 along the other axes (SAB,
+    shared by all stages, follows stage 0). None: every kernel is isotropic, as in the paper.
     """
 
     def __init__(self, channels: Sequence[int], strides: Sequence[StrideT], num_classes: int,
                  deep_supervision: bool = True, kernel_sizes: Sequence[int] = (1, 3, 5), expansion_factor: int = 2,
                  dw_parallel: bool = True, add: bool = True, lgag_ks: int = 3, activation: str = 'relu6',
-                 conv_op: Type[_ConvNd] = nn.Conv2d, norm_op: NormFactory = None):
+                 conv_op: Type[_ConvNd] = nn.Conv2d, norm_op: NormFactory = None,
+                 axes: Optional[Sequence[Sequence[bool]]] = None):
         super().__init__()
         if len(channels) != len(strides):
             raise ValueError(f"need one stride per stage: {len(channels)} channels, {len(strides)} strides")
         self.deep_supervision = deep_supervision
         n = len(channels)
+        axes = list(axes) if axes is not None else [None] * n
         self.mscb = nn.ModuleList([
-            MSCB(c, c, kernel_sizes, expansion_factor, dw_parallel, add, activation, conv_op, norm_op)
-            for c in channels])
+            MSCB(c, c, [along_axes(k, a) for k in kernel_sizes], expansion_factor, dw_parallel, add, activation,
+                 conv_op, norm_op)
+            for c, a in zip(channels, axes)])
         self.eucb = nn.ModuleList([
-            EUCB(channels[i + 1], channels[i], strides[i + 1], conv_op=conv_op, norm_op=norm_op) for i in range(n - 1)])
-        self.lgag = nn.ModuleList([LGAG(channels[i], lgag_ks, conv_op, norm_op) for i in range(n - 1)])
+            EUCB(channels[i + 1], channels[i], strides[i + 1], along_axes(3, axes[i]), conv_op, norm_op)
+            for i in range(n - 1)])
+        self.lgag = nn.ModuleList([LGAG(channels[i], along_axes(lgag_ks, axes[i]), conv_op, norm_op)
+                                   for i in range(n - 1)])
         self.cab = nn.ModuleList([CAB(c, conv_op=conv_op) for c in channels])
-        self.sab = SAB(conv_op=conv_op)
+        self.sab = SAB(along_axes(7, axes[0]), conv_op=conv_op)
         for part in (self.mscb, self.eucb, self.lgag, self.cab, self.sab):
             part.apply(init_emcad_weights)
         self.seg_layers = nn.ModuleList([conv_op(c, num_classes, 1) for c in channels])
@@ -254,9 +261,12 @@ def create_emcad_unet(arch_kwargs: dict, input_channels: int, num_classes: int, 
 
     One head per encoder stage: outputs come at strides ``cumprod(strides)``, highest resolution first.
     ``decoder_norm='batch'`` keeps the official BatchNorm in the decoder blocks; ``'plan'`` uses the plan's
-    norm (instance norm in nnU-Net's plans), whose statistics do not depend on the batch.
+    norm (instance norm in nnU-Net's plans), whose statistics do not depend on the batch. 2D and 3D plans alike:
+    the decoder's kernels follow the plan's per-stage kernel sizes (1 along axes a stage does not convolve,
+    as in nnU-Net's anisotropic 3D plans) and its upsampling the per-axis strides.
     """
     enc = build_nnunet_encoder(arch_kwargs, input_channels, encoder, arch_kwargs_req_import)
+    decoder_kwargs.setdefault('axes', [[k > 1 for k in ks] for ks in arch_kwargs['kernel_sizes']])
     if decoder_norm == 'plan':
         decoder_kwargs['norm_op'] = plan_norm(arch_kwargs, arch_kwargs_req_import)
     elif decoder_norm != 'batch':

@@ -24,21 +24,27 @@ from nnunet_emcad.emcad import PVT_V2_STRIDE, create_emcad_pvt, create_emcad_une
 from nnunet_emcad.losses import MutationLoss, PaperDiceCELoss
 
 __all__ = [
-    'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_ResEnc', 'nnUNetTrainerEMCAD_PVTb0', 'nnUNetTrainerEMCAD_PVTb2',
-    'nnUNetTrainerEMCAD_PVTb2_MUTATION', 'nnUNetTrainerEMCAD_5epochs', 'nnUNetTrainerEMCAD_PVTb0_5epochs',
-    'nnUNetTrainerEMCAD_smoke', 'nnUNetTrainerEMCAD_PVTb0_smoke',
+    'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_ResEnc', 'nnUNetTrainerEMCAD3D', 'nnUNetTrainerEMCAD3D_ResEnc',
+    'nnUNetTrainerEMCAD_PVTb0', 'nnUNetTrainerEMCAD_PVTb2', 'nnUNetTrainerEMCAD_PVTb2_MUTATION',
+    'nnUNetTrainerEMCAD_5epochs', 'nnUNetTrainerEMCAD_PVTb0_5epochs', 'nnUNetTrainerEMCAD_smoke',
+    'nnUNetTrainerEMCAD3D_smoke', 'nnUNetTrainerEMCAD_PVTb0_smoke',
 ]
 
 PVT_WEIGHTS_ENV = 'nnUNet_EMCAD_PVT_WEIGHTS'
 
 
-def require_2d(configuration_manager: ConfigurationManager, trainer_name: str) -> None:
-    """Stop with a message naming the fix when a 2D trainer is given a 3D configuration."""
+def require_dimensions(configuration_manager: ConfigurationManager, trainer_name: str, dimensions: int) -> None:
+    """Stop with a message naming the fix when a trainer is given a configuration of the other dimension."""
     patch = configuration_manager.patch_size
-    if len(patch) != 2:
+    if len(patch) == dimensions:
+        return
+    if dimensions == 2:
         raise RuntimeError(f"{trainer_name} is a 2D trainer, but this configuration is {len(patch)}D (patch size "
                            f"{list(patch)}). Train it on the 2d configuration: nnUNetv2_train DATASET 2d FOLD "
-                           f"-tr {trainer_name}")
+                           f"-tr {trainer_name}; for 3d_fullres / 3d_lowres use nnUNetTrainerEMCAD3D (or "
+                           f"nnUNetTrainerEMCAD3D_ResEnc)")
+    raise RuntimeError(f"{trainer_name} is a 3D trainer, but this configuration is {len(patch)}D (patch size "
+                       f"{list(patch)}). Train it on 3d_fullres or 3d_lowres, or use nnUNetTrainerEMCAD for 2d")
 
 
 def check_nnunet_folders() -> None:
@@ -84,17 +90,18 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
     """
 
     encoder_kind: Optional[str] = None  # 'plain' or 'residual'; None follows the plans' architecture class
+    dimensions = 2
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        require_2d(self.configuration_manager, type(self).__name__)
+        require_dimensions(self.configuration_manager, type(self).__name__, self.dimensions)
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
-        require_2d(configuration_manager, cls.__name__)
+        require_dimensions(configuration_manager, cls.__name__, cls.dimensions)
         kind = cls.encoder_kind or (
             'residual' if 'Residual' in configuration_manager.network_arch_class_name else 'plain')
         return create_emcad_unet(configuration_manager.network_arch_init_kwargs, num_input_channels,
@@ -124,6 +131,24 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
 class nnUNetTrainerEMCAD_ResEnc(nnUNetTrainerEMCAD):
     """EMCAD over nnU-Net's residual encoder, from ResEnc plans (``-p nnUNetResEncUNetMPlans`` / ``L``) or, with
     the default plans, with the ResEnc planners' blocks per stage. Self-configuring, trained from scratch."""
+
+    encoder_kind = 'residual'
+
+
+class nnUNetTrainerEMCAD3D(nnUNetTrainerEMCAD):
+    """EMCAD beyond the paper, in 3D: the decoder over the plan's own 3D encoder (``3d_fullres``, ``3d_lowres``).
+
+    Every block is built with ``Conv3d``; the decoder's kernels follow the plan's per-stage kernel sizes (an
+    anisotropic stage with kernel (1, 3, 3) gets MSDC kernels (1, k, k), LGAG and EUCB (1, 3, 3); SAB, shared by
+    all stages, follows the first stage: (1, 7, 7)), and EUCB upsamples by the plan's per-axis strides.
+    nnU-Net's recipe, trained from scratch, instance norm in the decoder (see ``nnUNetTrainerEMCAD``).
+    """
+
+    dimensions = 3
+
+
+class nnUNetTrainerEMCAD3D_ResEnc(nnUNetTrainerEMCAD3D):
+    """3D EMCAD over nnU-Net's residual encoder (ResEnc plans, or the default plans with ResEnc M's blocks)."""
 
     encoder_kind = 'residual'
 
@@ -178,7 +203,7 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
-        require_2d(configuration_manager, cls.__name__)
+        require_dimensions(configuration_manager, cls.__name__, cls.dimensions)
         return create_emcad_pvt(cls.pvt_variant, num_output_channels, num_input_channels,
                                 deep_supervision=enable_deep_supervision, upsample_outputs=cls.upsample_outputs,
                                 norm_op=plan_norm(configuration_manager.network_arch_init_kwargs,
@@ -248,6 +273,17 @@ class nnUNetTrainerEMCAD_PVTb0_5epochs(nnUNetTrainerEMCAD_PVTb0):
 
 class nnUNetTrainerEMCAD_smoke(nnUNetTrainerEMCAD):
     """10 epochs of 25 iterations: checks a set-up end to end in about a minute on a CPU (tiny data)."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 10
+        self.num_iterations_per_epoch = 25
+        self.num_val_iterations_per_epoch = 5
+
+
+class nnUNetTrainerEMCAD3D_smoke(nnUNetTrainerEMCAD3D):
+    """10 epochs of 25 iterations of 3D EMCAD, for smoke tests."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):

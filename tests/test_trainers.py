@@ -65,7 +65,20 @@ def build(cls, plans, configuration='2d'):
     return trainer
 
 
-EMCAD_TRAINERS = [getattr(T, name) for name in T.__all__]
+EMCAD_TRAINERS = [getattr(T, name) for name in T.__all__ if getattr(T, name).dimensions == 2]
+EMCAD_3D_TRAINERS = [getattr(T, name) for name in T.__all__ if getattr(T, name).dimensions == 3]
+
+
+def make_3d_plans(anisotropic: bool, residual: bool = False) -> dict:
+    """3d_fullres plans: isotropic (strides 2, kernels 3) or like nnU-Net's for thick-slice MRI (ACDC's shape)."""
+    if not anisotropic:
+        return make_plans(5, [32, 64, 64], residual)
+    plans = make_plans(5, [8, 64, 64], residual)
+    config = plans['configurations']['3d_fullres']
+    config['architecture']['arch_kwargs'].update(
+        kernel_sizes=[[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
+        strides=[[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2]])
+    return plans
 
 
 @pytest.mark.parametrize('n_stages', [5, 6, 7, 8])
@@ -111,8 +124,58 @@ def test_pvt_trainers_round_the_patch_up_to_a_multiple_of_32():
 
 @pytest.mark.parametrize('cls', EMCAD_TRAINERS, ids=lambda c: c.__name__)
 def test_a_3d_configuration_stops_at_once(cls):
-    with pytest.raises(RuntimeError, match='is a 2D trainer, but this configuration is 3D.*nnUNetv2_train DATASET 2d'):
+    with pytest.raises(RuntimeError, match='is a 2D trainer, but this configuration is 3D.*nnUNetv2_train DATASET 2d'
+                                           '.*use nnUNetTrainerEMCAD3D'):
         cls(make_plans(5, [64, 64], extra_3d=True), '3d_fullres', 0, DATASET_JSON, device=torch.device('cpu'))
+
+
+@pytest.mark.parametrize('cls', EMCAD_3D_TRAINERS, ids=lambda c: c.__name__)
+def test_a_2d_configuration_stops_a_3d_trainer(cls):
+    with pytest.raises(RuntimeError, match='is a 3D trainer, but this configuration is 2D.*nnUNetTrainerEMCAD for 2d'):
+        cls(make_plans(5, [64, 64], extra_3d=True), '2d', 0, DATASET_JSON, device=torch.device('cpu'))
+
+
+@pytest.mark.parametrize('anisotropic', [False, True], ids=['isotropic', 'anisotropic'])
+@pytest.mark.parametrize('cls', EMCAD_3D_TRAINERS, ids=lambda c: c.__name__)
+def test_3d_deep_supervision_outputs_match_the_loss_scales(cls, anisotropic):
+    trainer = build(cls, make_3d_plans(anisotropic), '3d_fullres')
+    patch = trainer.configuration_manager.patch_size
+    strides = trainer.configuration_manager.network_arch_init_kwargs['strides']
+    scales = trainer._get_deep_supervision_scales()
+    expected = [[1.0] * 3]
+    for stride in strides[1:]:
+        expected.append([e / s for e, s in zip(expected[-1], stride)])
+    assert scales == expected
+    with torch.no_grad():
+        outputs = trainer.network.eval()(torch.randn(1, 1, *patch))
+    assert [tuple(o.shape[2:]) for o in outputs] == [tuple(int(round(p * s)) for p, s in zip(patch, sc))
+                                                     for sc in scales]
+    targets = [F.interpolate(torch.randint(0, 3, (1, 1, *patch)).float(), size=o.shape[2:], mode='nearest')
+               for o in outputs]
+    assert torch.isfinite(trainer._build_loss()(outputs, targets))
+    trainer.set_deep_supervision_enabled(False)
+    with torch.no_grad():
+        assert trainer.network(torch.randn(1, 1, *patch)).shape == (1, 3, *patch)
+
+
+def test_3d_decoder_kernels_follow_the_plans_anisotropy():
+    decoder = build(T.nnUNetTrainerEMCAD3D, make_3d_plans(True), '3d_fullres').network.decoder
+    assert decoder.sab.conv.kernel_size == (1, 7, 7)
+    assert [c[0].kernel_size for c in decoder.mscb[0].msdc.dwconvs] == [(1, 1, 1), (1, 3, 3), (1, 5, 5)]
+    assert [c[0].kernel_size for c in decoder.mscb[2].msdc.dwconvs] == [(1, 1, 1), (3, 3, 3), (5, 5, 5)]
+    assert decoder.eucb[0].up_dwc[1].kernel_size == (1, 3, 3) and decoder.eucb[0].up_dwc[0].scale_factor == (
+        1.0, 2.0, 2.0)
+    assert decoder.lgag[1].W_g[0].kernel_size == (1, 3, 3) and decoder.lgag[2].W_g[0].kernel_size == (3, 3, 3)
+    isotropic = build(T.nnUNetTrainerEMCAD3D, make_3d_plans(False), '3d_fullres').network.decoder
+    assert isotropic.sab.conv.kernel_size == (7, 7, 7)
+    norms = {type(m) for m in decoder.modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)}
+    assert norms == {torch.nn.InstanceNorm3d}
+
+
+def test_3d_residual_trainer_builds_the_residual_encoder():
+    trainer = build(T.nnUNetTrainerEMCAD3D_ResEnc, make_3d_plans(True), '3d_fullres')
+    assert type(trainer.network.encoder).__name__ == 'ResidualEncoder'
+    assert [len(s.blocks) for s in trainer.network.encoder.stages] == [1, 3, 4, 6, 6]
 
 
 def test_optimisers():

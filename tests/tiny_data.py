@@ -35,3 +35,40 @@ def run(args: List[str], env: Dict[str, str], log: str, timeout: float = 900) ->
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {proc.returncode}:\n{proc.stdout[-4000:]}")
     return proc.stdout
+
+
+def make_3d_dataset(raw: str, dataset_id: int = 902, n_train: int = 10, n_test: int = 2, seed: int = 0,
+                    shape=(8, 32, 32), spacing=(3.0, 1.0, 1.0)) -> str:
+    """Write Dataset{id}_Tiny3D: thick-slice volumes (nii.gz) with a bright ball (1) and a dark box (2)."""
+    import json
+
+    import numpy as np
+    import SimpleITK as sitk
+
+    rng = np.random.default_rng(seed)
+    folder = os.path.join(raw, f'Dataset{dataset_id}_Tiny3D')
+    for sub in ('imagesTr', 'labelsTr', 'imagesTs', 'labelsTs'):
+        os.makedirs(os.path.join(folder, sub), exist_ok=True)
+    zz, yy, xx = np.meshgrid(*[np.arange(s) * sp for s, sp in zip(shape, spacing)], indexing='ij')
+    for split, n in (('Tr', n_train), ('Ts', n_test)):
+        for i in range(n):
+            image = rng.normal(0.0, 0.15, shape)
+            label = np.zeros(shape, np.uint8)
+            centre = [rng.uniform(8, s * sp - 8) for s, sp in zip(shape, spacing)]
+            ball = (zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2 <= rng.uniform(5, 7) ** 2
+            corner = [rng.integers(0, s - w) for s, w in zip(shape, (3, 10, 10))]
+            box = np.zeros(shape, bool)
+            box[corner[0]:corner[0] + 3, corner[1]:corner[1] + 10, corner[2]:corner[2] + 10] = True
+            box &= ~ball
+            image[ball] += 1.0
+            image[box] -= 1.0
+            label[ball], label[box] = 1, 2
+            for array, sub, name in ((image.astype(np.float32), 'images', f'case{split}{i:03d}_0000'),
+                                     (label, 'labels', f'case{split}{i:03d}')):
+                volume = sitk.GetImageFromArray(array)
+                volume.SetSpacing(tuple(float(s) for s in spacing[::-1]))
+                sitk.WriteImage(volume, os.path.join(folder, f'{sub}{split}', f'{name}.nii.gz'))
+    with open(os.path.join(folder, 'dataset.json'), 'w') as f:
+        json.dump({'channel_names': {'0': 'MRI'}, 'labels': {'background': 0, 'ball': 1, 'box': 2},
+                   'numTraining': n_train, 'file_ending': '.nii.gz'}, f)
+    return folder

@@ -1,0 +1,49 @@
+"""3D EMCAD through the real nnU-Net commands on tiny generated thick-slice volumes, and its ONNX export."""
+import json
+import os
+
+import numpy as np
+import onnxruntime
+import torch
+
+from tiny_data import make_3d_dataset, nnunet_env, run
+
+
+def test_3d_fullres_train_predict_evaluate_and_export(tmp_path):
+    root = str(tmp_path)
+    env = nnunet_env(root)
+    make_3d_dataset(env['nnUNet_raw'])
+    log = os.path.join(root, 'log.txt')
+    run(['nnUNetv2_plan_and_preprocess', '-d', '902', '-c', '3d_fullres', '-np', '2'], env, log)
+    with open(os.path.join(env['nnUNet_preprocessed'], 'Dataset902_Tiny3D', 'nnUNetPlans.json')) as f:
+        arch = json.load(f)['configurations']['3d_fullres']['architecture']['arch_kwargs']
+    assert [1, 3, 3] in arch['kernel_sizes'], arch['kernel_sizes']  # nnU-Net planned it anisotropic
+    trainer = 'nnUNetTrainerEMCAD3D_smoke'
+    run(['nnUNetv2_train', '902', '3d_fullres', '0', '-tr', trainer, '-device', 'cpu'], env, log)
+    raw = os.path.join(env['nnUNet_raw'], 'Dataset902_Tiny3D')
+    out = os.path.join(root, 'predictions')
+    run(['nnUNetv2_predict', '-i', os.path.join(raw, 'imagesTs'), '-o', out, '-d', '902', '-c', '3d_fullres',
+         '-f', '0', '-tr', trainer, '-device', 'cpu', '-npp', '1', '-nps', '1'], env, log)
+    run(['nnUNetv2_evaluate_folder', os.path.join(raw, 'labelsTs'), out, '-djfile',
+         os.path.join(out, 'dataset.json'), '-pfile', os.path.join(out, 'plans.json')], env, log)
+    with open(os.path.join(out, 'summary.json')) as f:
+        dice = {k: v['Dice'] for k, v in json.load(f)['mean'].items()}
+    assert dice['1'] > 0.7 and dice['2'] > 0.5, dice  # an untrained network scores near 0
+
+    onnx_file = os.path.join(root, 'emcad3d.onnx')
+    stdout = run(['nnunet-emcad', 'export-onnx', '-d', '902', '-c', '3d_fullres', '-f', '0', '-tr', trainer,
+                  '-o', onnx_file], env, log)
+    assert 'max abs difference' in stdout
+    from nnunet_emcad.export import load_trained_network
+
+    predictor = load_trained_network(os.path.join(env['nnUNet_results'], 'Dataset902_Tiny3D',
+                                                  f'{trainer}__nnUNetPlans__3d_fullres'), '0')
+    with open(os.path.join(root, 'emcad3d.json')) as f:
+        facts = json.load(f)
+    assert facts['patch_size'] == list(predictor.configuration_manager.patch_size)
+    assert facts['labels'] == {'background': 0, 'ball': 1, 'box': 2} and facts['max_abs_difference'] < 1e-3
+    x = torch.randn(2, 1, *facts['patch_size'], generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        expected = predictor.network(x).numpy()
+    got = onnxruntime.InferenceSession(onnx_file).run(['logits'], {'image': x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, atol=1e-3, rtol=1e-3)
