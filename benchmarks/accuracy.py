@@ -8,7 +8,8 @@ end) and nnUNetv2_evaluate_folder. Budgets:
                     machine (its measured seconds per iteration decide how many iterations that is).
 Budgets run through generated trainer subclasses (Bench_<trainer>_it<N>) and a plans copy with the batch size
 of --batch-size (nnUNetBenchPlans, reusing the preprocessed data). The full nnU-Net schedule is what a GPU user
-runs instead: nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerEMCAD.
+runs instead: nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerEMCAD. --configuration 3d_fullres compares stock
+nU-Net 3D with nnUNetTrainerEMCAD3D (results accuracy_<dataset>_3d_fullres).
 Writes benchmarks/results/accuracy_<dataset>.json, .md, a Dice-vs-GFLOPs plot and training curves (PNG).
 """
 import argparse
@@ -24,7 +25,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from common import CACHE, EMCAD_TRAINERS, SHARED_DATA, STOCK, machine, nnunet_env, run, write_results  # noqa: E402
+from common import (CACHE, EMCAD_3D_TRAINERS, EMCAD_TRAINERS, SHARED_DATA, STOCK, machine, nnunet_env,  # noqa: E402
+                    run, write_results)
 
 DATASETS = {'acdc': (27, 'Dataset027_ACDC'), 'isbi': (28, 'Dataset028_ISBI2012')}
 TRAINER_MODULES = {STOCK: 'nnunetv2.training.nnUNetTrainer.nnUNetTrainer'}
@@ -52,7 +54,7 @@ def prepare_isbi(raw: str) -> None:
                    'numTraining': len(names), 'file_ending': '.png'}, f)
 
 
-def prepare(dataset: str, root: str, batch_size: int, log: str) -> Dict[str, str]:
+def prepare(dataset: str, root: str, batch_size: int, log: str, configuration: str = '2d') -> Dict[str, str]:
     """Raw data, plans, preprocessed data and the benchmark plans copy; returns the environment."""
     dataset_id, name = DATASETS[dataset]
     if dataset == 'acdc':
@@ -65,16 +67,16 @@ def prepare(dataset: str, root: str, batch_size: int, log: str) -> Dict[str, str
         env = nnunet_env(root)
         prepare_isbi(env['nnUNet_raw'])
     preprocessed = os.path.join(env['nnUNet_preprocessed'], name)
-    if not os.path.isdir(os.path.join(preprocessed, 'nnUNetPlans_2d')):
+    if not os.path.isdir(os.path.join(preprocessed, f'nnUNetPlans_{configuration}')):
         print(f"planning and preprocessing {name} (once; log: {log})", flush=True)
-        run(['nnUNetv2_plan_and_preprocess', '-d', str(dataset_id), '-c', '2d', '-np', '2'], env, log)
+        run(['nnUNetv2_plan_and_preprocess', '-d', str(dataset_id), '-c', configuration, '-np', '2'], env, log)
     splits = os.path.join(SHARED_DATA, name, 'splits_final.json')
     if os.path.isfile(splits):
         shutil.copy(splits, os.path.join(preprocessed, 'splits_final.json'))
     with open(os.path.join(preprocessed, 'nnUNetPlans.json')) as f:
         plans = json.load(f)
     plans['plans_name'] = BENCH_PLANS
-    plans['configurations']['2d']['batch_size'] = batch_size
+    plans['configurations'][configuration]['batch_size'] = batch_size
     with open(os.path.join(preprocessed, f'{BENCH_PLANS}.json'), 'w') as f:
         json.dump(plans, f, indent=1)
     return env
@@ -102,15 +104,15 @@ def write_trainers(folder: str, budgets: List[tuple], per_epoch: int, val_iterat
 
 
 def train_and_evaluate(env: Dict[str, str], dataset: str, trainer: str, iterations: int, fold: int, device: str,
-                       log: str) -> dict:
+                       log: str, configuration: str = '2d') -> dict:
     """Train one budgeted trainer on one fold, then time nnUNetv2_predict on its validation cases."""
     dataset_id, name = DATASETS[dataset]
     tr = bench_name(trainer, iterations)
-    output = os.path.join(env['nnUNet_results'], name, f'{tr}__{BENCH_PLANS}__2d', f'fold_{fold}')
+    output = os.path.join(env['nnUNet_results'], name, f'{tr}__{BENCH_PLANS}__{configuration}', f'fold_{fold}')
     if not os.path.isfile(os.path.join(output, 'validation', 'summary.json')):
         print(f"training {tr} (fold {fold}) ...", flush=True)
-        run(['nnUNetv2_train', str(dataset_id), '2d', str(fold), '-tr', tr, '-p', BENCH_PLANS, '-device', device],
-            env, log)
+        run(['nnUNetv2_train', str(dataset_id), configuration, str(fold), '-tr', tr, '-p', BENCH_PLANS,
+             '-device', device], env, log)
     import torch
 
     checkpoint = torch.load(os.path.join(output, 'checkpoint_final.pth'), map_location='cpu', weights_only=False)
@@ -129,8 +131,8 @@ def train_and_evaluate(env: Dict[str, str], dataset: str, trainer: str, iteratio
     predictions = os.path.join(os.path.dirname(output), f'val_predictions_{fold}')
     shutil.rmtree(predictions, ignore_errors=True)
     start = time.perf_counter()
-    run(['nnUNetv2_predict', '-i', inputs, '-o', predictions, '-d', str(dataset_id), '-c', '2d', '-f', str(fold),
-         '-tr', tr, '-p', BENCH_PLANS, '-device', device, '-npp', '1', '-nps', '1'], env, log)
+    run(['nnUNetv2_predict', '-i', inputs, '-o', predictions, '-d', str(dataset_id), '-c', configuration,
+         '-f', str(fold), '-tr', tr, '-p', BENCH_PLANS, '-device', device, '-npp', '1', '-nps', '1'], env, log)
     predict_seconds = time.perf_counter() - start
     return {'trainer': trainer, 'bench_trainer': tr, 'iterations': iterations,
             'epochs': len(epoch_seconds), 'train_seconds': float(sum(epoch_seconds)),
@@ -143,7 +145,7 @@ def train_and_evaluate(env: Dict[str, str], dataset: str, trainer: str, iteratio
                       'val_loss': [float(v) for v in logging['val_losses']]}}
 
 
-def network_gflops(env: Dict[str, str], dataset: str, trainer: str) -> float:
+def network_gflops(env: Dict[str, str], dataset: str, trainer: str, configuration: str = '2d') -> float:
     """GFLOPs of the trainer's network (inference) at the benchmark plan's patch."""
     import torch
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
@@ -158,7 +160,8 @@ def network_gflops(env: Dict[str, str], dataset: str, trainer: str) -> float:
         dataset_json = json.load(f)
     plans['continue_training'] = False
     os.environ.update({k: env[k] for k in ('nnUNet_preprocessed', 'nnUNet_results', 'nnUNet_raw')})
-    t = recursive_find_trainer_class_by_name(trainer)(plans, '2d', 0, dataset_json, device=torch.device('cpu'))
+    t = recursive_find_trainer_class_by_name(trainer)(plans, configuration, 0, dataset_json,
+                                                      device=torch.device('cpu'))
     net = t.build_network_architecture(t.plans_manager, t.configuration_manager, len(dataset_json['channel_names']),
                                        t.label_manager.num_segmentation_heads, False).eval()
     x = torch.randn(1, len(dataset_json['channel_names']), *t.configuration_manager.patch_size)
@@ -236,7 +239,8 @@ def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespa
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--dataset', choices=sorted(DATASETS), default='acdc')
-    parser.add_argument('--trainers', nargs='+', default=[STOCK] + EMCAD_TRAINERS)
+    parser.add_argument('--configuration', default='2d', help='2d (default) or 3d_fullres / 3d_lowres')
+    parser.add_argument('--trainers', nargs='+', help='default: stock and the EMCAD trainers for the configuration')
     parser.add_argument('--iterations', type=int, default=200, help='equal-iteration budget (default 200)')
     parser.add_argument('--iterations-per-epoch', type=int, default=25)
     parser.add_argument('--val-iterations', type=int, default=5, help="nnU-Net's pseudo-Dice iterations per epoch")
@@ -247,6 +251,8 @@ def main(argv=None) -> int:
     parser.add_argument('--work', default=os.path.join(CACHE, 'accuracy'), help='nnU-Net folders (kept, reused)')
     parser.add_argument('--out', default=os.path.join(HERE, 'results'))
     args = parser.parse_args(argv)
+    if args.trainers is None:
+        args.trainers = [STOCK] + (EMCAD_TRAINERS if args.configuration == '2d' else EMCAD_3D_TRAINERS)
     if args.iterations % args.iterations_per_epoch:
         parser.error('--iterations must be a multiple of --iterations-per-epoch')
     if STOCK not in args.trainers:
@@ -254,14 +260,15 @@ def main(argv=None) -> int:
 
     root = os.path.join(args.work, args.dataset)
     log = os.path.join(root, 'commands.log')
-    env = prepare(args.dataset, root, args.batch_size, log)
+    env = prepare(args.dataset, root, args.batch_size, log, args.configuration)
     trainer_dir = os.path.join(root, 'trainers')
     env['nnUNet_extTrainer'] = os.pathsep.join(p for p in (env.get('nnUNet_extTrainer'), trainer_dir) if p)
     budgets = [(t, args.iterations) for t in args.trainers]
     write_trainers(trainer_dir, budgets, args.iterations_per_epoch, args.val_iterations)
     results = []
     for trainer in args.trainers:
-        r = train_and_evaluate(env, args.dataset, trainer, args.iterations, args.fold, args.device, log)
+        r = train_and_evaluate(env, args.dataset, trainer, args.iterations, args.fold, args.device, log,
+                               args.configuration)
         results.append(dict(r, budget='equal_iterations'))
     if not args.no_equal_time:
         stock_seconds = next(r for r in results if r['trainer'] == STOCK)['train_seconds']
@@ -275,11 +282,11 @@ def main(argv=None) -> int:
                 timed.append((r['trainer'], n))
         write_trainers(trainer_dir, budgets + timed, args.iterations_per_epoch, args.val_iterations)
         for trainer, n in timed:
-            r = train_and_evaluate(env, args.dataset, trainer, n, args.fold, args.device, log)
+            r = train_and_evaluate(env, args.dataset, trainer, n, args.fold, args.device, log, args.configuration)
             results.append(dict(r, budget='equal_time'))
-    gflops = {t: network_gflops(env, args.dataset, t) for t in args.trainers}
+    gflops = {t: network_gflops(env, args.dataset, t, args.configuration) for t in args.trainers}
     info = machine()
-    name = f'accuracy_{args.dataset}'
+    name = f'accuracy_{args.dataset}' + ('' if args.configuration == '2d' else f'_{args.configuration}')
     os.makedirs(args.out, exist_ok=True)
     pngs = plots(results, gflops, os.path.join(args.out, name))
     payload = {'machine': info, 'settings': vars(args), 'gflops': gflops, 'results': results, 'plots': pngs}

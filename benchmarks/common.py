@@ -16,6 +16,7 @@ BIN = os.path.dirname(sys.executable)
 STOCK = 'nnUNetTrainer'
 EMCAD_TRAINERS = ['nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_ResEnc', 'nnUNetTrainerEMCAD_PVTb0',
                   'nnUNetTrainerEMCAD_PVTb2']
+EMCAD_3D_TRAINERS = ['nnUNetTrainerEMCAD3D', 'nnUNetTrainerEMCAD3D_ResEnc']
 
 
 def machine() -> Dict[str, str]:
