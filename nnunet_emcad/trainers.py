@@ -253,7 +253,7 @@ class nnUNetTrainerEMCAD_PVTb2_MUTATION(nnUNetTrainerEMCAD_PVTb2):
         return _TargetFromList(MutationLoss(loss)) if self.enable_deep_supervision else loss
 
 
-class nnUNetTrainerEMCAD_5epochs(nnUNetTrainerEMCAD):
+class _FiveEpochs:
     """Five epochs, for smoke tests of a set-up (like nnU-Net's ``nnUNetTrainer_5epochs``)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -262,17 +262,8 @@ class nnUNetTrainerEMCAD_5epochs(nnUNetTrainerEMCAD):
         self.num_epochs = 5
 
 
-class nnUNetTrainerEMCAD_PVTb0_5epochs(nnUNetTrainerEMCAD_PVTb0):
-    """Five epochs of EMCAD-B0, for smoke tests."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 5
-
-
-class nnUNetTrainerEMCAD_smoke(nnUNetTrainerEMCAD):
-    """10 epochs of 25 iterations: checks a set-up end to end in about a minute on a CPU (tiny data)."""
+class _Smoke:
+    """10 epochs of 25 iterations (5 validation iterations): a set-up check in a few minutes on a CPU."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -282,23 +273,21 @@ class nnUNetTrainerEMCAD_smoke(nnUNetTrainerEMCAD):
         self.num_val_iterations_per_epoch = 5
 
 
-class nnUNetTrainerEMCAD3D_smoke(nnUNetTrainerEMCAD3D):
-    """10 epochs of 25 iterations of 3D EMCAD, for smoke tests."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 10
-        self.num_iterations_per_epoch = 25
-        self.num_val_iterations_per_epoch = 5
+class nnUNetTrainerEMCAD_5epochs(_FiveEpochs, nnUNetTrainerEMCAD):
+    """Five epochs of ``nnUNetTrainerEMCAD``."""
 
 
-class nnUNetTrainerEMCAD_PVTb0_smoke(nnUNetTrainerEMCAD_PVTb0):
-    """10 epochs of 25 iterations of EMCAD-B0, for smoke tests."""
+class nnUNetTrainerEMCAD_PVTb0_5epochs(_FiveEpochs, nnUNetTrainerEMCAD_PVTb0):
+    """Five epochs of EMCAD-B0."""
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 10
-        self.num_iterations_per_epoch = 25
-        self.num_val_iterations_per_epoch = 5
+
+class nnUNetTrainerEMCAD_smoke(_Smoke, nnUNetTrainerEMCAD):
+    """``nnUNetTrainerEMCAD`` on the smoke schedule (about a minute on tiny 2D data)."""
+
+
+class nnUNetTrainerEMCAD3D_smoke(_Smoke, nnUNetTrainerEMCAD3D):
+    """``nnUNetTrainerEMCAD3D`` on the smoke schedule."""
+
+
+class nnUNetTrainerEMCAD_PVTb0_smoke(_Smoke, nnUNetTrainerEMCAD_PVTb0):
+    """EMCAD-B0 on the smoke schedule."""
