@@ -8,15 +8,13 @@ from PIL import Image
 
 from nnunet_emcad import cli
 from nnunet_emcad.demo import prepare_data
-from tiny_data import nnunet_env
 
 BIN = os.path.dirname(sys.executable)
 
 
 def test_demo_fast_path_trains_predicts_evaluates_and_draws(tmp_path):
-    env = nnunet_env(str(tmp_path / 'unused'))
-    env = {k: v for k, v in env.items() if not k.startswith('nnUNet_') or k.endswith('_n_proc_DA') or
-           k.endswith('_def_n_proc')}
+    env = {k: v for k, v in os.environ.items() if not k.startswith('nnUNet')}  # the demo sets its own folders
+    env.update(nnUNet_def_n_proc='2', nnUNet_n_proc_DA='2', OMP_NUM_THREADS='2')
     workdir = tmp_path / 'demo'
     proc = subprocess.run([os.path.join(BIN, 'nnunet-emcad'), 'demo', '--data', 'synthetic', '--fast',
                            '--workdir', str(workdir)], env=env, capture_output=True, text=True, timeout=600)
