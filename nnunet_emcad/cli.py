@@ -1,5 +1,7 @@
 """The ``nnunet-emcad`` console entry point."""
 import argparse
+import contextlib
+import io
 import os
 import platform
 import sys
@@ -53,7 +55,8 @@ def _info(args: argparse.Namespace) -> int:
 
     print(f"nnUNet_extTrainer: {os.environ.get('nnUNet_extTrainer', '')}")
     try:
-        trainer = recursive_find_trainer_class_by_name('nnUNetTrainerEMCAD')
+        with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net narrates its search
+            trainer = recursive_find_trainer_class_by_name('nnUNetTrainerEMCAD')
         print(f"nnUNetTrainerEMCAD: found by nnU-Net ({trainer.__module__})")
     except RuntimeError as e:
         print(f"nnUNetTrainerEMCAD: NOT found by nnU-Net ({str(e).splitlines()[0]}); reinstall the package or add "
