@@ -2,16 +2,15 @@
 import json
 import os
 import platform
-import subprocess
-import sys
-from typing import Dict, List, Optional
+from typing import Dict, Optional
+
+from nnunet_emcad import commands
+from nnunet_emcad.commands import run_logged
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-PROJECT = os.path.dirname(HERE)
-SHARED_DATA = os.path.join(os.path.dirname(PROJECT), 'shared', 'data')
+SHARED_DATA = os.path.join(os.path.dirname(commands.SOURCE_ROOT), 'shared', 'data')
 RESULTS = os.path.join(HERE, 'results')
 CACHE = os.path.join(HERE, '.cache')
-BIN = os.path.dirname(sys.executable)
 
 STOCK = 'nnUNetTrainer'
 EMCAD_TRAINERS = ['nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_ResEnc', 'nnUNetTrainerEMCAD_PVTb0',
@@ -36,25 +35,8 @@ def machine() -> Dict[str, str]:
 
 def nnunet_env(root: str, raw: Optional[str] = None) -> Dict[str, str]:
     """Environment for nnU-Net's scripts with its folders under ``root`` (raw data may live elsewhere)."""
-    env = dict(os.environ)
-    env.update(nnUNet_raw=raw or os.path.join(root, 'raw'), nnUNet_preprocessed=os.path.join(root, 'preprocessed'),
-               nnUNet_results=os.path.join(root, 'results'), MPLBACKEND='Agg')
-    env.setdefault('nnUNet_def_n_proc', '2')
-    env.setdefault('nnUNet_n_proc_DA', '2')
-    env['PATH'] = BIN + os.pathsep + env.get('PATH', '')
-    return env
-
-
-def run(args: List[str], env: Dict[str, str], log: str) -> str:
-    """Run a console script, appending its output to ``log``; raise with the tail on failure."""
-    os.makedirs(os.path.dirname(log), exist_ok=True)
-    proc = subprocess.run(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          stdin=subprocess.DEVNULL)
-    with open(log, 'a') as f:
-        f.write(f"$ {' '.join(args)}\n{proc.stdout}\n")
-    if proc.returncode:
-        raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}); see {log}:\n{proc.stdout[-3000:]}")
-    return proc.stdout
+    return commands.nnunet_env(raw or os.path.join(root, 'raw'), os.path.join(root, 'preprocessed'),
+                               os.path.join(root, 'results'))
 
 
 def acdc_plans(cache: str = CACHE) -> Dict[str, str]:
@@ -70,11 +52,11 @@ def acdc_plans(cache: str = CACHE) -> Dict[str, str]:
     log = os.path.join(root, 'planning.log')
     if not os.path.isfile(os.path.join(folder, 'dataset_fingerprint.json')):
         print(f"planning ACDC with nnU-Net (once; log: {log})", flush=True)
-        run(['nnUNetv2_extract_fingerprint', '-d', '27', '-np', '2'], env, log)
+        run_logged(['nnUNetv2_extract_fingerprint', '-d', '27', '-np', '2'], env, log)
     if not os.path.isfile(plans['default']):
-        run(['nnUNetv2_plan_experiment', '-d', '27'], env, log)
+        run_logged(['nnUNetv2_plan_experiment', '-d', '27'], env, log)
     if not os.path.isfile(plans['resenc_m']):
-        run(['nnUNetv2_plan_experiment', '-d', '27', '-pl', 'nnUNetPlannerResEncM'], env, log)
+        run_logged(['nnUNetv2_plan_experiment', '-d', '27', '-pl', 'nnUNetPlannerResEncM'], env, log)
     return plans
 
 

@@ -9,13 +9,18 @@ from typing import List, Optional
 
 def _demo(args: argparse.Namespace) -> int:
     """A short real EMCAD training through nnU-Net's commands: data, plan, train, predict, evaluate, overlays."""
+    from nnunet_emcad.commands import CommandFailed
     from nnunet_emcad.demo import Schedule, run_demo
 
     if args.device is None:
         import torch
         args.device = 'cuda' if torch.cuda.is_available() else 'cpu'
     schedule = Schedule(2, 5, 4, 2) if args.fast else Schedule(args.epochs, args.iterations, args.batch_size, 5)
-    run_demo(args.workdir, args.data, args.trainer, schedule, args.device)
+    try:
+        run_demo(args.workdir, args.data, args.trainer, schedule, args.device)
+    except CommandFailed as e:
+        print(e, file=sys.stderr)
+        return 1
     return 0
 
 
@@ -130,12 +135,11 @@ def _export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
-
-
 def _benchmark(args: argparse.Namespace) -> int:
     """Run a benchmark of the source tree's benchmarks/ (cost, accuracy, update_readme); arguments pass on."""
-    script = os.path.join(BENCHMARKS, f'{args.name}.py')
+    from nnunet_emcad.commands import SOURCE_ROOT
+
+    script = os.path.join(SOURCE_ROOT, 'benchmarks', f'{args.name}.py')
     if not os.path.isfile(script):
         print(f"{script} is absent: the benchmarks ship with the source repository (install it with "
               f"pip install -e from a clone)", file=sys.stderr)

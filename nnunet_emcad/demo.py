@@ -10,14 +10,13 @@ the Dice per class and where everything is.
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
+from nnunet_emcad.commands import SOURCE_ROOT, nnunet_env, run_logged
 from nnunet_emcad.demo_data import (ACDC_SOURCE, PYCERR_SOURCE, SYNTHETIC_SOURCE, acdc_subset,
                                     convert_rtstruct_dataset, fetch_pycerr_dicom, make_synthetic_dataset)
 
@@ -37,8 +36,7 @@ class Schedule:
 
 def shared_data_dir() -> Optional[str]:
     """The project's shared data folder (``$NNUNET_EMCAD_SHARED_DATA``, or ``../shared/data`` of a clone)."""
-    candidates = [os.environ.get('NNUNET_EMCAD_SHARED_DATA'),
-                  os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '..', 'shared', 'data'),
+    candidates = [os.environ.get('NNUNET_EMCAD_SHARED_DATA'), os.path.join(SOURCE_ROOT, '..', 'shared', 'data'),
                   os.path.join(os.getcwd(), '..', 'shared', 'data')]
     for path in candidates:
         if path and os.path.isfile(os.path.join(path, 'Dataset027_ACDC', 'splits_final.json')):
@@ -134,29 +132,10 @@ class _EpochPrinter:
                 self.values[key] = match.group(1)
         if 'time' in self.values:
             dice = ', '.join(f'{float(d):.3f}' for d in re.findall(r'(?<![\w.])\d+\.\d+', self.values.get('dice', '')))
-            self.say(f"  epoch {int(self.values.get('epoch', -1)) + 1}/{self.epochs}: train loss "
-                     f"{float(self.values.get('train', 'nan')):.3f}, val loss {float(self.values.get('val', 'nan')):.3f}, "
-                     f"pseudo Dice [{dice}], {self.values['time']}")
+            train, val = (float(self.values.get(key, 'nan')) for key in ('train', 'val'))
+            self.say(f"  epoch {int(self.values.get('epoch', -1)) + 1}/{self.epochs}: train loss {train:.3f}, "
+                     f"val loss {val:.3f}, pseudo Dice [{dice}], {self.values['time']}")
             self.values = {}
-
-
-def run_logged(args: List[str], env: Dict[str, str], log: str,
-               on_line: Optional[Callable[[str], None]] = None) -> None:
-    """Run a console script with its output appended to ``log``; on failure exit with the log's tail."""
-    with open(log, 'a') as f:
-        f.write(f"$ {' '.join(args)}\n")
-        f.flush()
-        proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                stdin=subprocess.DEVNULL, bufsize=1)
-        for line in proc.stdout:
-            f.write(line)
-            if on_line:
-                on_line(line)
-        code = proc.wait()
-    if code != 0:
-        with open(log) as f:
-            tail = ''.join(f.readlines()[-25:])
-        raise SystemExit(f"{args[0]} failed (exit {code}); the end of {log}:\n{tail}")
 
 
 def overlay_png(dataset_folder: str, prediction_folder: str, out_file: str, max_cases: int = 4) -> str:
@@ -202,16 +181,9 @@ def run_demo(workdir: str, data: str, trainer: str, schedule: Schedule, device: 
     workdir = os.path.abspath(workdir)
     logs = os.path.join(workdir, 'logs')
     os.makedirs(logs, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.startswith('nnUNet_') or k == 'nnUNet_extTrainer'}
-    env.update(nnUNet_raw=os.path.join(workdir, 'nnUNet_raw'),
-               nnUNet_preprocessed=os.path.join(workdir, 'nnUNet_preprocessed'),
-               nnUNet_results=os.path.join(workdir, 'nnUNet_results'),
-               nnUNet_def_n_proc=os.environ.get('nnUNet_def_n_proc', '2'),
-               nnUNet_n_proc_DA=os.environ.get('nnUNet_n_proc_DA', '2'), MPLBACKEND='Agg', PYTHONUNBUFFERED='1')
     trainers = os.path.join(workdir, 'trainers')
-    env['nnUNet_extTrainer'] = os.pathsep.join(p for p in (env.get('nnUNet_extTrainer'), trainers) if p)
-    bin_dir = os.path.dirname(sys.executable)
-    env['PATH'] = bin_dir + os.pathsep + env.get('PATH', '')
+    env = nnunet_env(*(os.path.join(workdir, f'nnUNet_{name}') for name in ('raw', 'preprocessed', 'results')),
+                     trainer_dir=trainers)
     start = time.perf_counter()
 
     def step(n: int, text: str) -> None:

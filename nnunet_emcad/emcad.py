@@ -179,10 +179,10 @@ class EMCADNet(nn.Module):
         configuration, as nnU-Net's predictor or ``--c`` would load them) fail with what they and this are."""
         if strict:
             from nnunet_emcad.checkpoints import check_state_dict
-            check_state_dict(self.state_dict(), state_dict,
-                             f"weights of {describe_weights(state_dict)}",
-                             f"This network is {describe_weights(self.state_dict())}. Use the trainer (-tr), plans "
-                             f"(-p) and configuration (-c) the checkpoint was trained with.")
+            own = self.state_dict()
+            check_state_dict(own, state_dict, f"weights of {describe_weights(state_dict)}",
+                             f"This network is {describe_weights(own)}. Use the trainer (-tr), plans (-p) and "
+                             f"configuration (-c) the checkpoint was trained with.")
         return super().load_state_dict(state_dict, strict, assign)
 
 

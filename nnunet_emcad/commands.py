@@ -1,0 +1,69 @@
+"""nnU-Net's console scripts run from Python (by the demo, the benchmarks and the tests), each into a log file.
+
+Torch-free, like the package's import.
+"""
+import os
+import subprocess
+import sys
+import threading
+import time
+from typing import Callable, Dict, List, Optional
+
+SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+"""The folder above the package: in a source checkout its root, which holds benchmarks/ and sits next to shared/."""
+
+
+class CommandFailed(RuntimeError):
+    """A console script exited non-zero or ran past its time limit; the message ends with its output's tail."""
+
+
+def nnunet_env(raw: str, preprocessed: str, results: str, trainer_dir: Optional[str] = None) -> Dict[str, str]:
+    """An environment for nnU-Net's scripts: these folders, 2 worker processes unless the user set others.
+
+    This package's own settings (``nnUNet_EMCAD_*``) are kept; other ``nnUNet_*`` settings of this process
+    (``nnUNet_extTrainer`` too) are dropped, so the scripts find this package's trainers the way a user's shell
+    does; ``trainer_dir`` adds a folder of generated trainers.
+    This interpreter's scripts come first on ``PATH``.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith('nnUNet') or k.startswith('nnUNet_EMCAD')}
+    env.update(nnUNet_raw=raw, nnUNet_preprocessed=preprocessed, nnUNet_results=results,
+               nnUNet_def_n_proc=os.environ.get('nnUNet_def_n_proc', '2'),
+               nnUNet_n_proc_DA=os.environ.get('nnUNet_n_proc_DA', '2'), MPLBACKEND='Agg', PYTHONUNBUFFERED='1')
+    if trainer_dir:
+        env['nnUNet_extTrainer'] = trainer_dir
+    env['PATH'] = os.path.dirname(sys.executable) + os.pathsep + env.get('PATH', '')
+    return env
+
+
+def run_logged(args: List[str], env: Dict[str, str], log: str, on_line: Optional[Callable[[str], None]] = None,
+               timeout: Optional[float] = None) -> str:
+    """Run a console script with its output appended to ``log`` (and each line passed to ``on_line``).
+
+    Returns the output; raises ``CommandFailed`` with its last lines when the script fails or runs longer
+    than ``timeout`` seconds.
+    """
+    os.makedirs(os.path.dirname(os.path.abspath(log)), exist_ok=True)
+    start = time.perf_counter()
+    lines = []
+    with open(log, 'a') as f:
+        f.write(f"$ {' '.join(args)}\n")
+        f.flush()
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                stdin=subprocess.DEVNULL, bufsize=1)
+        timer = threading.Timer(timeout, proc.kill) if timeout else None
+        if timer:
+            timer.start()
+        for line in proc.stdout:
+            f.write(line)
+            lines.append(line)
+            if on_line:
+                on_line(line)
+        code = proc.wait()
+        if timer:
+            timer.cancel()
+        seconds = time.perf_counter() - start
+        f.write(f"# {seconds:.1f} s, exit {code}\n")
+    if code:
+        why = f'ran past {timeout:.0f} s' if timeout and seconds >= timeout else f'failed (exit {code})'
+        raise CommandFailed(f"{' '.join(args)} {why}; the end of {log}:\n{''.join(lines[-40:])}")
+    return ''.join(lines)

@@ -1,0 +1,42 @@
+"""Console scripts run from Python: output into the log, failures and time-outs raise with the output's tail."""
+import os
+import sys
+
+import pytest
+
+from nnunet_emcad.commands import CommandFailed, nnunet_env, run_logged
+
+
+def test_output_goes_to_the_log_and_to_the_caller(tmp_path):
+    log = str(tmp_path / 'logs' / 'step.log')
+    seen = []
+    out = run_logged([sys.executable, '-c', 'print("first"); print("second")'], dict(os.environ), log, seen.append)
+    assert out == 'first\nsecond\n' and seen == ['first\n', 'second\n']
+    text = open(log).read()
+    assert text.startswith(f'$ {sys.executable} -c') and 'first\nsecond\n' in text and 'exit 0' in text
+
+
+def test_a_failing_script_raises_with_its_last_lines(tmp_path):
+    script = 'import sys; print("\\n".join(f"line {i}" for i in range(100))); sys.exit(3)'
+    with pytest.raises(CommandFailed, match=r'(?s)failed \(exit 3\).*line 99') as info:
+        run_logged([sys.executable, '-c', script], dict(os.environ), str(tmp_path / 'x.log'))
+    assert 'line 10\n' not in str(info.value)
+
+
+def test_a_script_past_its_time_limit_is_stopped(tmp_path):
+    with pytest.raises(CommandFailed, match='ran past 1 s'):
+        run_logged([sys.executable, '-c', 'import time; print("started", flush=True); time.sleep(60)'],
+                   dict(os.environ), str(tmp_path / 'x.log'), timeout=1)
+
+
+def test_environment_keeps_only_the_packages_settings(monkeypatch, tmp_path):
+    monkeypatch.setenv('nnUNet_extTrainer', '/elsewhere')
+    monkeypatch.setenv('nnUNet_compile', 'f')
+    monkeypatch.setenv('nnUNet_EMCAD_PVT_WEIGHTS', '/weights.pth')
+    monkeypatch.delenv('nnUNet_n_proc_DA', raising=False)
+    env = nnunet_env(str(tmp_path / 'r'), str(tmp_path / 'p'), str(tmp_path / 'o'), trainer_dir='/generated')
+    assert (env['nnUNet_raw'], env['nnUNet_preprocessed'], env['nnUNet_results']) == \
+        (str(tmp_path / 'r'), str(tmp_path / 'p'), str(tmp_path / 'o'))
+    assert env['nnUNet_extTrainer'] == '/generated' and 'nnUNet_compile' not in env
+    assert env['nnUNet_EMCAD_PVT_WEIGHTS'] == '/weights.pth' and env['nnUNet_n_proc_DA'] == '2'
+    assert env['PATH'].split(os.pathsep)[0] == os.path.dirname(sys.executable)
