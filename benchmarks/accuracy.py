@@ -1,8 +1,9 @@
 """Accuracy through the real nnU-Net pipeline: stock nnU-Net against the EMCAD trainers, under two budgets.
 
-For each trainer: nnUNetv2_plan_and_preprocess (once), nnUNetv2_train on one fold with a budget, nnU-Net's own
-validation of that fold (Dice per class), then nnUNetv2_predict over the fold's validation cases (timed end to
-end) and nnUNetv2_evaluate_folder. Budgets:
+For each trainer: nnUNetv2_plan_and_preprocess (once), nnUNetv2_train on one fold with a budget, then
+nnUNetv2_predict over the fold's validation cases (timed end to end; it stands in for the trainer's own final
+validation, which the budgeted trainers skip) and nnUNetv2_evaluate_folder on its output (Dice per class), plus
+HD95 in mm on the same files. Budgets:
   equal iterations  every trainer trains --iterations iterations;
   equal time        every trainer trains for as long as stock nnU-Net's equal-iteration run took on this
                     machine (its measured seconds per iteration decide how many iterations that is).
@@ -10,7 +11,8 @@ Budgets run through generated trainer subclasses (Bench_<trainer>_it<N>) and a p
 of --batch-size (nnUNetBenchPlans, reusing the preprocessed data). The full nnU-Net schedule is what a GPU user
 runs instead: nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerEMCAD. --configuration 3d_fullres compares stock
 nU-Net 3D with nnUNetTrainerEMCAD3D (results accuracy_<dataset>_3d_fullres).
-Writes benchmarks/results/accuracy_<dataset>.json, .md, a Dice-vs-GFLOPs plot and training curves (PNG).
+Writes benchmarks/results/accuracy_<dataset>.json, .md, a Dice-vs-GFLOPs plot and training curves (PNG),
+after every finished run, so an interrupted benchmark keeps what it measured; finished runs are reused.
 """
 import argparse
 import json
@@ -26,7 +28,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 from common import (CACHE, EMCAD_3D_TRAINERS, EMCAD_TRAINERS, SHARED_DATA, STOCK, machine, nnunet_env,  # noqa: E402
-                    run, write_results)
+                    write_results)
+
+from nnunet_emcad.commands import run_logged  # noqa: E402
 
 DATASETS = {'acdc': (27, 'Dataset027_ACDC'), 'isbi': (28, 'Dataset028_ISBI2012')}
 TRAINER_MODULES = {STOCK: 'nnunetv2.training.nnUNetTrainer.nnUNetTrainer'}
@@ -69,7 +73,8 @@ def prepare(dataset: str, root: str, batch_size: int, log: str, configuration: s
     preprocessed = os.path.join(env['nnUNet_preprocessed'], name)
     if not os.path.isdir(os.path.join(preprocessed, f'nnUNetPlans_{configuration}')):
         print(f"planning and preprocessing {name} (once; log: {log})", flush=True)
-        run(['nnUNetv2_plan_and_preprocess', '-d', str(dataset_id), '-c', configuration, '-np', '2'], env, log)
+        run_logged(['nnUNetv2_plan_and_preprocess', '-d', str(dataset_id), '-c', configuration, '-np', '2'], env,
+                   log)
     splits = os.path.join(SHARED_DATA, name, 'splits_final.json')
     if os.path.isfile(splits):
         shutil.copy(splits, os.path.join(preprocessed, 'splits_final.json'))
@@ -98,28 +103,82 @@ def write_trainers(folder: str, budgets: List[tuple], per_epoch: int, val_iterat
                   '        super().__init__(plans, configuration, fold, dataset_json, device)',
                   f'        self.num_iterations_per_epoch = {per_epoch}',
                   f'        self.num_epochs = {max(1, iterations // per_epoch)}',
-                  f'        self.num_val_iterations_per_epoch = {val_iterations}', '', '']
+                  f'        self.num_val_iterations_per_epoch = {val_iterations}', '',
+                  '    def perform_actual_validation(self, save_probabilities: bool = False):',
+                  '        self.print_to_log_file("validation: timed nnUNetv2_predict + nnUNetv2_evaluate_folder")',
+                  '', '']
     with open(os.path.join(folder, 'bench_trainers.py'), 'w') as f:
         f.write('\n'.join(lines))
 
 
+def _surface(mask: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+
+    return mask & ~ndimage.binary_erosion(mask)
+
+
+def hd95(reference: np.ndarray, prediction: np.ndarray, spacing: List[float]) -> float:
+    """95th-percentile Hausdorff distance between two non-empty masks, in the units of ``spacing``.
+
+    The larger of the two directed 95th percentiles of surface-to-surface distances (MONAI's convention);
+    axes of size 1 are dropped, so a 2D image is measured in 2D.
+    """
+    from scipy import ndimage
+
+    keep = [i for i, n in enumerate(reference.shape) if n > 1]
+    shape = [reference.shape[i] for i in keep]
+    spacing = [spacing[i] for i in keep]
+    ref, pred = _surface(reference.reshape(shape)), _surface(prediction.reshape(shape))
+    to_ref = ndimage.distance_transform_edt(~ref, sampling=spacing)[pred]
+    to_pred = ndimage.distance_transform_edt(~pred, sampling=spacing)[ref]
+    return float(max(np.percentile(to_ref, 95), np.percentile(to_pred, 95)))
+
+
+def hd95_per_class(reference_folder: str, prediction_folder: str, dataset_json: dict) -> Dict[str, dict]:
+    """Mean HD95 per label over the cases where reference and prediction both hold it, read with nnU-Net's reader.
+
+    ``scored`` counts those cases; ``missed`` the cases whose prediction lacks a label the reference has.
+    """
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+
+    ending = dataset_json['file_ending']
+    files = sorted(f for f in os.listdir(prediction_folder) if f.endswith(ending))
+    reader = determine_reader_writer_from_dataset_json(dataset_json, os.path.join(prediction_folder, files[0]))()
+    labels = [v for k, v in dataset_json['labels'].items() if k != 'background' and isinstance(v, int)]
+    values = {label: [] for label in labels}
+    missed = dict.fromkeys(labels, 0)
+    for name in files:
+        reference, properties = reader.read_seg(os.path.join(reference_folder, name))
+        prediction, _ = reader.read_seg(os.path.join(prediction_folder, name))
+        for label in labels:
+            ref, pred = reference[0] == label, prediction[0] == label
+            if ref.any() and pred.any():
+                values[label].append(hd95(ref, pred, list(properties['spacing'])))
+            elif ref.any():
+                missed[label] += 1
+    return {str(label): {'hd95': float(np.mean(values[label])) if values[label] else float('nan'),
+                         'scored': len(values[label]), 'missed': missed[label]} for label in labels}
+
+
 def train_and_evaluate(env: Dict[str, str], dataset: str, trainer: str, iterations: int, fold: int, device: str,
                        log: str, configuration: str = '2d') -> dict:
-    """Train one budgeted trainer on one fold, then time nnUNetv2_predict on its validation cases."""
+    """Train one budgeted trainer on one fold, time nnUNetv2_predict on its validation cases, evaluate them."""
     dataset_id, name = DATASETS[dataset]
     tr = bench_name(trainer, iterations)
     output = os.path.join(env['nnUNet_results'], name, f'{tr}__{BENCH_PLANS}__{configuration}', f'fold_{fold}')
-    if not os.path.isfile(os.path.join(output, 'validation', 'summary.json')):
+    measured = os.path.join(output, 'benchmark.json')
+    if os.path.isfile(measured):
+        with open(measured) as f:
+            return json.load(f)
+    if not os.path.isfile(os.path.join(output, 'checkpoint_final.pth')):
         print(f"training {tr} (fold {fold}) ...", flush=True)
-        run(['nnUNetv2_train', str(dataset_id), configuration, str(fold), '-tr', tr, '-p', BENCH_PLANS,
-             '-device', device], env, log)
+        run_logged(['nnUNetv2_train', str(dataset_id), configuration, str(fold), '-tr', tr, '-p', BENCH_PLANS,
+                    '-device', device], env, log)
     import torch
 
     checkpoint = torch.load(os.path.join(output, 'checkpoint_final.pth'), map_location='cpu', weights_only=False)
     logging = checkpoint['logging']
     epoch_seconds = [e - s for s, e in zip(logging['epoch_start_timestamps'], logging['epoch_end_timestamps'])]
-    with open(os.path.join(output, 'validation', 'summary.json')) as f:
-        summary = json.load(f)
     with open(os.path.join(env['nnUNet_preprocessed'], name, 'splits_final.json')) as f:
         val_cases = json.load(f)[fold]['val']
     raw_images = os.path.join(env['nnUNet_raw'], name, 'imagesTr')
@@ -130,19 +189,33 @@ def train_and_evaluate(env: Dict[str, str], dataset: str, trainer: str, iteratio
             os.symlink(os.path.join(raw_images, image), os.path.join(inputs, image))
     predictions = os.path.join(os.path.dirname(output), f'val_predictions_{fold}')
     shutil.rmtree(predictions, ignore_errors=True)
+    print(f"predicting the {len(val_cases)} validation cases with {tr} ...", flush=True)
     start = time.perf_counter()
-    run(['nnUNetv2_predict', '-i', inputs, '-o', predictions, '-d', str(dataset_id), '-c', configuration,
-         '-f', str(fold), '-tr', tr, '-p', BENCH_PLANS, '-device', device, '-npp', '1', '-nps', '1'], env, log)
+    run_logged(['nnUNetv2_predict', '-i', inputs, '-o', predictions, '-d', str(dataset_id), '-c', configuration,
+                '-f', str(fold), '-tr', tr, '-p', BENCH_PLANS, '-device', device, '-npp', '1', '-nps', '1'], env, log)
     predict_seconds = time.perf_counter() - start
-    return {'trainer': trainer, 'bench_trainer': tr, 'iterations': iterations,
-            'epochs': len(epoch_seconds), 'train_seconds': float(sum(epoch_seconds)),
-            'seconds_per_iteration': float(sum(epoch_seconds)) / max(1, iterations),
-            'dice_per_class': {k: v['Dice'] for k, v in summary['mean'].items()},
-            'dice_mean': summary['foreground_mean']['Dice'], 'predict_seconds': predict_seconds,
-            'validation_cases': len(val_cases),
-            'curve': {'ema_pseudo_dice': [float(v) for v in logging['ema_fg_dice']],
-                      'train_loss': [float(v) for v in logging['train_losses']],
-                      'val_loss': [float(v) for v in logging['val_losses']]}}
+    model = os.path.dirname(output)
+    labels = os.path.join(env['nnUNet_raw'], name, 'labelsTr')
+    run_logged(['nnUNetv2_evaluate_folder', labels, predictions, '-djfile', os.path.join(model, 'dataset.json'),
+                '-pfile', os.path.join(model, 'plans.json'), '-o', os.path.join(predictions, 'summary.json'),
+                '-np', env['nnUNet_def_n_proc'], '--chill'], env, log)
+    with open(os.path.join(predictions, 'summary.json')) as f:
+        summary = json.load(f)
+    with open(os.path.join(model, 'dataset.json')) as f:
+        dataset_json = json.load(f)
+    result = {'trainer': trainer, 'bench_trainer': tr, 'iterations': iterations,
+              'epochs': len(epoch_seconds), 'train_seconds': float(sum(epoch_seconds)),
+              'seconds_per_iteration': float(sum(epoch_seconds)) / max(1, iterations),
+              'dice_per_class': {k: v['Dice'] for k, v in summary['mean'].items()},
+              'dice_mean': summary['foreground_mean']['Dice'],
+              'hd95_per_class': hd95_per_class(labels, predictions, dataset_json),
+              'predict_seconds': predict_seconds, 'validation_cases': len(val_cases),
+              'curve': {'ema_pseudo_dice': [float(v) for v in logging['ema_fg_dice']],
+                        'train_loss': [float(v) for v in logging['train_losses']],
+                        'val_loss': [float(v) for v in logging['val_losses']]}}
+    with open(measured, 'w') as f:
+        json.dump(result, f, indent=1)
+    return result
 
 
 def network_gflops(env: Dict[str, str], dataset: str, trainer: str, configuration: str = '2d') -> float:
@@ -199,6 +272,17 @@ def plots(results: List[dict], gflops: Dict[str, float], out_prefix: str) -> Lis
     return [f'{out_prefix}_dice_vs_gflops.png', f'{out_prefix}_curves.png']
 
 
+def _hd95_cell(result: dict) -> str:
+    per_class = result.get('hd95_per_class')
+    if not per_class:
+        return 'not measured'
+    values = [v['hd95'] for v in per_class.values() if v['scored']]
+    scored = sum(v['scored'] for v in per_class.values())
+    total = scored + sum(v['missed'] for v in per_class.values())
+    mean = f'{np.mean(values):.1f}' if values else 'none'
+    return f'{mean} ({scored}/{total})'
+
+
 def _verdict(ok: bool) -> str:
     return 'met' if ok else 'missed'
 
@@ -212,13 +296,22 @@ def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespa
              f"This is a short CPU budget, far from nnU-Net's 1000 x 250 iterations: read it as a comparison of "
              f"early training, not as final accuracy.", '',
              '| trainer | budget | iterations | train time | GFLOPs | ' + ' | '.join(f'Dice {k}' for k in labels)
-             + ' | mean Dice | nnUNetv2_predict (val cases) |',
-             '|---|---|---:|---:|---:|' + '---:|' * len(labels) + '---:|---:|']
+             + ' | mean Dice | mean HD95 (scored) | nnUNetv2_predict (val cases) |',
+             '|---|---|---:|---:|---:|' + '---:|' * len(labels) + '---:|---:|---:|']
     for r in results:
         lines.append(f"| {r['trainer']} | {r['budget'].replace('_', ' ')} | {r['iterations']} | "
                      f"{r['train_seconds'] / 60:.1f} min | {gflops[r['trainer']]:.1f} | "
                      + ' | '.join(f"{r['dice_per_class'].get(k, float('nan')):.3f}" for k in labels)
-                     + f" | {r['dice_mean']:.3f} | {r['predict_seconds']:.0f} s ({r['validation_cases']}) |")
+                     + f" | {r['dice_mean']:.3f} | {_hd95_cell(r)} | "
+                     f"{r['predict_seconds']:.0f} s ({r['validation_cases']}) |")
+    absent = [t for t in ([STOCK] + (EMCAD_TRAINERS if args.configuration == '2d' else EMCAD_3D_TRAINERS))
+              if t not in gflops]
+    lines += ['', "Dice: nnUNetv2_evaluate_folder on the nnUNetv2_predict output. HD95: in the images' spacing "
+              "units (mm; pixels for PNG), mean over classes of the per-class mean over cases where reference and "
+              "prediction both hold the class; (scored) counts those (case, class) pairs out of all pairs whose "
+              "reference holds the class."]
+    if absent:
+        lines += ['', f"Not in this run: {', '.join(absent)} (add them with --trainers)."]
     stock = next((r for r in results if r['trainer'] == STOCK), None)
     if stock:
         lines += ['', '## Goals', '', '| trainer | Dice vs stock, equal iterations (goal >= -0.5 points) | '
@@ -263,13 +356,24 @@ def main(argv=None) -> int:
     env = prepare(args.dataset, root, args.batch_size, log, args.configuration)
     trainer_dir = os.path.join(root, 'trainers')
     env['nnUNet_extTrainer'] = os.pathsep.join(p for p in (env.get('nnUNet_extTrainer'), trainer_dir) if p)
+    gflops = {t: network_gflops(env, args.dataset, t, args.configuration) for t in args.trainers}
+    name = f'accuracy_{args.dataset}' + ('' if args.configuration == '2d' else f'_{args.configuration}')
+    info = machine()
+    results = []
+
+    def publish() -> None:
+        os.makedirs(args.out, exist_ok=True)
+        pngs = plots(results, gflops, os.path.join(args.out, name))
+        payload = {'machine': info, 'settings': vars(args), 'gflops': gflops, 'results': results, 'plots': pngs}
+        write_results(name, payload, report(results, gflops, args, info), args.out)
+
     budgets = [(t, args.iterations) for t in args.trainers]
     write_trainers(trainer_dir, budgets, args.iterations_per_epoch, args.val_iterations)
-    results = []
     for trainer in args.trainers:
         r = train_and_evaluate(env, args.dataset, trainer, args.iterations, args.fold, args.device, log,
                                args.configuration)
         results.append(dict(r, budget='equal_iterations'))
+        publish()
     if not args.no_equal_time:
         stock_seconds = next(r for r in results if r['trainer'] == STOCK)['train_seconds']
         timed = []
@@ -284,13 +388,8 @@ def main(argv=None) -> int:
         for trainer, n in timed:
             r = train_and_evaluate(env, args.dataset, trainer, n, args.fold, args.device, log, args.configuration)
             results.append(dict(r, budget='equal_time'))
-    gflops = {t: network_gflops(env, args.dataset, t, args.configuration) for t in args.trainers}
-    info = machine()
-    name = f'accuracy_{args.dataset}' + ('' if args.configuration == '2d' else f'_{args.configuration}')
-    os.makedirs(args.out, exist_ok=True)
-    pngs = plots(results, gflops, os.path.join(args.out, name))
-    payload = {'machine': info, 'settings': vars(args), 'gflops': gflops, 'results': results, 'plots': pngs}
-    write_results(name, payload, report(results, gflops, args, info), args.out)
+            publish()
+        publish()
     return 0
 
 

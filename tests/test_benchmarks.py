@@ -1,8 +1,11 @@
-"""The cost benchmark runs end to end on a tiny plan, so it cannot rot."""
+"""The cost benchmark runs end to end on a tiny plan, so it cannot rot; the accuracy benchmark's HD95 is right."""
 import json
 import os
 import subprocess
 import sys
+
+import numpy as np
+import pytest
 
 from test_trainers import DATASET_JSON, make_plans
 
@@ -36,3 +39,18 @@ def test_cost_benchmark_on_a_tiny_plan(tmp_path):
     help_text = subprocess.run([sys.executable, os.path.join(BENCHMARKS, 'cost.py'), '--help'],
                                capture_output=True, text=True).stdout
     assert 'Cost at a plan' in help_text and '--train-batch' in help_text
+
+
+def test_hd95_measures_surface_distance_in_physical_units():
+    sys.path.insert(0, BENCHMARKS)
+    from accuracy import hd95
+
+    reference = np.zeros((1, 40, 40), dtype=bool)
+    reference[0, 10:20, 10:20] = True
+    shifted = np.roll(reference, 3, axis=2)
+    assert hd95(reference, reference, [999.0, 1.0, 1.0]) == 0
+    assert hd95(reference, shifted, [999.0, 1.0, 1.0]) == pytest.approx(3.0)
+    assert hd95(reference, shifted, [999.0, 1.0, 2.5]) == pytest.approx(7.5)
+    volume = np.zeros((6, 30, 30), dtype=bool)
+    volume[1:5, 5:15, 5:15] = True
+    assert hd95(volume, np.roll(volume, 1, axis=0), [5.0, 1.0, 1.0]) == pytest.approx(5.0)
