@@ -186,13 +186,14 @@ def load_official_checkpoint(checkpoint: CheckpointSource, variant: Optional[str
     return model.eval()
 
 
-def official_weights_for(network: EMCADNet, checkpoint: CheckpointSource, drop_heads: bool = False) -> StateDict:
+def official_weights_for(network: EMCADNet, checkpoint: CheckpointSource) -> StateDict:
     """An official EMCAD checkpoint's weights under ``network``'s key names, to fine-tune ``network`` from them.
 
     ``network`` is what a PVT trainer builds for the dataset; the result goes into nnU-Net's
-    ``-pretrained_weights`` file. Encoder variant, input channels and (unless ``drop_heads``) class count must
-    match; each mismatch stops with the fix. BatchNorm running statistics of the official decoder are left
-    out where the network normalises with instance norm (the trainers do); their affine weights are kept.
+    ``-pretrained_weights`` file. Encoder variant and input channels must match; each mismatch stops with the
+    fix. The segmentation heads are left out: nnU-Net never transfers them (it trains new ones), so the class
+    counts may differ. BatchNorm running statistics of the official decoder are left out where the network
+    normalises with instance norm (the trainers do); their affine weights are kept.
     """
     if not isinstance(network.encoder, PVTv2Encoder):
         raise CheckpointError(f"official EMCAD checkpoints hold a PVTv2 encoder, this network's encoder is "
@@ -208,17 +209,7 @@ def official_weights_for(network: EMCADNet, checkpoint: CheckpointSource, drop_h
                               f"{network.encoder.in_channels} channel(s), which its stem cannot take. Start from "
                               f"ImageNet weights instead (nnUNet_EMCAD_PVT_WEIGHTS): timm adapts their patch "
                               f"embedding to any channel count")
-    src_classes = source.decoder.seg_layers[0].out_channels
-    dst_classes = network.decoder.seg_layers[0].out_channels
-    if src_classes != dst_classes and not drop_heads:
-        raise CheckpointError(f"the checkpoint predicts {src_classes} classes, the dataset has {dst_classes} "
-                              f"(background included), so its segmentation heads do not fit. To fine-tune its "
-                              f"encoder and decoder, drop the heads (--drop-heads): nnU-Net then trains new ones")
-
-    def kept(key: str) -> bool:
-        return not (drop_heads and '.seg_layers.' in key)
-
-    target = {k: v for k, v in network.state_dict().items() if kept(k)}
+    target = {k: v for k, v in network.state_dict().items() if '.seg_layers.' not in k}
     weights = {k: v for k, v in source.state_dict().items() if k in target}
     check_state_dict(target, weights, "the official checkpoint's weights")
     return weights

@@ -107,13 +107,13 @@ def _convert_official(args: argparse.Namespace) -> int:
         plans_manager, configuration, determine_num_input_channels(plans_manager, configuration, dataset_json),
         plans_manager.get_label_manager(dataset_json).num_segmentation_heads, True)
     try:
-        weights = official_weights_for(network, args.checkpoint, args.drop_heads)
+        weights = official_weights_for(network, args.checkpoint)
     except CheckpointError as e:
         print(f"{args.checkpoint}: {e}", file=sys.stderr)
         return 1
     torch.save({'network_weights': weights, 'source': os.path.abspath(args.checkpoint)}, args.output)
-    print(f"wrote {args.output} ({len(weights)} tensors{', heads dropped' if args.drop_heads else ''}). "
-          f"Fine-tune with:\n  nnUNetv2_train {args.dataset} {args.configuration} FOLD -tr {args.trainer} "
+    print(f"wrote {args.output} ({len(weights)} tensors: encoder, stem and decoder; nnU-Net trains new "
+          f"segmentation heads). Fine-tune with:\n  nnUNetv2_train {args.dataset} {args.configuration} FOLD -tr {args.trainer} "
           f"-p {args.plans} -pretrained_weights {args.output}")
     return 0
 
@@ -188,8 +188,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     convert.add_argument('-tr', '--trainer', default='nnUNetTrainerEMCAD_PVTb2',
                          help='the PVT trainer to fine-tune with (default nnUNetTrainerEMCAD_PVTb2)')
     convert.add_argument('-o', '--output', required=True, help='file to write (for -pretrained_weights)')
-    convert.add_argument('--drop-heads', action='store_true',
-                         help='leave out the segmentation heads (needed when the class counts differ)')
     convert.set_defaults(func=_convert_official)
     export = sub.add_parser('export-onnx', help=_export_onnx.__doc__, description=_export_onnx.__doc__ + ' The '
                             'graph is the network (deep supervision off, dynamic batch, the plan\'s patch size); '

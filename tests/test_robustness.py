@@ -146,20 +146,15 @@ def _convert(monkeypatch, tmp_path, checkpoint, channels, classes, *extra):
     return cli.main(['convert-official', str(checkpoint), '-d', dataset, '-o', str(output), *extra]), output
 
 
-def test_official_checkpoint_with_another_class_count_needs_drop_heads(tmp_path, monkeypatch, capsys, official_b0):
-    rc, output = _convert(monkeypatch, tmp_path, official_b0, 1, 3, '-tr', 'nnUNetTrainerEMCAD_PVTb0')
-    assert rc == 1 and not output.exists()
-    assert re.search(r'predicts 9 classes, the dataset has 3 .*drop the heads \(--drop-heads\)',
-                     capsys.readouterr().err)
-
-
 def test_official_checkpoint_fine_tunes_through_nnunets_pretrained_weights(tmp_path, monkeypatch, capsys,
                                                                          official_b0):
+    """9 official classes, 3 in the data set: everything but the heads carries over, bit for bit."""
     from nnunetv2.run.load_pretrained_weights import load_pretrained_weights
 
-    rc, output = _convert(monkeypatch, tmp_path, official_b0, 1, 3, '-tr', 'nnUNetTrainerEMCAD_PVTb0',
-                          '--drop-heads')
+    rc, output = _convert(monkeypatch, tmp_path, official_b0, 1, 3, '-tr', 'nnUNetTrainerEMCAD_PVTb0')
     assert rc == 0 and '-pretrained_weights' in capsys.readouterr().out
+    written = torch.load(output, weights_only=True)['network_weights']
+    assert written and not [k for k in written if 'seg_layers' in k]
     trainer = build(T.nnUNetTrainerEMCAD_PVTb0, make_plans(5, [64, 64]))
     load_pretrained_weights(trainer.network, str(output))
     official = torch.load(official_b0, weights_only=True)
