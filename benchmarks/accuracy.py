@@ -10,7 +10,7 @@ HD95 in mm on the same files. Budgets:
 Budgets run through generated trainer subclasses (Bench_<trainer>_it<N>) and a plans copy with the batch size
 of --batch-size (nnUNetBenchPlans, reusing the preprocessed data). The full nnU-Net schedule is what a GPU user
 runs instead: nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerEMCAD. --configuration 3d_fullres compares stock
-nU-Net 3D with nnUNetTrainerEMCAD3D (results accuracy_<dataset>_3d_fullres).
+nnU-Net 3D with the EMCAD 3D trainers (results accuracy_<dataset>_3d_fullres).
 Writes benchmarks/results/accuracy_<dataset>.json, .md, a Dice-vs-GFLOPs plot and training curves (PNG),
 after every finished run, so an interrupted benchmark keeps what it measured; finished runs are reused.
 """
@@ -160,16 +160,34 @@ def hd95_per_class(reference_folder: str, prediction_folder: str, dataset_json: 
                          'scored': len(values[label]), 'missed': missed[label]} for label in labels}
 
 
-def train_and_evaluate(env: Dict[str, str], dataset: str, trainer: str, iterations: int, fold: int, device: str,
-                       log: str, configuration: str = '2d') -> dict:
-    """Train one budgeted trainer on one fold, time nnUNetv2_predict on its validation cases, evaluate them."""
-    dataset_id, name = DATASETS[dataset]
+RUN_SETTINGS = ('batch_size', 'iterations_per_epoch', 'val_iterations', 'device')
+
+
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+def train_and_evaluate(env: Dict[str, str], args: argparse.Namespace, trainer: str, iterations: int,
+                       log: str) -> dict:
+    """Train one budgeted trainer on one fold, time nnUNetv2_predict on its validation cases, evaluate them.
+
+    A run finished earlier with the same settings is reused; one with other settings is deleted and run again.
+    """
+    dataset_id, name = DATASETS[args.dataset]
+    configuration, fold, device = args.configuration, args.fold, args.device
     tr = bench_name(trainer, iterations)
     output = os.path.join(env['nnUNet_results'], name, f'{tr}__{BENCH_PLANS}__{configuration}', f'fold_{fold}')
+    settings = {k: getattr(args, k) for k in RUN_SETTINGS}
+    stamp = os.path.join(output, 'benchmark_settings.json')
+    if os.path.isdir(output) and (not os.path.isfile(stamp) or _read_json(stamp) != settings):
+        shutil.rmtree(output)
     measured = os.path.join(output, 'benchmark.json')
     if os.path.isfile(measured):
-        with open(measured) as f:
-            return json.load(f)
+        return _read_json(measured)
+    os.makedirs(output, exist_ok=True)
+    with open(stamp, 'w') as f:
+        json.dump(settings, f)
     if not os.path.isfile(os.path.join(output, 'checkpoint_final.pth')):
         print(f"training {tr} (fold {fold}) ...", flush=True)
         run_logged(['nnUNetv2_train', str(dataset_id), configuration, str(fold), '-tr', tr, '-p', BENCH_PLANS,
@@ -287,9 +305,16 @@ def _verdict(ok: bool) -> str:
     return 'met' if ok else 'missed'
 
 
-def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespace, info: Dict[str, str]) -> str:
+def default_trainers(configuration: str) -> List[str]:
+    """Stock nnU-Net and every EMCAD trainer for a configuration."""
+    return [STOCK] + (EMCAD_TRAINERS if configuration == '2d' else EMCAD_3D_TRAINERS)
+
+
+def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespace, info: Dict[str, str],
+           name: str) -> str:
     labels = sorted({k for r in results for k in r['dice_per_class']}, key=int)
-    lines = [f"# Accuracy through the nnU-Net pipeline: {DATASETS[args.dataset][1]}, fold {args.fold}", '',
+    lines = [f"# Accuracy through the nnU-Net pipeline: {DATASETS[args.dataset][1]} {args.configuration}, "
+             f"fold {args.fold}", '',
              f"Machine: {info['cpu']}, {info['cores']} cores, GPU: {info['gpu']}; device {args.device}. Budget: "
              f"batch {args.batch_size}, {args.iterations_per_epoch} iterations per epoch; equal iterations = "
              f"{args.iterations} iterations each; equal time = stock nnU-Net's training time in that run. "
@@ -304,8 +329,7 @@ def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespa
                      + ' | '.join(f"{r['dice_per_class'].get(k, float('nan')):.3f}" for k in labels)
                      + f" | {r['dice_mean']:.3f} | {_hd95_cell(r)} | "
                      f"{r['predict_seconds']:.0f} s ({r['validation_cases']}) |")
-    absent = [t for t in ([STOCK] + (EMCAD_TRAINERS if args.configuration == '2d' else EMCAD_3D_TRAINERS))
-              if t not in gflops]
+    absent = [t for t in default_trainers(args.configuration) if t not in gflops]
     lines += ['', "Dice: nnUNetv2_evaluate_folder on the nnUNetv2_predict output. HD95: in the images' spacing "
               "units (mm; pixels for PNG), mean over classes of the per-class mean over cases where reference and "
               "prediction both hold the class; (scored) counts those (case, class) pairs out of all pairs whose "
@@ -324,8 +348,7 @@ def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespa
             speed = stock['predict_seconds'] / it['predict_seconds']
             lines.append(f"| {trainer} | {d_it:+.1f} ({_verdict(d_it >= -0.5)}) | {d_tm:+.1f} ({_verdict(d_tm > 0)}) | "
                          f"{speed:.2f}x ({_verdict(speed >= 1.5)}) |")
-    lines += ['', f"![Dice against GFLOPs](accuracy_{args.dataset}_dice_vs_gflops.png)",
-              f"![Training curves](accuracy_{args.dataset}_curves.png)", '']
+    lines += ['', f"![Dice against GFLOPs]({name}_dice_vs_gflops.png)", f"![Training curves]({name}_curves.png)", '']
     return '\n'.join(lines)
 
 
@@ -345,7 +368,7 @@ def main(argv=None) -> int:
     parser.add_argument('--out', default=os.path.join(HERE, 'results'))
     args = parser.parse_args(argv)
     if args.trainers is None:
-        args.trainers = [STOCK] + (EMCAD_TRAINERS if args.configuration == '2d' else EMCAD_3D_TRAINERS)
+        args.trainers = default_trainers(args.configuration)
     if args.iterations % args.iterations_per_epoch:
         parser.error('--iterations must be a multiple of --iterations-per-epoch')
     if STOCK not in args.trainers:
@@ -354,8 +377,7 @@ def main(argv=None) -> int:
     root = os.path.join(args.work, args.dataset)
     log = os.path.join(root, 'commands.log')
     env = prepare(args.dataset, root, args.batch_size, log, args.configuration)
-    trainer_dir = os.path.join(root, 'trainers')
-    env['nnUNet_extTrainer'] = os.pathsep.join(p for p in (env.get('nnUNet_extTrainer'), trainer_dir) if p)
+    trainer_dir = env['nnUNet_extTrainer'] = os.path.join(root, 'trainers')
     gflops = {t: network_gflops(env, args.dataset, t, args.configuration) for t in args.trainers}
     name = f'accuracy_{args.dataset}' + ('' if args.configuration == '2d' else f'_{args.configuration}')
     info = machine()
@@ -365,13 +387,12 @@ def main(argv=None) -> int:
         os.makedirs(args.out, exist_ok=True)
         pngs = plots(results, gflops, os.path.join(args.out, name))
         payload = {'machine': info, 'settings': vars(args), 'gflops': gflops, 'results': results, 'plots': pngs}
-        write_results(name, payload, report(results, gflops, args, info), args.out)
+        write_results(name, payload, report(results, gflops, args, info, name), args.out)
 
     budgets = [(t, args.iterations) for t in args.trainers]
     write_trainers(trainer_dir, budgets, args.iterations_per_epoch, args.val_iterations)
     for trainer in args.trainers:
-        r = train_and_evaluate(env, args.dataset, trainer, args.iterations, args.fold, args.device, log,
-                               args.configuration)
+        r = train_and_evaluate(env, args, trainer, args.iterations, log)
         results.append(dict(r, budget='equal_iterations'))
         publish()
     if not args.no_equal_time:
@@ -386,7 +407,7 @@ def main(argv=None) -> int:
                 timed.append((r['trainer'], n))
         write_trainers(trainer_dir, budgets + timed, args.iterations_per_epoch, args.val_iterations)
         for trainer, n in timed:
-            r = train_and_evaluate(env, args.dataset, trainer, n, args.fold, args.device, log, args.configuration)
+            r = train_and_evaluate(env, args, trainer, n, log)
             results.append(dict(r, budget='equal_time'))
             publish()
         publish()

@@ -3,6 +3,7 @@
 Torch-free, like the package's import.
 """
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -40,7 +41,7 @@ def run_logged(args: List[str], env: Dict[str, str], log: str, on_line: Optional
     """Run a console script with its output appended to ``log`` (and each line passed to ``on_line``).
 
     Returns the output; raises ``CommandFailed`` with its last lines when the script fails or runs longer
-    than ``timeout`` seconds.
+    than ``timeout`` seconds (then it runs in a session of its own, which is killed with its workers).
     """
     os.makedirs(os.path.dirname(os.path.abspath(log)), exist_ok=True)
     start = time.perf_counter()
@@ -49,8 +50,8 @@ def run_logged(args: List[str], env: Dict[str, str], log: str, on_line: Optional
         f.write(f"$ {' '.join(args)}\n")
         f.flush()
         proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                stdin=subprocess.DEVNULL, bufsize=1)
-        timer = threading.Timer(timeout, proc.kill) if timeout else None
+                                stdin=subprocess.DEVNULL, bufsize=1, start_new_session=bool(timeout))
+        timer = threading.Timer(timeout, os.killpg, (proc.pid, signal.SIGKILL)) if timeout else None
         if timer:
             timer.start()
         for line in proc.stdout:

@@ -1,6 +1,7 @@
 """Console scripts run from Python: output into the log, failures and time-outs raise with the output's tail."""
 import os
 import sys
+import time
 
 import pytest
 
@@ -23,10 +24,14 @@ def test_a_failing_script_raises_with_its_last_lines(tmp_path):
     assert 'line 10\n' not in str(info.value)
 
 
-def test_a_script_past_its_time_limit_is_stopped(tmp_path):
-    with pytest.raises(CommandFailed, match='ran past 1 s'):
-        run_logged([sys.executable, '-c', 'import time; print("started", flush=True); time.sleep(60)'],
-                   dict(os.environ), str(tmp_path / 'x.log'), timeout=1)
+def test_a_script_past_its_time_limit_is_stopped_with_its_workers(tmp_path):
+    """The worker inherits the output pipe, as nnU-Net's data-loader and export workers do."""
+    script = ('import subprocess, sys, time; subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"]);'
+              ' print("started", flush=True); time.sleep(60)')
+    start = time.perf_counter()
+    with pytest.raises(CommandFailed, match='(?s)ran past 1 s.*started'):
+        run_logged([sys.executable, '-c', script], dict(os.environ), str(tmp_path / 'x.log'), timeout=1)
+    assert time.perf_counter() - start < 30
 
 
 def test_environment_keeps_only_the_packages_settings(monkeypatch, tmp_path):
