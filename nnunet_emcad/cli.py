@@ -10,7 +10,8 @@ from typing import List, Optional
 def _demo(args: argparse.Namespace) -> int:
     """A short real EMCAD training through nnU-Net's commands: data, plan, train, predict, evaluate, overlays."""
     from nnunet_emcad.commands import CommandFailed
-    from nnunet_emcad.demo import Schedule, run_demo
+    from nnunet_emcad.demo import run_demo
+    from nnunet_emcad.schedules import Schedule
 
     if args.device is None:
         import torch
