@@ -114,8 +114,8 @@ def _convert_official(args: argparse.Namespace) -> int:
         return 1
     torch.save({'network_weights': weights, 'source': os.path.abspath(args.checkpoint)}, args.output)
     print(f"wrote {args.output} ({len(weights)} tensors: encoder, stem and decoder; nnU-Net trains new "
-          f"segmentation heads). Fine-tune with:\n  nnUNetv2_train {args.dataset} {args.configuration} FOLD -tr {args.trainer} "
-          f"-p {args.plans} -pretrained_weights {args.output}")
+          f"segmentation heads). Fine-tune with:\n  nnUNetv2_train {args.dataset} {args.configuration} FOLD "
+          f"-tr {args.trainer} -p {args.plans} -pretrained_weights {args.output}")
     return 0
 
 
@@ -123,15 +123,15 @@ def _export_onnx(args: argparse.Namespace) -> int:
     """Export a trained fold's network to ONNX, check it against PyTorch with onnxruntime, write the plan facts."""
     from nnunet_emcad.export import export_onnx, model_folder_for
 
-    folder = model_folder_for(args.dataset, args.trainer, args.plans, args.configuration)
     try:
+        folder = model_folder_for(args.dataset, args.trainer, args.plans, args.configuration)
         facts = export_onnx(folder, args.fold, args.output, args.checkpoint)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, RuntimeError) as e:
         print(e, file=sys.stderr)
         return 1
     print(f"wrote {args.output} (input image: batch x {len(facts['channel_names'])} x "
           f"{' x '.join(map(str, facts['patch_size']))}, output logits, {len(facts['labels'])} classes) and "
-          f"{os.path.splitext(args.output)[0]}.json; onnxruntime vs PyTorch on random inputs (batch 1-"
+          f"{facts['json']}; onnxruntime vs PyTorch on random inputs (batch 1-"
           f"{facts['checked_batches']}): max abs difference {facts['max_abs_difference']:.2e}")
     return 0
 

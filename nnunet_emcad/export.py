@@ -51,7 +51,8 @@ def plan_facts(predictor, configuration: str, fold: str, checkpoint_name: str) -
 def export_onnx(model_folder: str, fold: str, output: str, checkpoint_name: str = 'checkpoint_final.pth',
                 check_batches: int = 3, seed: int = 0) -> Dict:
     """Export a trained fold to ``output`` (ONNX, dynamic batch), compare onnxruntime with PyTorch on random
-    inputs, and write ``output`` with ``.json`` for ``.onnx``; returns those facts (``max_abs_difference``)."""
+    inputs, and write the plan facts to ``output`` with ``.json`` for ``.onnx``; returns those facts (with
+    ``max_abs_difference``) and the facts file's path (``json``)."""
     import onnxruntime
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
@@ -79,14 +80,10 @@ def export_onnx(model_folder: str, fold: str, output: str, checkpoint_name: str 
                        checkpoint_name)
     facts.update(onnx=os.path.basename(output), max_abs_difference=difference, checked_batches=check_batches,
                  torch=torch.__version__, onnxruntime=onnxruntime.__version__)
-    with open(_facts_file(output), 'w') as f:
+    facts_file = os.path.splitext(output)[0] + '.json'
+    with open(facts_file, 'w') as f:
         json.dump(facts, f, indent=2)
-    return facts
-
-
-def _facts_file(output: str) -> str:
-    root, _ = os.path.splitext(output)
-    return root + '.json'
+    return dict(facts, json=facts_file)
 
 
 def model_folder_for(dataset: str, trainer: str, plans: str, configuration: str,

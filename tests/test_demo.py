@@ -58,7 +58,7 @@ def test_acdc_subset_keeps_test_patients_out_of_training(tmp_path, shared_dir):
 
 
 def test_every_subcommand_explains_itself(capsys):
-    for command in ('demo', 'info', 'paper', 'convert-official', 'benchmark'):
+    for command in ('demo', 'info', 'paper', 'convert-official', 'export-onnx', 'benchmark'):
         try:
             cli.main([command, '--help'])
         except SystemExit as e:

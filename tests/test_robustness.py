@@ -52,6 +52,17 @@ def test_unset_or_read_only_nnunet_folders_are_named(tmp_path, monkeypatch):
         trainer.on_train_start()
 
 
+def test_export_onnx_names_what_is_missing(tmp_path, monkeypatch, capsys):
+    args = ['export-onnx', '-d', 'Dataset901_Tiny', '-f', '0', '-tr', 'nnUNetTrainerEMCAD',
+            '-o', str(tmp_path / 'x.onnx')]
+    monkeypatch.delenv('nnUNet_results', raising=False)
+    assert cli.main(args) == 1 and 'nnUNet_results is not set' in capsys.readouterr().err
+    monkeypatch.setenv('nnUNet_results', str(tmp_path))
+    (tmp_path / 'Dataset901_Tiny').mkdir()
+    assert cli.main(args) == 1
+    assert 'nnUNetTrainerEMCAD__nnUNetPlans__2d' in capsys.readouterr().err and not (tmp_path / 'x.onnx').exists()
+
+
 def test_read_only_check_follows_permissions(tmp_path, monkeypatch):
     monkeypatch.setattr(os, 'access', lambda path, mode: not str(path).startswith(str(tmp_path / 'ro')))
     monkeypatch.setenv('nnUNet_results', str(tmp_path / 'ro' / 'results'))
