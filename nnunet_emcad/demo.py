@@ -170,13 +170,13 @@ def run_demo(workdir: str, data: str, trainer: str, schedule: Schedule, device: 
     facts = prepare_data(data, env['nnUNet_raw'], env['nnUNet_preprocessed'], os.path.join(workdir, 'cache'), say)
     folder = facts['folder']
     dataset = os.path.basename(folder)
-    dataset_id = dataset[len('Dataset'):len('Dataset') + 3]
+    dataset_id = str(DATASET_IDS[facts['kind']])
     say(f"  {dataset}: {facts['note']}\n  source: {facts['source']}")
 
     step(2, f"nnUNetv2_plan_and_preprocess -d {dataset_id} -c 2d (log: {logs}/plan.log)")
     if not os.path.isfile(os.path.join(env['nnUNet_preprocessed'], dataset, 'nnUNetPlans.json')):
-        run_logged(['nnUNetv2_plan_and_preprocess', '-d', dataset_id, '-c', '2d', '-np', '2'], env,
-                   os.path.join(logs, 'plan.log'))
+        run_logged(['nnUNetv2_plan_and_preprocess', '-d', dataset_id, '-c', '2d', '-np', env['nnUNet_def_n_proc']],
+                   env, os.path.join(logs, 'plan.log'))
 
     demo_trainer = write_demo_trainer(trainers, trainer, schedule)
     step(3, f"nnUNetv2_train {dataset_id} 2d 0 -tr {demo_trainer} -device {device}: {schedule.epochs} epochs x "
@@ -195,7 +195,7 @@ def run_demo(workdir: str, data: str, trainer: str, schedule: Schedule, device: 
     model = os.path.join(env['nnUNet_results'], dataset, f'{demo_trainer}__nnUNetPlans__2d')
     run_logged(['nnUNetv2_evaluate_folder', os.path.join(folder, 'labelsTs'), predictions,
                 '-djfile', os.path.join(model, 'dataset.json'), '-pfile', os.path.join(model, 'plans.json'),
-                '-np', '2'], env, os.path.join(logs, 'evaluate.log'))
+                '-np', env['nnUNet_def_n_proc']], env, os.path.join(logs, 'evaluate.log'))
     with open(os.path.join(predictions, 'summary.json')) as f:
         summary = json.load(f)
     with open(os.path.join(folder, 'dataset.json')) as f:

@@ -137,16 +137,16 @@ def convert_rtstruct_dataset(dicom_root: str, raw_dir: str, dataset_id: int, nam
         case = f'{name}_{int(patient.rsplit("_", 1)[1]):03d}'
         sitk.WriteImage(image, os.path.join(folder, 'imagesTr', f'{case}_0000.nii.gz'))
         sitk.WriteImage(label_image, os.path.join(folder, 'labelsTr', f'{case}.nii.gz'))
-    with open(os.path.join(folder, 'dataset.json'), 'w') as f:
-        json.dump({'name': name,
-                   'description': 'Chest CT of non-small-cell lung cancer patients (cropped around the tumour) '
-                                  'with the gross tumour volume (GTV) outlined for radiotherapy.',
-                   'reference': PYCERR_SOURCE,
-                   'licence': 'CC BY-NC 3.0 (https://creativecommons.org/licenses/by-nc/3.0/)',
-                   'channel_names': {'0': 'CT'},
-                   'labels': dict(LABELS),
-                   'numTraining': len(patients),
-                   'file_ending': '.nii.gz'}, f, indent=2)
+    _write_json(os.path.join(folder, 'dataset.json'), {
+        'name': name,
+        'description': 'Chest CT of non-small-cell lung cancer patients (cropped around the tumour) with the gross '
+                       'tumour volume (GTV) outlined for radiotherapy.',
+        'reference': PYCERR_SOURCE,
+        'licence': 'CC BY-NC 3.0 (https://creativecommons.org/licenses/by-nc/3.0/)',
+        'channel_names': {'0': 'CT'},
+        'labels': dict(LABELS),
+        'numTraining': len(patients),
+        'file_ending': '.nii.gz'})
     return folder
 
 
