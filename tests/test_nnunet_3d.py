@@ -2,11 +2,7 @@
 import json
 import os
 
-import numpy as np
-import onnxruntime
-import torch
-
-from tiny_data import make_3d_dataset, nnunet_env, run
+from tiny_data import assert_onnx_matches_pytorch, export_trained_fold, make_3d_dataset, nnunet_env, run
 
 
 def test_3d_fullres_train_predict_evaluate_and_export(tmp_path):
@@ -31,19 +27,8 @@ def test_3d_fullres_train_predict_evaluate_and_export(tmp_path):
     assert dice['1'] > 0.7 and dice['2'] > 0.5, dice  # an untrained network scores near 0
 
     onnx_file = os.path.join(root, 'emcad3d.onnx')
-    stdout = run(['nnunet-emcad', 'export-onnx', '-d', '902', '-c', '3d_fullres', '-f', '0', '-tr', trainer,
-                  '-o', onnx_file], env, log)
+    stdout, facts, predictor = export_trained_fold(env, log, 'Dataset902_Tiny3D', '3d_fullres', trainer, onnx_file)
     assert 'max abs difference' in stdout
-    from nnunet_emcad.export import load_trained_network
-
-    predictor = load_trained_network(os.path.join(env['nnUNet_results'], 'Dataset902_Tiny3D',
-                                                  f'{trainer}__nnUNetPlans__3d_fullres'), '0')
-    with open(os.path.join(root, 'emcad3d.json')) as f:
-        facts = json.load(f)
     assert facts['patch_size'] == list(predictor.configuration_manager.patch_size)
     assert facts['labels'] == {'background': 0, 'ball': 1, 'box': 2} and facts['max_abs_difference'] < 1e-3
-    x = torch.randn(2, 1, *facts['patch_size'], generator=torch.Generator().manual_seed(5))
-    with torch.no_grad():
-        expected = predictor.network(x).numpy()
-    got = onnxruntime.InferenceSession(onnx_file).run(['logits'], {'image': x.numpy()})[0]
-    np.testing.assert_allclose(got, expected, atol=1e-3, rtol=1e-3)
+    assert_onnx_matches_pytorch(onnx_file, predictor.network, [1, *facts['patch_size']], [2], 1e-3)

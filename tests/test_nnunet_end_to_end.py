@@ -12,7 +12,7 @@ import pytest
 import timm
 import torch
 
-from tiny_data import make_dataset, nnunet_env, run
+from tiny_data import assert_onnx_matches_pytorch, export_trained_fold, make_dataset, nnunet_env, run
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -68,29 +68,16 @@ def test_validation_rerun_with_val_flag(planned):
 
 def test_onnx_export_of_the_trained_fold_matches_pytorch(planned, tmp_path):
     import numpy as np
-    import onnxruntime
-
-    from nnunet_emcad.export import load_trained_network
 
     root, env, log = planned
     onnx_file = str(tmp_path / 'emcad.onnx')
-    out = run(['nnunet-emcad', 'export-onnx', '-d', '901', '-c', '2d', '-f', '0', '-tr', 'nnUNetTrainerEMCAD_smoke',
-               '-o', onnx_file], env, log)
+    out, facts, predictor = export_trained_fold(env, log, 'Dataset901_Tiny', '2d', 'nnUNetTrainerEMCAD_smoke',
+                                                onnx_file)
     assert re.search(r'max abs difference \d\.\d+e-\d+', out), out
-    with open(tmp_path / 'emcad.json') as f:
-        facts = json.load(f)
-    predictor = load_trained_network(os.path.join(env['nnUNet_results'], 'Dataset901_Tiny',
-                                                  'nnUNetTrainerEMCAD_smoke__nnUNetPlans__2d'), '0')
     assert facts['patch_size'] == list(predictor.configuration_manager.patch_size)
     assert facts['labels'] == {'background': 0, 'disk': 1, 'square': 2}
     assert facts['normalization_schemes'] == ['ZScoreNormalization'] and facts['spacing'] == [1.0, 1.0]
-    session = onnxruntime.InferenceSession(onnx_file)
-    for batch in (1, 4):  # the batch axis is dynamic
-        x = torch.randn(batch, 1, *facts['patch_size'], generator=torch.Generator().manual_seed(batch))
-        with torch.no_grad():
-            expected = predictor.network(x).numpy()
-        got = session.run(['logits'], {'image': x.numpy()})[0]
-        np.testing.assert_allclose(got, expected, atol=1e-4, rtol=1e-4)
+    expected = assert_onnx_matches_pytorch(onnx_file, predictor.network, [1, *facts['patch_size']], [1, 4], 1e-4)
     assert float(np.abs(expected).max()) > 1.0  # a trained network, not an all-zero one
 
 

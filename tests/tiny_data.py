@@ -1,6 +1,6 @@
 """A tiny, easy 2D segmentation data set in nnU-Net raw format, and running nnU-Net's console scripts."""
 import os
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from nnunet_emcad import commands
 from nnunet_emcad.demo_data import make_synthetic_dataset
@@ -57,3 +57,36 @@ def make_3d_dataset(raw: str, dataset_id: int = 902, n_train: int = 10, n_test: 
         json.dump({'channel_names': {'0': 'MRI'}, 'labels': {'background': 0, 'ball': 1, 'box': 2},
                    'numTraining': n_train, 'file_ending': '.nii.gz'}, f)
     return folder
+
+
+def export_trained_fold(env: Dict[str, str], log: str, dataset: str, configuration: str, trainer: str,
+                        onnx_file: str) -> Tuple[str, dict, object]:
+    """``nnunet-emcad export-onnx`` of fold 0; returns its output, the facts file's content and nnU-Net's predictor."""
+    import json
+
+    from nnunet_emcad.export import load_trained_network
+
+    out = run(['nnunet-emcad', 'export-onnx', '-d', dataset, '-c', configuration, '-f', '0', '-tr', trainer,
+               '-o', onnx_file], env, log)
+    with open(os.path.splitext(onnx_file)[0] + '.json') as f:
+        facts = json.load(f)
+    predictor = load_trained_network(os.path.join(env['nnUNet_results'], dataset,
+                                                  f'{trainer}__nnUNetPlans__{configuration}'), '0')
+    return out, facts, predictor
+
+
+def assert_onnx_matches_pytorch(onnx_file: str, network, input_shape: List[int], batches: List[int],
+                                tolerance: float):
+    """onnxruntime and PyTorch agree on random inputs of each batch size (the batch axis is dynamic)."""
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    session = onnxruntime.InferenceSession(onnx_file)
+    for batch in batches:
+        x = torch.randn(batch, *input_shape, generator=torch.Generator().manual_seed(batch))
+        with torch.no_grad():
+            expected = network(x).numpy()
+        got = session.run(['logits'], {'image': x.numpy()})[0]
+        np.testing.assert_allclose(got, expected, atol=tolerance, rtol=tolerance)
+    return expected
