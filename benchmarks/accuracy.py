@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from typing import Dict, List
 
@@ -240,9 +241,11 @@ def network_gflops(env: Dict[str, str], dataset: str, trainer: str, configuratio
     with open(os.path.join(folder, 'dataset.json')) as f:
         dataset_json = json.load(f)
     plans['continue_training'] = False
-    os.environ.update({k: env[k] for k in ('nnUNet_preprocessed', 'nnUNet_results', 'nnUNet_raw')})
-    t = recursive_find_trainer_class_by_name(trainer)(plans, configuration, 0, dataset_json,
-                                                      device=torch.device('cpu'))
+    os.environ.update({k: env[k] for k in ('nnUNet_preprocessed', 'nnUNet_raw')})
+    with tempfile.TemporaryDirectory() as scratch:  # the trainer's log file, not among the benchmark's results
+        os.environ['nnUNet_results'] = scratch
+        t = recursive_find_trainer_class_by_name(trainer)(plans, configuration, 0, dataset_json,
+                                                          device=torch.device('cpu'))
     net = t.build_network_architecture(t.plans_manager, t.configuration_manager, len(dataset_json['channel_names']),
                                        t.label_manager.num_segmentation_heads, False).eval()
     x = torch.randn(1, len(dataset_json['channel_names']), *t.configuration_manager.patch_size)
