@@ -257,14 +257,20 @@ def plots(results: List[dict], gflops: Dict[str, float], out_prefix: str) -> Lis
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
+    trainers = list(dict.fromkeys(r['trainer'] for r in results))
+    colours = {t: plt.get_cmap('tab10')(i) for i, t in enumerate(trainers)}
+    markers = {'equal_iterations': 'o', 'equal_time': 's'}
+
+    def label(r: dict) -> str:
+        return f"{r['trainer'].replace('nnUNetTrainer', '') or 'stock'} ({r['budget'].replace('_', ' ')})"
+
     fig, ax = plt.subplots(figsize=(6, 4))
-    for budget, marker in (('equal_iterations', 'o'), ('equal_time', 's')):
-        for r in (r for r in results if r['budget'] == budget):
-            ax.scatter(gflops[r['trainer']], r['dice_mean'], marker=marker)
-            ax.annotate(f"{r['trainer'].replace('nnUNetTrainer', '') or 'stock'} ({budget.replace('_', ' ')})",
-                        (gflops[r['trainer']], r['dice_mean']), fontsize=7)
+    for r in results:
+        ax.scatter(gflops[r['trainer']], r['dice_mean'], color=colours[r['trainer']], marker=markers[r['budget']],
+                   s=40 if r['budget'] == 'equal_time' else 25, alpha=0.8, label=label(r))
     ax.set_xlabel('GFLOPs per patch (inference)')
     ax.set_ylabel('mean foreground Dice (validation fold)')
+    ax.legend(fontsize=6)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(f'{out_prefix}_dice_vs_gflops.png', dpi=120)
@@ -272,8 +278,9 @@ def plots(results: List[dict], gflops: Dict[str, float], out_prefix: str) -> Lis
     for r in results:
         curve = r['curve']['ema_pseudo_dice']
         per_epoch = r['iterations'] / max(1, len(curve))
-        ax.plot([per_epoch * (i + 1) for i in range(len(curve))], curve,
-                label=f"{r['trainer']} ({r['budget'].replace('_', ' ')})")
+        ax.plot([per_epoch * (i + 1) for i in range(len(curve))], curve, color=colours[r['trainer']],
+                marker=markers[r['budget']], markersize=3, linestyle='-' if r['budget'] == 'equal_time' else '--',
+                label=label(r))
     ax.set_xlabel('training iterations')
     ax.set_ylabel('EMA pseudo Dice (nnU-Net)')
     ax.legend(fontsize=6)
