@@ -39,6 +39,11 @@ TRAINER_MODULES = {STOCK: 'nnunetv2.training.nnUNetTrainer.nnUNetTrainer'}
 BENCH_PLANS = 'nnUNetBenchPlans'
 
 
+def _read_json(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
 def prepare_isbi(raw: str) -> None:
     """ISBI 2012 EM (../shared/data/ISBI2012_EM) in nnU-Net raw format: label 1 = membrane."""
     from PIL import Image
@@ -75,13 +80,12 @@ def prepare(dataset: str, root: str, batch_size: int, log: str, configuration: s
     preprocessed = os.path.join(env['nnUNet_preprocessed'], name)
     if not os.path.isdir(os.path.join(preprocessed, f'nnUNetPlans_{configuration}')):
         print(f"planning and preprocessing {name} (once; log: {log})", flush=True)
-        run_logged(['nnUNetv2_plan_and_preprocess', '-d', str(dataset_id), '-c', configuration, '-np', '2'], env,
-                   log)
+        run_logged(['nnUNetv2_plan_and_preprocess', '-d', str(dataset_id), '-c', configuration,
+                    '-np', env['nnUNet_def_n_proc']], env, log)
     splits = os.path.join(SHARED_DATA, name, 'splits_final.json')
     if os.path.isfile(splits):
         shutil.copy(splits, os.path.join(preprocessed, 'splits_final.json'))
-    with open(os.path.join(preprocessed, 'nnUNetPlans.json')) as f:
-        plans = json.load(f)
+    plans = _read_json(os.path.join(preprocessed, 'nnUNetPlans.json'))
     plans['plans_name'] = BENCH_PLANS
     plans['configurations'][configuration]['batch_size'] = batch_size
     with open(os.path.join(preprocessed, f'{BENCH_PLANS}.json'), 'w') as f:
@@ -154,11 +158,6 @@ def hd95_per_class(reference_folder: str, prediction_folder: str, dataset_json: 
 RUN_SETTINGS = ('batch_size', 'iterations_per_epoch', 'val_iterations', 'device')
 
 
-def _read_json(path: str):
-    with open(path) as f:
-        return json.load(f)
-
-
 def train_and_evaluate(env: Dict[str, str], args: argparse.Namespace, trainer: str, iterations: int,
                        log: str) -> dict:
     """Train one budgeted trainer on one fold, time nnUNetv2_predict on its validation cases, evaluate them.
@@ -188,8 +187,7 @@ def train_and_evaluate(env: Dict[str, str], args: argparse.Namespace, trainer: s
     checkpoint = torch.load(os.path.join(output, 'checkpoint_final.pth'), map_location='cpu', weights_only=False)
     logging = checkpoint['logging']
     epoch_seconds = [e - s for s, e in zip(logging['epoch_start_timestamps'], logging['epoch_end_timestamps'])]
-    with open(os.path.join(env['nnUNet_preprocessed'], name, 'splits_final.json')) as f:
-        val_cases = json.load(f)[fold]['val']
+    val_cases = _read_json(os.path.join(env['nnUNet_preprocessed'], name, 'splits_final.json'))[fold]['val']
     raw_images = os.path.join(env['nnUNet_raw'], name, 'imagesTr')
     inputs = os.path.join(os.path.dirname(output), f'val_inputs_{fold}')
     os.makedirs(inputs, exist_ok=True)
@@ -208,10 +206,8 @@ def train_and_evaluate(env: Dict[str, str], args: argparse.Namespace, trainer: s
     run_logged(['nnUNetv2_evaluate_folder', labels, predictions, '-djfile', os.path.join(model, 'dataset.json'),
                 '-pfile', os.path.join(model, 'plans.json'), '-o', os.path.join(predictions, 'summary.json'),
                 '-np', env['nnUNet_def_n_proc'], '--chill'], env, log)
-    with open(os.path.join(predictions, 'summary.json')) as f:
-        summary = json.load(f)
-    with open(os.path.join(model, 'dataset.json')) as f:
-        dataset_json = json.load(f)
+    summary = _read_json(os.path.join(predictions, 'summary.json'))
+    dataset_json = _read_json(os.path.join(model, 'dataset.json'))
     result = {'trainer': trainer, 'bench_trainer': tr, 'iterations': iterations,
               'epochs': len(epoch_seconds), 'train_seconds': float(sum(epoch_seconds)),
               'seconds_per_iteration': float(sum(epoch_seconds)) / max(1, iterations),
@@ -236,10 +232,8 @@ def network_gflops(env: Dict[str, str], dataset: str, trainer: str, configuratio
 
     name = DATASETS[dataset][1]
     folder = os.path.join(env['nnUNet_preprocessed'], name)
-    with open(os.path.join(folder, f'{BENCH_PLANS}.json')) as f:
-        plans = json.load(f)
-    with open(os.path.join(folder, 'dataset.json')) as f:
-        dataset_json = json.load(f)
+    plans = _read_json(os.path.join(folder, f'{BENCH_PLANS}.json'))
+    dataset_json = _read_json(os.path.join(folder, 'dataset.json'))
     plans['continue_training'] = False
     os.environ.update({k: env[k] for k in ('nnUNet_preprocessed', 'nnUNet_raw')})
     with tempfile.TemporaryDirectory() as scratch:  # the trainer's log file, not among the benchmark's results
@@ -405,12 +399,12 @@ def main(argv=None) -> int:
                 results.append(dict(r, budget='equal_time'))
             else:
                 timed.append((r['trainer'], n))
+        publish()
         write_trainers(trainer_dir, budgets + timed, args.iterations_per_epoch, args.val_iterations)
         for trainer, n in timed:
             r = train_and_evaluate(env, args, trainer, n, log)
             results.append(dict(r, budget='equal_time'))
             publish()
-        publish()
     return 0
 
 

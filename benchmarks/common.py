@@ -5,7 +5,6 @@ import platform
 from typing import Dict, Optional
 
 from nnunet_emcad import commands
-from nnunet_emcad.commands import run_logged
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED_DATA = os.path.join(os.path.dirname(commands.SOURCE_ROOT), 'shared', 'data')
@@ -52,11 +51,11 @@ def acdc_plans(cache: str = CACHE) -> Dict[str, str]:
     log = os.path.join(root, 'planning.log')
     if not os.path.isfile(os.path.join(folder, 'dataset_fingerprint.json')):
         print(f"planning ACDC with nnU-Net (once; log: {log})", flush=True)
-        run_logged(['nnUNetv2_extract_fingerprint', '-d', '27', '-np', '2'], env, log)
+        commands.run_logged(['nnUNetv2_extract_fingerprint', '-d', '27', '-np', '2'], env, log)
     if not os.path.isfile(plans['default']):
-        run_logged(['nnUNetv2_plan_experiment', '-d', '27'], env, log)
+        commands.run_logged(['nnUNetv2_plan_experiment', '-d', '27'], env, log)
     if not os.path.isfile(plans['resenc_m']):
-        run_logged(['nnUNetv2_plan_experiment', '-d', '27', '-pl', 'nnUNetPlannerResEncM'], env, log)
+        commands.run_logged(['nnUNetv2_plan_experiment', '-d', '27', '-pl', 'nnUNetPlannerResEncM'], env, log)
     return plans
 
 
