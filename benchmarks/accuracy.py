@@ -304,6 +304,19 @@ def default_trainers(configuration: str) -> List[str]:
     return [STOCK] + (EMCAD_TRAINERS if configuration == '2d' else EMCAD_3D_TRAINERS)
 
 
+def command_line(args: argparse.Namespace) -> str:
+    """The command that reproduces a run's settings (work and output folders left at their defaults)."""
+    words = ['python', 'benchmarks/accuracy.py', '--dataset', args.dataset]
+    if args.configuration != '2d':
+        words += ['--configuration', args.configuration]
+    if args.trainers != default_trainers(args.configuration):
+        words += ['--trainers', *args.trainers]
+    words += ['--iterations', str(args.iterations), '--iterations-per-epoch', str(args.iterations_per_epoch),
+              '--val-iterations', str(args.val_iterations), '--batch-size', str(args.batch_size),
+              '--fold', str(args.fold), '--device', args.device]
+    return ' '.join(words + (['--no-equal-time'] if args.no_equal_time else []))
+
+
 def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespace, info: Dict[str, str],
            name: str) -> str:
     labels = sorted({k for r in results for k in r['dice_per_class']}, key=int)
@@ -313,7 +326,7 @@ def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespa
              f"batch {args.batch_size}, {args.iterations_per_epoch} iterations per epoch; equal iterations = "
              f"{args.iterations} iterations each; equal time = stock nnU-Net's training time in that run. "
              f"This is a short CPU budget, far from nnU-Net's 1000 x 250 iterations: read it as a comparison of "
-             f"early training, not as final accuracy.", '',
+             f"early training, not as final accuracy.", '', f"Reproduce: `{command_line(args)}`", '',
              '| trainer | budget | iterations | train time | GFLOPs | ' + ' | '.join(f'Dice {k}' for k in labels)
              + ' | mean Dice | mean HD95 (scored) | nnUNetv2_predict (val cases) |',
              '|---|---|---:|---:|---:|' + '---:|' * len(labels) + '---:|---:|---:|']
@@ -346,7 +359,8 @@ def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespa
     return '\n'.join(lines)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's command-line options."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--dataset', choices=sorted(DATASETS), default='acdc')
     parser.add_argument('--configuration', default='2d', help='2d (default) or 3d_fullres / 3d_lowres')
@@ -360,6 +374,11 @@ def main(argv=None) -> int:
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--work', default=os.path.join(CACHE, 'accuracy'), help='nnU-Net folders (kept, reused)')
     parser.add_argument('--out', default=os.path.join(HERE, 'results'))
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.trainers is None:
         args.trainers = default_trainers(args.configuration)

@@ -54,3 +54,25 @@ def test_hd95_measures_surface_distance_in_physical_units():
     volume = np.zeros((6, 30, 30), dtype=bool)
     volume[1:5, 5:15, 5:15] = True
     assert hd95(volume, np.roll(volume, 1, axis=0), [5.0, 1.0, 1.0]) == pytest.approx(5.0)
+
+
+@pytest.mark.parametrize('argv', [
+    ['--dataset', 'isbi', '--iterations', '40', '--iterations-per-epoch', '20', '--batch-size', '2',
+     '--trainers', 'nnUNetTrainer', 'nnUNetTrainerEMCAD_PVTb0'],
+    ['--configuration', '3d_fullres', '--fold', '3', '--no-equal-time', '--val-iterations', '1'],
+])
+def test_accuracy_report_names_the_command_that_reproduces_it(argv):
+    sys.path.insert(0, BENCHMARKS)
+    from accuracy import build_parser, command_line, default_trainers
+
+    def parse(words):
+        args = build_parser().parse_args(words)
+        args.trainers = args.trainers or default_trainers(args.configuration)
+        return args
+
+    args = parse(argv + ['--work', '/elsewhere'])
+    words = command_line(args).split()
+    assert words[:2] == ['python', 'benchmarks/accuracy.py']
+    again = vars(parse(words[2:]))
+    assert {k: v for k, v in again.items() if k != 'work'} == {k: v for k, v in vars(args).items() if k != 'work'}
+    assert ('--trainers' in words) == (args.trainers != default_trainers(args.configuration))
