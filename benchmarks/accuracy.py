@@ -21,7 +21,7 @@ import shutil
 import sys
 import tempfile
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 
@@ -377,7 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv=None) -> int:
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    """The benchmark's settings, checked, with the default trainers filled in."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.trainers is None:
@@ -386,6 +387,11 @@ def main(argv=None) -> int:
         parser.error('--iterations must be a multiple of --iterations-per-epoch')
     if STOCK not in args.trainers:
         parser.error(f'--trainers must include {STOCK}: the budgets and goals are relative to it')
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
 
     root = os.path.join(args.work, args.dataset)
     log = os.path.join(root, 'commands.log')

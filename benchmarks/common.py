@@ -51,7 +51,7 @@ def acdc_plans(cache: str = CACHE) -> Dict[str, str]:
     log = os.path.join(root, 'planning.log')
     if not os.path.isfile(os.path.join(folder, 'dataset_fingerprint.json')):
         print(f"planning ACDC with nnU-Net (once; log: {log})", flush=True)
-        commands.run_logged(['nnUNetv2_extract_fingerprint', '-d', '27', '-np', '2'], env, log)
+        commands.run_logged(['nnUNetv2_extract_fingerprint', '-d', '27', '-np', env['nnUNet_def_n_proc']], env, log)
     if not os.path.isfile(plans['default']):
         commands.run_logged(['nnUNetv2_plan_experiment', '-d', '27'], env, log)
     if not os.path.isfile(plans['resenc_m']):

@@ -63,16 +63,11 @@ def test_hd95_measures_surface_distance_in_physical_units():
 ])
 def test_accuracy_report_names_the_command_that_reproduces_it(argv):
     sys.path.insert(0, BENCHMARKS)
-    from accuracy import build_parser, command_line, default_trainers
+    from accuracy import command_line, default_trainers, parse_args
 
-    def parse(words):
-        args = build_parser().parse_args(words)
-        args.trainers = args.trainers or default_trainers(args.configuration)
-        return args
-
-    args = parse(argv + ['--work', '/elsewhere'])
+    args = parse_args(argv + ['--work', '/elsewhere'])
     words = command_line(args).split()
     assert words[:2] == ['python', 'benchmarks/accuracy.py']
-    again = vars(parse(words[2:]))
+    again = vars(parse_args(words[2:]))
     assert {k: v for k, v in again.items() if k != 'work'} == {k: v for k, v in vars(args).items() if k != 'work'}
     assert ('--trainers' in words) == (args.trainers != default_trainers(args.configuration))
