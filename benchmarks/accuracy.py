@@ -11,7 +11,7 @@ Budgets run through generated trainer subclasses (Bench_<trainer>_it<N>) and a p
 of --batch-size (nnUNetBenchPlans, reusing the preprocessed data). The full nnU-Net schedule is what a GPU user
 runs instead: nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerEMCAD. --configuration 3d_fullres compares stock
 nnU-Net 3D with the EMCAD 3D trainers (results accuracy_<dataset>_3d_fullres).
-Writes benchmarks/results/accuracy_<dataset>.json, .md, a Dice-vs-GFLOPs plot and training curves (PNG),
+Writes benchmarks/results/accuracy_<dataset>.json (or --name), .md, a Dice-vs-GFLOPs plot and training curves (PNG),
 after every finished run, so an interrupted benchmark keeps what it measured; finished runs are reused.
 """
 import argparse
@@ -304,6 +304,11 @@ def default_trainers(configuration: str) -> List[str]:
     return [STOCK] + (EMCAD_TRAINERS if configuration == '2d' else EMCAD_3D_TRAINERS)
 
 
+def default_name(dataset: str, configuration: str) -> str:
+    """The result files' name when --name is not given."""
+    return f'accuracy_{dataset}' + ('' if configuration == '2d' else f'_{configuration}')
+
+
 def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces a run's settings (work and output folders left at their defaults)."""
     words = ['python', 'benchmarks/accuracy.py', '--dataset', args.dataset]
@@ -314,17 +319,20 @@ def command_line(args: argparse.Namespace) -> str:
     words += ['--iterations', str(args.iterations), '--iterations-per-epoch', str(args.iterations_per_epoch),
               '--val-iterations', str(args.val_iterations), '--batch-size', str(args.batch_size),
               '--fold', str(args.fold), '--device', args.device]
+    if args.name != default_name(args.dataset, args.configuration):
+        words += ['--name', args.name]
     return ' '.join(words + (['--no-equal-time'] if args.no_equal_time else []))
 
 
 def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespace, info: Dict[str, str],
            name: str) -> str:
     labels = sorted({k for r in results for k in r['dice_per_class']}, key=int)
+    equal_time = "not run (--no-equal-time)" if args.no_equal_time else "stock nnU-Net's training time in that run"
     lines = [f"# Accuracy through the nnU-Net pipeline: {DATASETS[args.dataset][1]} {args.configuration}, "
-             f"fold {args.fold}", '',
+             f"fold {args.fold}, {args.iterations} iterations", '',
              f"Machine: {info['cpu']}, {info['cores']} cores, GPU: {info['gpu']}; device {args.device}. Budget: "
              f"batch {args.batch_size}, {args.iterations_per_epoch} iterations per epoch; equal iterations = "
-             f"{args.iterations} iterations each; equal time = stock nnU-Net's training time in that run. "
+             f"{args.iterations} iterations each; equal time = {equal_time}. "
              f"This is a short CPU budget, far from nnU-Net's 1000 x 250 iterations: read it as a comparison of "
              f"early training, not as final accuracy.", '', f"Reproduce: `{command_line(args)}`", '',
              '| trainer | budget | iterations | train time | GFLOPs | ' + ' | '.join(f'Dice {k}' for k in labels)
@@ -349,11 +357,12 @@ def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespa
                   'Dice vs stock, equal time (goal > 0) | predict speed-up (goal >= 1.5x) |', '|---|---:|---:|---:|']
         for trainer in dict.fromkeys(r['trainer'] for r in results if r['trainer'] != STOCK):
             it = next((r for r in results if r['trainer'] == trainer and r['budget'] == 'equal_iterations'), None)
-            tm = next((r for r in results if r['trainer'] == trainer and r['budget'] == 'equal_time'), it)
+            tm = next((r for r in results if r['trainer'] == trainer and r['budget'] == 'equal_time'), None)
             d_it = 100 * (it['dice_mean'] - stock['dice_mean'])
-            d_tm = 100 * (tm['dice_mean'] - stock['dice_mean'])
+            d_tm = None if tm is None else 100 * (tm['dice_mean'] - stock['dice_mean'])
             speed = stock['predict_seconds'] / it['predict_seconds']
-            lines.append(f"| {trainer} | {d_it:+.1f} ({_verdict(d_it >= -0.5)}) | {d_tm:+.1f} ({_verdict(d_tm > 0)}) | "
+            time_cell = 'not run' if d_tm is None else f"{d_tm:+.1f} ({_verdict(d_tm > 0)})"
+            lines.append(f"| {trainer} | {d_it:+.1f} ({_verdict(d_it >= -0.5)}) | {time_cell} | "
                          f"{speed:.2f}x ({_verdict(speed >= 1.5)}) |")
     lines += ['', f"![Dice against GFLOPs]({name}_dice_vs_gflops.png)", f"![Training curves]({name}_curves.png)", '']
     return '\n'.join(lines)
@@ -373,6 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--no-equal-time', action='store_true', help='run the equal-iteration budget only')
     parser.add_argument('--device', default='cpu')
     parser.add_argument('--work', default=os.path.join(CACHE, 'accuracy'), help='nnU-Net folders (kept, reused)')
+    parser.add_argument('--name', help='result file name (default accuracy_<dataset>, plus _<configuration> '
+                        'if not 2d); give another to keep a second budget beside the first')
     parser.add_argument('--out', default=os.path.join(HERE, 'results'))
     return parser
 
@@ -383,6 +394,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.trainers is None:
         args.trainers = default_trainers(args.configuration)
+    args.name = args.name or default_name(args.dataset, args.configuration)
     if args.iterations % args.iterations_per_epoch:
         parser.error('--iterations must be a multiple of --iterations-per-epoch')
     if STOCK not in args.trainers:
@@ -398,7 +410,7 @@ def main(argv=None) -> int:
     env = prepare(args.dataset, root, args.batch_size, log, args.configuration)
     trainer_dir = env['nnUNet_extTrainer'] = os.path.join(root, 'trainers')
     gflops = {t: network_gflops(env, args.dataset, t, args.configuration) for t in args.trainers}
-    name = f'accuracy_{args.dataset}' + ('' if args.configuration == '2d' else f'_{args.configuration}')
+    name = args.name
     info = machine()
     results = []
 

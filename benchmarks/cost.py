@@ -134,6 +134,20 @@ def _verdict(ok: bool) -> str:
     return 'met' if ok else 'missed'
 
 
+REPRODUCED = ('plans', 'resenc_plans', 'configuration', 'trainers', 'threads', 'warmup', 'repeats', 'train_batch',
+              'train_repeats', 'device', 'name')
+
+
+def command_line(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
+    """The command that reproduces a run's settings: the options given other values than their defaults."""
+    words = ['python', 'benchmarks/cost.py']
+    for dest in REPRODUCED:
+        value = getattr(args, dest)
+        if value != parser.get_default(dest):
+            words += [f"--{dest.replace('_', '-')}", *(map(str, value) if isinstance(value, list) else [str(value)])]
+    return ' '.join(words)
+
+
 def report(rows: List[dict], fidelity: List[dict], args: argparse.Namespace, info: Dict[str, str]) -> str:
     """The Markdown report, goals included."""
     stock = next((r for r in rows if r['name'] == STOCK), None)
@@ -144,6 +158,7 @@ def report(rows: List[dict], fidelity: List[dict], args: argparse.Namespace, inf
              f"warm-up runs. Training step: batch {args.train_batch}, the trainer's own loss (deep supervision on) "
              f"and optimiser, median of {args.train_repeats}. MACs = multiply-adds = FLOPs / 2 "
              f"(torch.utils.flop_counter). Peak RSS is the whole worker process's high-water mark.", '',
+             f"Reproduce: `{args.command}`", '',
              '| network | trainer | patch | params (enc / dec / heads) | MACs (enc / dec / heads) | GFLOPs | '
              'CPU latency | train step | peak RSS |', '|---|---|---|---|---|---:|---:|---:|---:|']
     for r in rows:
@@ -181,7 +196,8 @@ def report(rows: List[dict], fidelity: List[dict], args: argparse.Namespace, inf
     return '\n'.join(lines)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The benchmark's command-line options."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--plans', help='nnUNetPlans.json (dataset.json beside it); default: ACDC from ../shared')
     parser.add_argument('--resenc-plans', help='ResEnc plans for the stock ResEnc row; default: ACDC ResEnc M')
@@ -196,10 +212,16 @@ def main(argv=None) -> int:
     parser.add_argument('--name', default='cost', help='result file name (default cost)')
     parser.add_argument('--out', default=os.path.join(HERE, 'results'))
     parser.add_argument('--worker', help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(measure(json.loads(args.worker))))
         return 0
+    args.command = command_line(parser, args)
 
     import torch
 

@@ -10,16 +10,15 @@ import sys
 HERE = os.path.dirname(os.path.abspath(__file__))
 README = os.path.join(os.path.dirname(HERE), 'README.md')
 START, END = '<!-- results:start -->', '<!-- results:end -->'
-ORDER = ('cost', 'cost_3d', 'accuracy_acdc', 'accuracy_isbi')
 
 
 def section(results_dir: str) -> str:
-    """The results section: each report, headings moved two levels down, image paths made README-relative."""
+    """The results section: each report (cost first, then accuracy, by name), headings moved two levels down,
+    image paths made README-relative."""
+    names = [f[:-3] for f in os.listdir(results_dir) if f.endswith('.md')] if os.path.isdir(results_dir) else []
     parts = []
-    for name in ORDER:
+    for name in sorted(names, key=lambda n: (not n.startswith('cost'), n)):
         path = os.path.join(results_dir, f'{name}.md')
-        if not os.path.isfile(path):
-            continue
         with open(path) as f:
             text = f.read()
         text = re.sub(r'^(#+) ', lambda m: '#' * (len(m.group(1)) + 2) + ' ', text, flags=re.M)

@@ -1,4 +1,5 @@
-"""The cost benchmark runs end to end on a tiny plan, so it cannot rot; the accuracy benchmark's HD95 is right."""
+"""The cost benchmark runs end to end on a tiny plan, so it cannot rot; the accuracy benchmark's HD95 is right;
+reports name the commands that reproduce them; the README lists every report."""
 import json
 import os
 import subprocess
@@ -36,6 +37,14 @@ def test_cost_benchmark_on_a_tiny_plan(tmp_path):
     assert rows['nnUNetTrainerEMCAD']['macs']['decoder'] < rows['nnUNetTrainer']['macs']['decoder']
     report = (tmp_path / 'results' / 'cost.md').read_text()
     assert 'Goals against stock nnU-Net' in report and 'EMCAD-B2' in report
+    sys.path.insert(0, BENCHMARKS)
+    from cost import build_parser
+
+    command = next(line for line in report.splitlines() if line.startswith('Reproduce: '))
+    words = command[len('Reproduce: `'):-1].split()
+    assert words[:2] == ['python', 'benchmarks/cost.py'] and '--out' not in words
+    again = vars(build_parser().parse_args(words[2:] + ['--out', str(tmp_path / 'results')]))
+    assert again == {k: v for k, v in result['settings'].items() if k != 'command'} | {'worker': None}
     help_text = subprocess.run([sys.executable, os.path.join(BENCHMARKS, 'cost.py'), '--help'],
                                capture_output=True, text=True).stdout
     assert 'Cost at a plan' in help_text and '--train-batch' in help_text
@@ -60,6 +69,7 @@ def test_hd95_measures_surface_distance_in_physical_units():
     ['--dataset', 'isbi', '--iterations', '40', '--iterations-per-epoch', '20', '--batch-size', '2',
      '--trainers', 'nnUNetTrainer', 'nnUNetTrainerEMCAD_PVTb0'],
     ['--configuration', '3d_fullres', '--fold', '3', '--no-equal-time', '--val-iterations', '1'],
+    ['--iterations', '500', '--name', 'accuracy_acdc_it500'],
 ])
 def test_accuracy_report_names_the_command_that_reproduces_it(argv):
     sys.path.insert(0, BENCHMARKS)
@@ -71,3 +81,18 @@ def test_accuracy_report_names_the_command_that_reproduces_it(argv):
     again = vars(parse_args(words[2:]))
     assert {k: v for k, v in again.items() if k != 'work'} == {k: v for k, v in vars(args).items() if k != 'work'}
     assert ('--trainers' in words) == (args.trainers != default_trainers(args.configuration))
+    assert ('--name' in words) == ('--name' in argv)
+
+
+def test_readme_results_list_every_report_cost_first(tmp_path):
+    sys.path.insert(0, BENCHMARKS)
+    from update_readme import section
+
+    for name in ('accuracy_isbi', 'cost_3d', 'accuracy_acdc_it500', 'cost', 'accuracy_acdc'):
+        (tmp_path / f'{name}.md').write_text(f'# {name}\n\n![plot]({name}.png)\n')
+    (tmp_path / 'cost.json').write_text('{}')
+    text = section(str(tmp_path))
+    sources = [line.split('benchmarks/results/')[1].split('.md')[0] for line in text.splitlines()
+               if line.startswith('<!-- from ')]
+    assert sources == ['cost', 'cost_3d', 'accuracy_acdc', 'accuracy_acdc_it500', 'accuracy_isbi']
+    assert '### accuracy_isbi' in text and '](benchmarks/results/accuracy_isbi.png)' in text
