@@ -169,10 +169,13 @@ def report(rows: List[dict], fidelity: List[dict], args: argparse.Namespace, inf
                      f"{r['flops']['total'] / 1e9:.2f} | {r['latency_ms'].get('fp32', float('nan')):.0f} ms | "
                      f"{r['train_step_ms'] / 1000:.2f} s | {r['peak_rss_after_train_step_mb']:.0f} MB |")
     if any('amp' in r['latency_ms'] for r in rows):
-        lines += ['', '| network | CUDA AMP latency | AMP + torch.compile | peak CUDA memory (train step) |',
-                  '|---|---:|---:|---:|']
+        lines += ['', f"On {info['gpu']}: latency at batch 1 under AMP (float16 autocast), CUDA events; the training "
+                  f"step at batch {args.train_batch} under AMP.", '',
+                  '| network | CUDA AMP latency | AMP + torch.compile | train step (AMP) | peak CUDA memory (train step) |',
+                  '|---|---:|---:|---:|---:|']
         lines += [f"| {r['name']} | {r['latency_ms']['amp']:.2f} ms | {r['latency_ms']['amp_compiled']:.2f} ms | "
-                  f"{r['peak_cuda_train_mb']:.0f} MB |" for r in rows if 'amp' in r['latency_ms']]
+                  f"{r['cuda_train_step_ms']:.0f} ms | {r['peak_cuda_train_mb']:.0f} MB |"
+                  for r in rows if 'amp' in r['latency_ms']]
     if stock is not None:
         lines += ['', f"## Goals against stock nnU-Net ({stock['network']})", '',
                   f"| trainer | decoder params vs stock (goal <= {GOAL_DECODER_PARAMS:.0%}) | decoder MACs vs stock "

@@ -45,6 +45,30 @@ def test_cost_benchmark_on_a_tiny_plan(tmp_path):
     assert words[:2] == ['python', 'benchmarks/cost.py'] and '--out' not in words
     again = vars(build_parser().parse_args(words[2:] + ['--out', str(tmp_path / 'results')]))
     assert again == {k: v for k, v in result['settings'].items() if k != 'command'} | {'worker': None}
+
+
+def test_cost_report_shows_the_cuda_measurements_when_a_gpu_measured_them():
+    sys.path.insert(0, BENCHMARKS)
+    from cost import build_parser, report
+
+    def row(name: str, scale: int) -> dict:
+        parts = {'encoder': 10 * scale, 'decoder': 4 * scale, 'heads': scale}
+        return {'name': name, 'trainer': name, 'network': 'Net', 'patch_size': [64, 64],
+                'params': dict(parts, total=15 * scale), 'macs': dict(parts, total=15 * scale),
+                'flops': {k: 2 * v for k, v in dict(parts, total=15 * scale).items()},
+                'latency_ms': {'fp32': 10.0 * scale, 'amp': 1.5 * scale, 'amp_compiled': 1.25 * scale},
+                'train_step_ms': 100.0 * scale, 'cuda_train_step_ms': 20.0 * scale,
+                'peak_cuda_train_mb': 300.0 * scale, 'peak_rss_after_train_step_mb': 1000.0}
+
+    args = build_parser().parse_args(['--plans', '/data/nnUNetPlans.json', '--trainers', 'nnUNetTrainer',
+                                      'nnUNetTrainerEMCAD'])
+    args.command = 'python benchmarks/cost.py'
+    info = {'cpu': 'CPU', 'cores': '2', 'gpu': 'Some GPU', 'torch': '2'}
+    text = report([row('nnUNetTrainer', 4), row('nnUNetTrainerEMCAD', 1)], [], args, info)
+    assert 'On Some GPU: latency at batch 1 under AMP' in text
+    assert '| nnUNetTrainer | 6.00 ms | 5.00 ms | 80 ms | 1200 MB |' in text
+    assert '| nnUNetTrainerEMCAD | 1.50 ms | 1.25 ms | 20 ms | 300 MB |' in text
+    assert '| nnUNetTrainerEMCAD | 25.0% (missed) | 25.0% (missed) | 4.00x (met) |' in text
     help_text = subprocess.run([sys.executable, os.path.join(BENCHMARKS, 'cost.py'), '--help'],
                                capture_output=True, text=True).stdout
     assert 'Cost at a plan' in help_text and '--train-batch' in help_text
