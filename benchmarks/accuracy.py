@@ -351,6 +351,11 @@ def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespa
               "reference holds the class."]
     if absent:
         lines += ['', f"Not in this run: {', '.join(absent)} (add them with --trainers)."]
+    unfinished = [t for t in args.trainers if not args.no_equal_time
+                  and not any(r['trainer'] == t and r['budget'] == 'equal_time' for r in results)]
+    if unfinished:
+        lines += ['', f"Equal time not measured yet for {', '.join(unfinished)}: the benchmark was stopped (or is "
+                  f"still running); the same command resumes it, reusing the finished runs."]
     stock = next((r for r in results if r['trainer'] == STOCK), None)
     if stock:
         lines += ['', '## Goals', '', '| trainer | Dice vs stock, equal iterations (goal >= -0.5 points) | '

@@ -120,3 +120,25 @@ def test_readme_results_list_every_report_cost_first(tmp_path):
                if line.startswith('<!-- from ')]
     assert sources == ['cost', 'cost_3d', 'accuracy_acdc', 'accuracy_acdc_it500', 'accuracy_isbi']
     assert '### accuracy_isbi' in text and '](benchmarks/results/accuracy_isbi.png)' in text
+
+
+@pytest.mark.parametrize('no_equal_time', [False, True])
+def test_accuracy_report_says_which_equal_time_runs_are_missing(no_equal_time):
+    sys.path.insert(0, BENCHMARKS)
+    from accuracy import parse_args, report
+
+    def run(trainer: str, budget: str, dice: float, seconds: float) -> dict:
+        return {'trainer': trainer, 'budget': budget, 'iterations': 50, 'train_seconds': 60.0,
+                'dice_per_class': {'1': dice}, 'dice_mean': dice, 'predict_seconds': seconds, 'validation_cases': 4}
+
+    trainers = ['nnUNetTrainer', 'nnUNetTrainerEMCAD_PVTb0', 'nnUNetTrainerEMCAD_PVTb2']
+    args = parse_args(['--trainers', *trainers, '--iterations', '50'] + ['--no-equal-time'] * no_equal_time)
+    results = [run(t, 'equal_iterations', d, s) for t, d, s in zip(trainers, (0.6, 0.5, 0.7), (30, 10, 40))]
+    if not no_equal_time:
+        results += [run('nnUNetTrainer', 'equal_time', 0.6, 30), run('nnUNetTrainerEMCAD_PVTb0', 'equal_time', 0.8, 10)]
+    text = report(results, dict.fromkeys(trainers, 1.0), args, {'cpu': 'CPU', 'cores': '2', 'gpu': 'none'}, 'x')
+    assert '| nnUNetTrainerEMCAD_PVTb0 | -10.0 (missed) | ' + ('not run' if no_equal_time else '+20.0 (met)') \
+        + ' | 3.00x (met) |' in text
+    assert '| nnUNetTrainerEMCAD_PVTb2 | +10.0 (met) | not run | 0.75x (missed) |' in text
+    assert ('Equal time not measured yet for nnUNetTrainerEMCAD_PVTb2:' in text) != no_equal_time
+    assert ('not run (--no-equal-time)' in text) == no_equal_time
