@@ -324,8 +324,7 @@ def command_line(args: argparse.Namespace) -> str:
     return ' '.join(words + (['--no-equal-time'] if args.no_equal_time else []))
 
 
-def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespace, info: Dict[str, str],
-           name: str) -> str:
+def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespace, info: Dict[str, str]) -> str:
     labels = sorted({k for r in results for k in r['dice_per_class']}, key=int)
     equal_time = "not run (--no-equal-time)" if args.no_equal_time else "stock nnU-Net's training time in that run"
     lines = [f"# Accuracy through the nnU-Net pipeline: {DATASETS[args.dataset][1]} {args.configuration}, "
@@ -351,8 +350,8 @@ def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespa
               "reference holds the class."]
     if absent:
         lines += ['', f"Not in this run: {', '.join(absent)} (add them with --trainers)."]
-    unfinished = [t for t in args.trainers if not args.no_equal_time
-                  and not any(r['trainer'] == t and r['budget'] == 'equal_time' for r in results)]
+    timed = {r['trainer']: r for r in results if r['budget'] == 'equal_time'}
+    unfinished = [] if args.no_equal_time else [t for t in args.trainers if t not in timed]
     if unfinished:
         lines += ['', f"Equal time not measured yet for {', '.join(unfinished)}: the benchmark was stopped (or is "
                   f"still running); the same command resumes it, reusing the finished runs."]
@@ -362,14 +361,16 @@ def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespa
                   'Dice vs stock, equal time (goal > 0) | predict speed-up (goal >= 1.5x) |', '|---|---:|---:|---:|']
         for trainer in dict.fromkeys(r['trainer'] for r in results if r['trainer'] != STOCK):
             it = next((r for r in results if r['trainer'] == trainer and r['budget'] == 'equal_iterations'), None)
-            tm = next((r for r in results if r['trainer'] == trainer and r['budget'] == 'equal_time'), None)
             d_it = 100 * (it['dice_mean'] - stock['dice_mean'])
-            d_tm = None if tm is None else 100 * (tm['dice_mean'] - stock['dice_mean'])
             speed = stock['predict_seconds'] / it['predict_seconds']
-            time_cell = 'not run' if d_tm is None else f"{d_tm:+.1f} ({_verdict(d_tm > 0)})"
+            time_cell = 'not run'
+            if trainer in timed:
+                d_tm = 100 * (timed[trainer]['dice_mean'] - stock['dice_mean'])
+                time_cell = f"{d_tm:+.1f} ({_verdict(d_tm > 0)})"
             lines.append(f"| {trainer} | {d_it:+.1f} ({_verdict(d_it >= -0.5)}) | {time_cell} | "
                          f"{speed:.2f}x ({_verdict(speed >= 1.5)}) |")
-    lines += ['', f"![Dice against GFLOPs]({name}_dice_vs_gflops.png)", f"![Training curves]({name}_curves.png)", '']
+    lines += ['', f"![Dice against GFLOPs]({args.name}_dice_vs_gflops.png)",
+              f"![Training curves]({args.name}_curves.png)", '']
     return '\n'.join(lines)
 
 
@@ -415,15 +416,14 @@ def main(argv=None) -> int:
     env = prepare(args.dataset, root, args.batch_size, log, args.configuration)
     trainer_dir = env['nnUNet_extTrainer'] = os.path.join(root, 'trainers')
     gflops = {t: network_gflops(env, args.dataset, t, args.configuration) for t in args.trainers}
-    name = args.name
     info = machine()
     results = []
 
     def publish() -> None:
         os.makedirs(args.out, exist_ok=True)
-        pngs = plots(results, gflops, os.path.join(args.out, name))
+        pngs = plots(results, gflops, os.path.join(args.out, args.name))
         payload = {'machine': info, 'settings': vars(args), 'gflops': gflops, 'results': results, 'plots': pngs}
-        write_results(name, payload, report(results, gflops, args, info, name), args.out)
+        write_results(args.name, payload, report(results, gflops, args, info), args.out)
 
     budgets = [(t, args.iterations) for t in args.trainers]
     write_trainers(trainer_dir, budgets, args.iterations_per_epoch, args.val_iterations)

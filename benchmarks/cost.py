@@ -134,16 +134,12 @@ def _verdict(ok: bool) -> str:
     return 'met' if ok else 'missed'
 
 
-REPRODUCED = ('plans', 'resenc_plans', 'configuration', 'trainers', 'threads', 'warmup', 'repeats', 'train_batch',
-              'train_repeats', 'device', 'name')
-
-
 def command_line(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
-    """The command that reproduces a run's settings: the options given other values than their defaults."""
+    """The command that reproduces a run's settings: the options given other values than their defaults (the
+    output folder left at its default)."""
     words = ['python', 'benchmarks/cost.py']
-    for dest in REPRODUCED:
-        value = getattr(args, dest)
-        if value != parser.get_default(dest):
+    for dest, value in vars(args).items():
+        if dest not in ('out', 'worker') and value != parser.get_default(dest):
             words += [f"--{dest.replace('_', '-')}", *(map(str, value) if isinstance(value, list) else [str(value)])]
     return ' '.join(words)
 

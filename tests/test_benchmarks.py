@@ -136,7 +136,7 @@ def test_accuracy_report_says_which_equal_time_runs_are_missing(no_equal_time):
     results = [run(t, 'equal_iterations', d, s) for t, d, s in zip(trainers, (0.6, 0.5, 0.7), (30, 10, 40))]
     if not no_equal_time:
         results += [run('nnUNetTrainer', 'equal_time', 0.6, 30), run('nnUNetTrainerEMCAD_PVTb0', 'equal_time', 0.8, 10)]
-    text = report(results, dict.fromkeys(trainers, 1.0), args, {'cpu': 'CPU', 'cores': '2', 'gpu': 'none'}, 'x')
+    text = report(results, dict.fromkeys(trainers, 1.0), args, {'cpu': 'CPU', 'cores': '2', 'gpu': 'none'})
     assert '| nnUNetTrainerEMCAD_PVTb0 | -10.0 (missed) | ' + ('not run' if no_equal_time else '+20.0 (met)') \
         + ' | 3.00x (met) |' in text
     assert '| nnUNetTrainerEMCAD_PVTb2 | +10.0 (met) | not run | 0.75x (missed) |' in text
