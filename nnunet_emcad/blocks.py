@@ -98,6 +98,17 @@ def _spatial_dims(x: torch.Tensor) -> Tuple[int, ...]:
     return tuple(range(2, x.ndim))
 
 
+def spatial_max(x: torch.Tensor) -> torch.Tensor:
+    """The maximum over the spatial dims, kept as size-1 dims, as the official ``AdaptiveMaxPool2d(1)`` takes it.
+
+    Like ``torch.max(x, dim)`` (SAB), its backward routes the gradient through the argmax. ``amax`` gives the
+    same values, but its backward finds the maximum again by comparing the input with the stored result: under
+    float16/bfloat16 autocast, inductor (``torch.compile``) can keep a fused input in higher precision than
+    the stored result, the comparison then matches nothing, and every gradient becomes 0/0 = NaN.
+    """
+    return x.flatten(2).max(dim=2).values.reshape(x.shape[:2] + (1,) * (x.ndim - 2))
+
+
 class MSDC(nn.Module):
     """Multi-scale depth-wise convolution: one depth-wise conv + BN + activation branch per kernel size.
 
@@ -180,7 +191,7 @@ class CAB(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dims = _spatial_dims(x)
         avg_out = self.fc2(self.activation(self.fc1(x.mean(dim=dims, keepdim=True))))
-        max_out = self.fc2(self.activation(self.fc1(x.amax(dim=dims, keepdim=True))))
+        max_out = self.fc2(self.activation(self.fc1(spatial_max(x))))
         return torch.sigmoid(avg_out + max_out)
 
 
@@ -192,7 +203,7 @@ class SAB(nn.Module):
         self.conv = conv_op(2, 1, kernel_size, padding=same_padding(kernel_size), bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        pooled = torch.cat([x.mean(dim=1, keepdim=True), torch.max(x, dim=1, keepdim=True).values], dim=1)
         return torch.sigmoid(self.conv(pooled))
 
 
