@@ -91,6 +91,8 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
 
     encoder_kind: Optional[str] = None  # 'plain' or 'residual'; None follows the plans' architecture class
     dimensions = 2
+    max_skipped_steps = 20  # steps in a row the GradScaler may skip for non-finite gradients before the run stops
+    skipped_steps = 0
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -113,13 +115,37 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
         super().on_train_start()
 
     def train_step(self, batch: dict) -> dict:
-        """nnU-Net's step; stops the run when the loss stops being finite instead of training a broken model."""
+        """nnU-Net's step; stops the run when the loss stops being finite, or when the GradScaler has skipped
+        ``max_skipped_steps`` steps in a row for non-finite gradients, instead of saving a network that did not
+        learn."""
+        scale = self.grad_scaler.get_scale() if self.grad_scaler is not None else None
         result = super().train_step(batch)
         if not np.isfinite(result['loss']).all():
-            raise RuntimeError(f"training loss became {result['loss']} in epoch {self.current_epoch}: the network "
-                               f"diverged, and continuing would only save a broken model. Lower initial_lr or "
-                               f"check the data; the last good checkpoints are in {self.output_folder}")
+            self._stop(f"training loss became {result['loss']} in epoch {self.current_epoch}: the network "
+                       f"diverged, and continuing would only save a broken model. Lower initial_lr or check the "
+                       f"data; the last good checkpoints are in {self.output_folder}")
+        if scale is not None:
+            skipped = self.grad_scaler.get_scale() < scale
+            self.skipped_steps = self.skipped_steps + 1 if skipped else 0
+            if self.skipped_steps >= self.max_skipped_steps:
+                self._stop(self._skipped_steps_message())
         return result
+
+    def _skipped_steps_message(self) -> str:
+        latest = os.path.join(self.output_folder, 'checkpoint_latest.pth')
+        checkpoint = (f"the last checkpoint is {latest}" if os.path.isfile(latest) else
+                      f"no checkpoint was saved yet (nnU-Net saves one every {self.save_every} epochs)")
+        compiled = "It runs under torch.compile (nnU-Net's default on CUDA): " if self._do_i_compile() else ''
+        return (f"the last {self.skipped_steps} optimiser steps (epoch {self.current_epoch}) were all skipped: "
+                f"the gradients were not finite, and the GradScaler's scale fell to "
+                f"{self.grad_scaler.get_scale():g}. The network is not learning, and continuing would only save it "
+                f"untrained. {compiled}retry with export nnUNet_compile=f (add --c to continue from a "
+                f"checkpoint); {checkpoint}")
+
+    def _stop(self, message: str) -> None:
+        """End training with ``message``, in the training log too."""
+        self.print_to_log_file(message)
+        raise RuntimeError(message)
 
     def _get_deep_supervision_scales(self) -> Optional[List[List[float]]]:
         """One scale per network output, read off the network's heads (nnU-Net assumes one less than stages)."""

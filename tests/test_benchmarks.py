@@ -142,3 +142,61 @@ def test_accuracy_report_says_which_equal_time_runs_are_missing(no_equal_time):
     assert '| nnUNetTrainerEMCAD_PVTb2 | +10.0 (met) | not run | 0.75x (missed) |' in text
     assert ('Equal time not measured yet for nnUNetTrainerEMCAD_PVTb2:' in text) != no_equal_time
     assert ('not run (--no-equal-time)' in text) == no_equal_time
+
+
+def test_gpu_check_runs_end_to_end_as_a_cpu_dry_run(tmp_path):
+    plans_dir = tmp_path / 'Dataset999_Plans'
+    plans_dir.mkdir()
+    (plans_dir / 'nnUNetPlans.json').write_text(json.dumps(make_plans(3, [32, 32])))
+    (plans_dir / 'dataset.json').write_text(json.dumps(DATASET_JSON))
+    proc = subprocess.run([sys.executable, os.path.join(BENCHMARKS, 'gpu_check.py'), '--plans',
+                           str(plans_dir / 'nnUNetPlans.json'), '--trainers', 'nnUNetTrainer', 'nnUNetTrainerEMCAD',
+                           '--steps', '3', '--batch-size', '2', '--device', 'cpu', '--backend', 'aot_eager',
+                           '--out', str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    runs = json.loads((tmp_path / 'gpu.json').read_text())['runs']
+    assert [r['trainer'] for r in runs] == ['nnUNetTrainer', 'nnUNetTrainerEMCAD']
+    for run in runs:
+        assert run['verdict']['trains'] and run['verdict']['follows_eager']
+        assert len(run['eager']['losses']) == len(run['compiled']['losses']) == 3
+        assert run['eager']['inference_ms']['batch_1'] > 0 and 'inference_ms' not in run['compiled']
+    report = (tmp_path / 'gpu.md').read_text()
+    assert 'Every compiled trainer trained.' in report
+    assert '`python benchmarks/gpu_check.py --plans' in report and '--backend aot_eager' in report
+
+
+def _gpu_run(losses, skipped, step_ms, memory_mb, compiled):
+    return {'losses': losses, 'grads_finite': [True] * len(losses), 'skipped': skipped, 'params_changed': True,
+            'first_step_ms': 65000.0 if compiled else 300.0, 'step_ms': step_ms, 'peak_memory_mb': memory_mb,
+            'batch': 56, 'params': 12_600_000, 'inference_ms': {'batch_1': 13.0, 'batch_plan': 40.0}}
+
+
+def test_gpu_check_report_compares_with_stock_and_names_trainers_that_do_not_train():
+    sys.path.insert(0, BENCHMARKS)
+    from gpu_check import report, verdict
+
+    rows = []
+    for trainer, compiled_losses, skipped, step, memory in (
+            ('nnUNetTrainer', [1.47, 1.36], 0, 35.0, 5000.0),
+            ('nnUNetTrainerEMCAD', [1.25, 1.25], 2, 17.5, 2500.0)):
+        eager = _gpu_run([compiled_losses[0], compiled_losses[0] - 0.1], 0, 2 * step, memory, False)
+        compiled = _gpu_run(compiled_losses, skipped, step, memory, True)
+        rows.append({'trainer': trainer, 'configuration': '2d', 'eager': eager, 'compiled': compiled,
+                     'verdict': verdict(eager, compiled)})
+    settings = {'plans': 'nnUNetPlans.json', 'device': 'cuda', 'steps': 2, 'amp_dtype': 'float16',
+                'command': 'python benchmarks/gpu_check.py'}
+    text = report(rows, settings, {'gpu': 'NVIDIA H200', 'torch': '2.11.0'})
+    stock, emcad = (next(line for line in text.splitlines() if line.startswith(f'| {t} |'))
+                    for t in ('nnUNetTrainer', 'nnUNetTrainerEMCAD'))
+    assert '| yes |' in stock and '| 1.00x |' in stock and '4.9 GB / 4.9 GB' in stock
+    assert '| **no** |' in emcad and '| 0.50x |' in emcad and '2 / 2' not in emcad and '0 / 2' in emcad
+    assert 'Compiled trainers that do not train: nnUNetTrainerEMCAD.' in text and 'NVIDIA H200' in text
+
+
+def test_gpu_check_help_says_what_it_measures():
+    proc = subprocess.run([sys.executable, os.path.join(BENCHMARKS, 'gpu_check.py'), '--help'],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    for promise in ('torch.compile', 'skipped steps', 'peak CUDA memory', 'inference latency', 'leaves out',
+                    'Exits 1 when a compiled trainer does not train'):
+        assert promise in ' '.join(proc.stdout.split()), promise

@@ -1,9 +1,10 @@
 """Behaviour of each EMCAD block against the official definitions."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from nnunet_emcad.blocks import CAB, EUCB, LGAG, MSCB, MSDC, SAB, channel_shuffle, make_activation
+from nnunet_emcad.blocks import CAB, EUCB, LGAG, MSCB, MSDC, SAB, channel_shuffle, make_activation, spatial_max
 from nnunet_emcad.emcad import EMCADDecoder
 
 
@@ -84,6 +85,20 @@ def test_cab_shares_one_mlp_for_avg_and_max_pooling():
     torch.testing.assert_close(got, want)
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('shape,pool', [((2, 6, 5, 7), F.adaptive_max_pool2d), ((2, 6, 3, 5, 4), F.adaptive_max_pool3d)])
+def test_cab_max_pools_values_and_gradients_like_the_official_pooling(shape, pool, dtype):
+    x = torch.randn(*shape, dtype=dtype)
+    x[0, 0].fill_(1.5)  # a tie: the official pooling gives the whole gradient to one position, amax splits it
+    ours, official = x.clone().requires_grad_(), x.clone().requires_grad_()
+    weights = torch.randn(shape[0], shape[1], dtype=dtype)
+    (spatial_max(ours).flatten(1) * weights).sum().backward()
+    (pool(official, 1).flatten(1) * weights).sum().backward()
+    torch.testing.assert_close(spatial_max(x), pool(x, 1), rtol=0, atol=0)
+    torch.testing.assert_close(ours.grad.flatten(2).sum(-1), official.grad.flatten(2).sum(-1))
+    assert (ours.grad != 0).flatten(2).sum(-1).max() == 1
+
+
 @pytest.mark.parametrize('channels,hidden', [(8, 1), (15, 1), (16, 1), (32, 2), (320, 20)])
 def test_cab_hidden_width(channels, hidden):
     assert CAB(channels).fc1.out_channels == hidden
@@ -101,6 +116,9 @@ def test_sab_pools_mean_then_max():
         sab.conv.weight.zero_()
         sab.conv.weight[0, 1, 3, 3] = 1.0
     torch.testing.assert_close(sab(x), torch.sigmoid(x.amax(1, keepdim=True)))
+    x.requires_grad_()
+    sab(x).sum().backward()
+    assert ((x.grad != 0).sum(1) == 1).all()  # the max's gradient goes to one channel per pixel, as torch.max
 
 
 def test_lgag_gates_the_skip():

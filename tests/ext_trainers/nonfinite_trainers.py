@@ -1,0 +1,23 @@
+"""A test-only trainer whose gradients are never finite, as under the compiled-backward bug the skipped-step guard
+is for; nnU-Net finds it through a user-set nnUNet_extTrainer."""
+import torch
+
+from nnunet_emcad.trainers import nnUNetTrainerEMCAD, unwrap
+
+
+class nnUNetTrainerEMCAD_nonfinite(nnUNetTrainerEMCAD):
+    """Two short epochs with a GradScaler on the CPU (nnU-Net makes one on CUDA only) and a gradient hook that
+    makes every gradient of the first head infinite, so the GradScaler skips every step."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 2
+        self.num_iterations_per_epoch = 15
+        self.num_val_iterations_per_epoch = 2
+        self.grad_scaler = torch.amp.GradScaler('cpu')
+
+    def initialize(self) -> None:
+        super().initialize()
+        for parameter in unwrap(self.network).decoder.seg_layers[0].parameters():
+            parameter.register_hook(lambda grad: grad * float('inf'))
