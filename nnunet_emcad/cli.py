@@ -5,7 +5,13 @@ import io
 import os
 import platform
 import sys
+import warnings
 from typing import List, Optional
+
+DESCRIPTION = ("EMCAD (CVPR 2024), a light attention decoder, as an nnU-Net v2 plugin. Train, predict and evaluate "
+               "with nnU-Net's own commands and -tr nnUNetTrainerEMCAD (nnUNetTrainerEMCAD_PVTb0 on a CPU); this "
+               "command runs the demo, checks the set-up (info), converts official checkpoints, exports ONNX and "
+               "runs the benchmarks.")
 
 def _demo(args: argparse.Namespace) -> int:
     """A short real EMCAD training through nnU-Net's commands: data, plan, train, predict, evaluate, overlays."""
@@ -61,7 +67,9 @@ def _info(args: argparse.Namespace) -> int:
 
     print(f"nnUNet_extTrainer: {os.environ.get('nnUNet_extTrainer', '')}")
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net narrates its search
+        # nnU-Net narrates its search, and the modules it imports (timm) warn of deprecations meant for developers
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter('ignore')
             trainer = recursive_find_trainer_class_by_name('nnUNetTrainerEMCAD')
         print(f"nnUNetTrainerEMCAD: found by nnU-Net ({trainer.__module__})")
     except RuntimeError as e:
@@ -154,7 +162,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     """Parse ``argv`` and run the chosen subcommand."""
     from nnunet_emcad.demo import DATA_CHOICES
 
-    parser = argparse.ArgumentParser(prog='nnunet-emcad', description=__doc__)
+    parser = argparse.ArgumentParser(prog='nnunet-emcad', description=DESCRIPTION)
     sub = parser.add_subparsers(dest='command', required=True)
     demo = sub.add_parser('demo', help=_demo.__doc__, description=_demo.__doc__ + ' Data: ACDC cardiac MRI '
                           'where ../shared/data is present, else real lung CT from the pycerr wheel on PyPI, else '
