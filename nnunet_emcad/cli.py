@@ -166,7 +166,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest='command', required=True)
     demo = sub.add_parser('demo', help=_demo.__doc__, description=_demo.__doc__ + ' Data: ACDC cardiac MRI '
                           'where ../shared/data is present, else real lung CT from the pycerr wheel on PyPI, else '
-                          'generated images. About ten minutes on 2 CPU cores.')
+                          'generated images. About ten minutes on 2 otherwise idle CPU cores.')
     demo.add_argument('--data', choices=DATA_CHOICES, default='auto', help='data set (default auto: the first '
                       'available of acdc, lungct, synthetic)')
     demo.add_argument('--workdir', default='nnunet_emcad_demo', help='folder for data, models, logs and results '
@@ -178,7 +178,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     demo.add_argument('--batch-size', type=int, default=8, help='batch size (default 8)')
     demo.add_argument('--device', choices=('cpu', 'cuda', 'mps'), help='default: cuda when present, else cpu')
     demo.add_argument('--fast', action='store_true', help='2 epochs of 5 iterations at batch 4: checks the '
-                      'pipeline in about a minute (use with --data synthetic)')
+                      'pipeline in about three minutes on 2 CPU cores (use with --data synthetic)')
     demo.set_defaults(func=_demo)
     paper = sub.add_parser('paper', help=_paper.__doc__, description=_paper.__doc__)
     paper.add_argument('--size', type=int, default=224, help='input size (default 224, as in the paper)')
