@@ -82,7 +82,7 @@ def unwrap(network: nn.Module) -> nn.Module:
 
 
 class nnUNetTrainerEMCAD(nnUNetTrainer):
-    """EMCAD decoder over the plan's own encoder: the recommended default.
+    """EMCAD decoder over the plan's own encoder: the recommendation on a GPU.
 
     The encoder is the one nnU-Net configured (``PlainConvEncoder`` from the default plans, ``ResidualEncoder``
     from ResEnc plans), trained from scratch with nnU-Net's recipe (SGD 0.01, Nesterov, poly decay). Why this
