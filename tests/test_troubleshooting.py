@@ -36,8 +36,8 @@ def readme_rows() -> list:
 
 
 def as_pattern(message: str) -> str:
-    """The README's message as a regular expression: ``...`` stands for anything."""
-    return '.*?'.join(re.escape(part) for part in message.split('...'))
+    """The README's message as a regular expression: ``...`` stands for anything, a space for any white space."""
+    return '.*?'.join(re.escape(part).replace('\\ ', r'\s+') for part in re.split(r'\s*\.\.\.\s*', message))
 
 
 def command(args, env, cwd=None) -> str:
