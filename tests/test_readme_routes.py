@@ -34,7 +34,8 @@ def test_the_cpu_route_runs_as_written_on_generated_images(tmp_path):
     proc = subprocess.run(['bash', '-e', '-c', script], env=_user_env(tmp_path), cwd=tmp_path, capture_output=True,
                           text=True, timeout=1500, stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    fold = tmp_path / 'nnUNet_results' / 'Dataset027_ACDC' / 'nnUNetTrainerEMCAD_PVTb0_500it__nnUNetPlans__2d' / 'fold_0'
+    model = 'nnUNetTrainerEMCAD_PVTb0_500it__nnUNetPlans__2d'
+    fold = tmp_path / 'nnUNet_results' / 'Dataset027_ACDC' / model / 'fold_0'
     log = next(fold.glob('training_log_*.txt')).read_text()
     assert re.findall(r': Epoch (\d+)\s*$', log, re.M)[-1] == '19' and (fold / 'progress.png').is_file()
     with open(tmp_path / 'acdc_predictions' / 'summary.json') as f:

@@ -151,16 +151,17 @@ def diverging(root, env, tmp):
 
 def damaged_checkpoint(root, env, tmp):
     _model_folder(env, 'nnUNetTrainerEMCAD', DAMAGED)
-    out = _train(env, 'nnUNetTrainerEMCAD', '2d', '--val')
-    out += command([os.path.join(BIN, 'nnunet-emcad'), 'export-onnx', '-d', PLANNED, '-tr', 'nnUNetTrainerEMCAD',
-                    '-o', str(tmp / 'x.onnx')], env)
-    assert out.count('is not a readable PyTorch checkpoint') == 2 and 'UnpicklingError' not in out, out
-    return out
+    trained = _train(env, 'nnUNetTrainerEMCAD', '2d', '--val')
+    exported = command([os.path.join(BIN, 'nnunet-emcad'), 'export-onnx', '-d', PLANNED, '-tr', 'nnUNetTrainerEMCAD',
+                        '-o', str(tmp / 'x.onnx')], env)
+    for out in (trained, exported):
+        assert 'is not a readable PyTorch checkpoint' in out and 'UnpicklingError' not in out, out
+    return trained + exported
 
 
 def export_untrained(root, env, tmp):
-    return command([os.path.join(BIN, 'nnunet-emcad'), 'export-onnx', '-d', PLANNED, '-tr', 'nnUNetTrainerEMCAD_5epochs',
-                    '-o', str(tmp / 'x.onnx')], env)
+    return command([os.path.join(BIN, 'nnunet-emcad'), 'export-onnx', '-d', PLANNED,
+                    '-tr', 'nnUNetTrainerEMCAD_5epochs', '-o', str(tmp / 'x.onnx')], env)
 
 
 def _convert(env, tmp, channels: int, trainer: str) -> str:
