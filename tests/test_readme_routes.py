@@ -13,7 +13,7 @@ README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 def _section(heading: str) -> str:
     with open(README) as f:
         text = f.read()
-    return text.split(f'\n{heading}\n', 1)[1].split('\n#', 1)[0]
+    return re.split(r'\n#{2,3} ', text.split(f'\n{heading}\n', 1)[1], maxsplit=1)[0]
 
 
 def _block(section: str, language: str) -> str:
