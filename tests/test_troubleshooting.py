@@ -21,7 +21,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 README = os.path.join(os.path.dirname(TESTS), 'README.md')
 BIN = os.path.dirname(sys.executable)
 PLANNED = 'Dataset999_Plans'  # the data set name make_plans writes
-DAMAGED = bytes(4096)  # what a disk error or an interrupted copy can leave
+DAMAGED = bytes([0xff]) * 4096  # bytes that are no checkpoint (a disk error, a wrong file)
 RAN = []  # the console scripts the current test ran
 
 
