@@ -1,4 +1,4 @@
-"""Fill the README's results section from benchmarks/results/*.md (the benchmarks' own reports).
+"""List the benchmark reports of benchmarks/results/*.md (the benchmarks' own reports) in the README.
 
 python benchmarks/update_readme.py   # rewrites the part of README.md between the results markers
 """
@@ -13,17 +13,21 @@ START, END = '<!-- results:start -->', '<!-- results:end -->'
 
 
 def section(results_dir: str) -> str:
-    """The results section: each report (cost first, then accuracy, by name), headings moved two levels down,
-    image paths made README-relative."""
+    """The list of reports (cost first, then accuracy, by name): each one's title, a link to it, the machine it
+    was measured on and links to its plots; the reports themselves hold the tables."""
     names = [f[:-3] for f in os.listdir(results_dir) if f.endswith('.md')] if os.path.isdir(results_dir) else []
     parts = []
     for name in sorted(names, key=lambda n: (not n.startswith('cost'), n)):
-        path = os.path.join(results_dir, f'{name}.md')
-        with open(path) as f:
+        with open(os.path.join(results_dir, f'{name}.md')) as f:
             text = f.read()
-        text = re.sub(r'^(#+) ', lambda m: '#' * (len(m.group(1)) + 2) + ' ', text, flags=re.M)
-        text = re.sub(r'\]\((?!http)([^)]+\.png)\)', lambda m: f"](benchmarks/results/{m.group(1)})", text)
-        parts.append(f"<!-- from benchmarks/results/{name}.md -->\n{text.strip()}\n")
+        title = re.search(r'^#+ (.*)$', text, re.M)
+        machine = re.search(r'^(Machine: .*?\.)(?: |$)', text, re.M)
+        plots = [f"[{label or 'plot'}](benchmarks/results/{png})"
+                 for label, png in re.findall(r'!\[([^]]*)\]\((?!http)([^)]+\.png)\)', text)]
+        lines = [f"<!-- from benchmarks/results/{name}.md -->", f"#### {title.group(1) if title else name}", '',
+                 ' '.join([f"[{name}.md](benchmarks/results/{name}.md)."] + ([machine.group(1)] if machine else [])
+                          + ([f"Plots: {', '.join(plots)}."] if plots else []))]
+        parts.append('\n'.join(lines) + '\n')
     if not parts:
         return 'No benchmark has been run yet.\n'
     return '\n'.join(parts)

@@ -13,14 +13,18 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from nnunet_emcad.trainers import check_checkpoint_file
+
 
 def load_trained_network(model_folder: str, fold: str, checkpoint_name: str = 'checkpoint_final.pth'):
     """nnU-Net's predictor initialised from a trained fold on the CPU (network built by the trainer, DS off)."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-    if not os.path.isfile(os.path.join(model_folder, f'fold_{fold}', checkpoint_name)):
-        raise FileNotFoundError(f"{os.path.join(model_folder, f'fold_{fold}', checkpoint_name)} does not exist: "
-                                f"train that fold first (nnUNetv2_train), or pick another -f / -chk")
+    checkpoint = os.path.join(model_folder, f'fold_{fold}', checkpoint_name)
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"{checkpoint} does not exist: train that fold first (nnUNetv2_train), or pick "
+                                f"another -f / -chk")
+    check_checkpoint_file(checkpoint)
     predictor = nnUNetPredictor(device=torch.device('cpu'), perform_everything_on_device=False, verbose=False,
                                 allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(model_folder, (int(fold) if fold != 'all' else fold,),

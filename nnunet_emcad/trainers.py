@@ -7,6 +7,7 @@ never reads files: ImageNet weights are loaded in ``initialize``, during trainin
 """
 import math
 import os
+import zipfile
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -27,7 +28,7 @@ __all__ = [
     'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_ResEnc', 'nnUNetTrainerEMCAD3D', 'nnUNetTrainerEMCAD3D_ResEnc',
     'nnUNetTrainerEMCAD_PVTb0', 'nnUNetTrainerEMCAD_PVTb2', 'nnUNetTrainerEMCAD_PVTb2_MUTATION',
     'nnUNetTrainerEMCAD_5epochs', 'nnUNetTrainerEMCAD_PVTb0_5epochs', 'nnUNetTrainerEMCAD_smoke',
-    'nnUNetTrainerEMCAD3D_smoke', 'nnUNetTrainerEMCAD_PVTb0_smoke',
+    'nnUNetTrainerEMCAD3D_smoke', 'nnUNetTrainerEMCAD_PVTb0_smoke', 'nnUNetTrainerEMCAD_PVTb0_500it',
 ]
 
 PVT_WEIGHTS_ENV = 'nnUNet_EMCAD_PVT_WEIGHTS'
@@ -48,18 +49,27 @@ def require_dimensions(configuration_manager: ConfigurationManager, trainer_name
 
 
 def check_nnunet_folders() -> None:
-    """Stop with the fix when nnUNet_preprocessed or nnUNet_results is unset, missing or read-only."""
+    """Stop with the fix when nnUNet_preprocessed or nnUNet_results is unset, or nnUNet_results cannot be
+    written (training reads the preprocessed data and writes the results)."""
     for var in ('nnUNet_preprocessed', 'nnUNet_results'):
-        path = os.environ.get(var)
-        if not path:
+        if not os.environ.get(var):
             raise RuntimeError(f"{var} is not set: export {var}=/path/to/a/writable/folder (see nnU-Net's "
                                f"documentation on setting up paths)")
-        existing = path
-        while not os.path.exists(existing):
-            existing = os.path.dirname(existing) or '.'
-        if not os.access(existing, os.W_OK):
-            raise RuntimeError(f"{var}={path} is not writable ({existing} is read-only); training writes "
-                               f"there: point {var} to a writable folder")
+    path = existing = os.environ['nnUNet_results']
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing) or '.'
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise RuntimeError(f"nnUNet_results={path} is not writable ({existing} is read-only or not a folder); "
+                           f"training writes there: point nnUNet_results to a writable folder")
+
+
+def check_checkpoint_file(path: str) -> None:
+    """Stop with the fix when ``path`` is not a PyTorch checkpoint (``torch.save`` writes zip archives): a
+    damaged, truncated or foreign file would otherwise fail deep inside unpickling."""
+    if not zipfile.is_zipfile(path):
+        raise RuntimeError(f"{path} is not a readable PyTorch checkpoint (damaged, truncated or another kind of "
+                           f"file): copy it again from where it was trained, or train that fold again "
+                           f"(nnUNetv2_train)")
 
 
 def unwrap(network: nn.Module) -> nn.Module:
@@ -72,7 +82,7 @@ def unwrap(network: nn.Module) -> nn.Module:
 
 
 class nnUNetTrainerEMCAD(nnUNetTrainer):
-    """EMCAD decoder over the plan's own encoder: the recommended default.
+    """EMCAD decoder over the plan's own encoder: the recommendation on a GPU.
 
     The encoder is the one nnU-Net configured (``PlainConvEncoder`` from the default plans, ``ResidualEncoder``
     from ResEnc plans), trained from scratch with nnU-Net's recipe (SGD 0.01, Nesterov, poly decay). Why this
@@ -96,8 +106,11 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
+        # before nnU-Net's __init__, which creates the fold folder and its training log
+        check_nnunet_folders()
+        require_dimensions(PlansManager(plans).get_configuration(configuration), type(self).__name__,
+                           self.dimensions)
         super().__init__(plans, configuration, fold, dataset_json, device)
-        require_dimensions(self.configuration_manager, type(self).__name__, self.dimensions)
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -110,9 +123,11 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
                                  num_output_channels, kind, enable_deep_supervision,
                                  configuration_manager.network_arch_init_kwargs_req_import, decoder_norm='plan')
 
-    def on_train_start(self) -> None:
-        check_nnunet_folders()
-        super().on_train_start()
+    def load_checkpoint(self, filename_or_checkpoint) -> None:
+        """nnU-Net's loading (``--c``, ``--val``), after checking that a file is a checkpoint at all."""
+        if isinstance(filename_or_checkpoint, str):
+            check_checkpoint_file(filename_or_checkpoint)
+        super().load_checkpoint(filename_or_checkpoint)
 
     def train_step(self, batch: dict) -> dict:
         """nnU-Net's step; stops the run when the loss stops being finite, or when the GradScaler has skipped
@@ -197,10 +212,10 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
+        self.pvt_weights = self._pvt_weights_file()  # before nnU-Net's __init__ writes anything
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 1e-4
         self.weight_decay = 1e-4
-        self.pvt_weights = self._pvt_weights_file()
         self._fit_patch_size()
 
     def _pvt_weights_file(self) -> Optional[str]:
@@ -299,6 +314,19 @@ class _Smoke:
         self.num_val_iterations_per_epoch = 5
 
 
+class _FiveHundredIterations:
+    """20 epochs of 25 iterations at batch 8 (2 validation iterations): the ACDC accuracy benchmark's 500-iteration
+    budget (benchmarks/results/accuracy_acdc_it500.md), a first model in minutes on a CPU."""
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device('cuda')):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.num_epochs = 20
+        self.num_iterations_per_epoch = 25
+        self.num_val_iterations_per_epoch = 2
+        self.configuration_manager.configuration['batch_size'] = 8
+
+
 class nnUNetTrainerEMCAD_5epochs(_FiveEpochs, nnUNetTrainerEMCAD):
     """Five epochs of ``nnUNetTrainerEMCAD``."""
 
@@ -317,3 +345,7 @@ class nnUNetTrainerEMCAD3D_smoke(_Smoke, nnUNetTrainerEMCAD3D):
 
 class nnUNetTrainerEMCAD_PVTb0_smoke(_Smoke, nnUNetTrainerEMCAD_PVTb0):
     """EMCAD-B0 on the smoke schedule."""
+
+
+class nnUNetTrainerEMCAD_PVTb0_500it(_FiveHundredIterations, nnUNetTrainerEMCAD_PVTb0):
+    """EMCAD-B0 for 500 iterations at batch 8: the CPU route to a first model."""

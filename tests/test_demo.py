@@ -1,6 +1,7 @@
 """The demo's fast path end to end (the real nnU-Net commands), its data preparation and the CLI."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -25,6 +26,11 @@ def test_demo_fast_path_trains_predicts_evaluates_and_draws(tmp_path):
     for n in range(1, 6):
         assert f'[{n}/5' in out
     assert 'epoch 1/2: train loss' in out and 'epoch 2/2: train loss' in out
+    for epoch, done in ((1, 2), (2, 7)):  # half-way through each epoch: iterations done and time left
+        assert re.search(rf'epoch {epoch}/2: iteration 2/5 \({done}/10 of the training\), about \d+ s to go', out), out
+    curves = workdir / 'nnUNet_results' / 'Dataset993_Synthetic' / 'nnUNetTrainerEMCAD_PVTb0_demo__nnUNetPlans__2d' \
+        / 'fold_0' / 'progress.png'
+    assert f"training curves (nnU-Net's own): {curves}" in out and curves.is_file()
     assert 'Pseudo dice' not in out and '#######' not in out, "nnU-Net's own output belongs in the logs"
     with open(workdir / 'predictions' / 'summary.json') as f:
         summary = json.load(f)
@@ -73,3 +79,22 @@ def test_info_names_trainer_registration_and_folders(tmp_path, monkeypatch, caps
     out = capsys.readouterr().out
     assert f'nnUNet_results: {tmp_path} (writable)' in out and 'nnUNet_raw:  (unset)' in out
     assert 'nnUNetTrainerEMCAD: found by nnU-Net' in out
+
+
+def test_help_and_info_open_with_their_own_words_not_warnings(tmp_path):
+    """The console script as a user runs it: without pytest's warning filters (pytest.ini hides torch's)."""
+    env = {k: v for k, v in os.environ.items() if k not in ('PYTHONWARNINGS', 'nnUNet_results')}
+    script = os.path.join(BIN, 'nnunet-emcad')
+    help_text = subprocess.run([script, '--help'], env=env, capture_output=True, text=True, timeout=120).stdout
+    description = help_text.split('\n\n')[1]
+    assert description.startswith('EMCAD (CVPR 2024)')
+    assert '-tr nnUNetTrainerEMCAD' in ' '.join(description.split()) and '``' not in help_text
+    info = subprocess.run([script, 'info'], env=env, capture_output=True, text=True, timeout=300)
+    assert info.returncode == 0 and info.stderr == '', info.stderr
+    assert info.stdout.startswith('python ') and 'nnUNet_results:  (unset)' in info.stdout
+
+
+def test_the_demos_default_folder_is_ignored_by_git():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, '.gitignore')) as f:
+        assert 'nnunet_emcad_demo/' in f.read().split()

@@ -37,19 +37,14 @@ def test_pvt_weights_of_another_model_fail_with_the_key_lists(tmp_path, monkeypa
         trainer.network.encoder.load_pretrained(trainer.pvt_weights)
 
 
-def test_unset_or_read_only_nnunet_folders_are_named(tmp_path, monkeypatch):
-    trainer = build(T.nnUNetTrainerEMCAD, make_plans(5, [64, 64]))
+def test_unset_or_read_only_nnunet_folders_stop_the_trainer_before_nnunet_writes(tmp_path, monkeypatch):
     monkeypatch.delenv('nnUNet_results')
     with pytest.raises(RuntimeError, match='nnUNet_results is not set: export nnUNet_results='):
-        trainer.on_train_start()
-    if os.geteuid() == 0:
-        pytest.skip('root writes into read-only folders; the read-only case needs an ordinary user')
-    locked = tmp_path / 'locked'
-    locked.mkdir()
-    locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
-    monkeypatch.setenv('nnUNet_results', str(locked / 'results'))
-    with pytest.raises(RuntimeError, match='is not writable'):
-        trainer.on_train_start()
+        build(T.nnUNetTrainerEMCAD, make_plans(5, [64, 64]))
+    monkeypatch.setenv('nnUNet_results', str(tmp_path / 'a_file' / 'results'))
+    (tmp_path / 'a_file').write_text('')
+    with pytest.raises(RuntimeError, match=r'a_file/results is not writable \(.*a_file is read-only or not a folder'):
+        build(T.nnUNetTrainerEMCAD, make_plans(5, [64, 64]))
 
 
 def test_export_onnx_names_what_is_missing(tmp_path, monkeypatch, capsys):
@@ -69,6 +64,9 @@ def test_read_only_check_follows_permissions(tmp_path, monkeypatch):
     (tmp_path / 'ro').mkdir()
     with pytest.raises(RuntimeError, match=r'nnUNet_results=.*ro/results is not writable'):
         T.check_nnunet_folders()
+    monkeypatch.setenv('nnUNet_preprocessed', str(tmp_path / 'ro' / 'preprocessed'))
+    monkeypatch.setenv('nnUNet_results', str(tmp_path / 'results'))
+    T.check_nnunet_folders()  # training only reads the preprocessed data
 
 
 def test_a_diverging_loss_stops_training(monkeypatch):
