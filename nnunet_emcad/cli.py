@@ -85,7 +85,8 @@ def _convert_official(args: argparse.Namespace) -> int:
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_emcad.checkpoints import CheckpointError, official_weights_for
+    from nnunet_emcad.checkpoints import CheckpointError
+    from nnunet_emcad.official import official_weights_for
 
     nnUNet_preprocessed = os.environ.get('nnUNet_preprocessed')
     if not nnUNet_preprocessed:

@@ -20,8 +20,10 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunet_emcad.checkpoints import CheckpointError
-from nnunet_emcad.emcad import PVT_V2_STRIDE, create_emcad_pvt, create_emcad_unet, output_strides, plan_norm
+from nnunet_emcad.emcad import PVT_V2_STRIDE, EMCADNet, create_emcad_pvt
 from nnunet_emcad.losses import MutationLoss, PaperDiceCELoss
+from nnunet_emcad.plans import (configuration_arch_kwargs, configuration_encoder_kind, create_emcad_unet,
+                                plan_norm)
 
 __all__ = [
     'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_ResEnc', 'nnUNetTrainerEMCAD3D', 'nnUNetTrainerEMCAD3D_ResEnc',
@@ -31,6 +33,7 @@ __all__ = [
 ]
 
 PVT_WEIGHTS_ENV = 'nnUNet_EMCAD_PVT_WEIGHTS'
+WEIGHTS_FIX = 'Use the trainer (-tr), plans (-p) and configuration (-c) the checkpoint was trained with.'
 
 
 def require_dimensions(configuration_manager: ConfigurationManager, trainer_name: str, dimensions: int) -> None:
@@ -71,6 +74,13 @@ def unwrap(network: nn.Module) -> nn.Module:
     return network
 
 
+def for_nnunet(network: EMCADNet) -> EMCADNet:
+    """``network`` whose weight-mismatch message names the fix in nnU-Net's terms (its predictor and ``--c``
+    load checkpoints through ``load_state_dict``)."""
+    network.weights_fix = WEIGHTS_FIX
+    return network
+
+
 class nnUNetTrainerEMCAD(nnUNetTrainer):
     """EMCAD decoder over the plan's own encoder: the recommended default.
 
@@ -102,11 +112,9 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
         require_dimensions(configuration_manager, cls.__name__, cls.dimensions)
-        kind = cls.encoder_kind or (
-            'residual' if 'Residual' in configuration_manager.network_arch_class_name else 'plain')
-        return create_emcad_unet(configuration_manager.network_arch_init_kwargs, num_input_channels,
-                                 num_output_channels, kind, enable_deep_supervision,
-                                 configuration_manager.network_arch_init_kwargs_req_import, decoder_norm='plan')
+        kind = cls.encoder_kind or configuration_encoder_kind(configuration_manager)
+        return for_nnunet(create_emcad_unet(configuration_arch_kwargs(configuration_manager), num_input_channels,
+                                            num_output_channels, kind, enable_deep_supervision, decoder_norm='plan'))
 
     def on_train_start(self) -> None:
         check_nnunet_folders()
@@ -125,7 +133,7 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
         """One scale per network output, read off the network's heads (nnU-Net assumes one less than stages)."""
         if not self.enable_deep_supervision:
             return None
-        return [list(1 / np.array(s, dtype=float)) for s in output_strides(unwrap(self.network))]
+        return [list(1 / np.array(s, dtype=float)) for s in unwrap(self.network).output_strides()]
 
 
 class nnUNetTrainerEMCAD_ResEnc(nnUNetTrainerEMCAD):
@@ -204,10 +212,10 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
         require_dimensions(configuration_manager, cls.__name__, cls.dimensions)
-        return create_emcad_pvt(cls.pvt_variant, num_output_channels, num_input_channels,
-                                deep_supervision=enable_deep_supervision, upsample_outputs=cls.upsample_outputs,
-                                norm_op=plan_norm(configuration_manager.network_arch_init_kwargs,
-                                                  configuration_manager.network_arch_init_kwargs_req_import))
+        return for_nnunet(create_emcad_pvt(cls.pvt_variant, num_output_channels, num_input_channels,
+                                           deep_supervision=enable_deep_supervision,
+                                           upsample_outputs=cls.upsample_outputs,
+                                           norm_op=plan_norm(configuration_arch_kwargs(configuration_manager))))
 
     def initialize(self) -> None:
         was_initialized = self.was_initialized

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from helpers import fingerprint_features, fingerprint_fill, official_state_dict
-from nnunet_emcad.checkpoints import load_official_checkpoint
+from nnunet_emcad.official import load_official_checkpoint
 from nnunet_emcad.emcad import create_emcad_pvt
 from nnunet_emcad.profiling import count_flops, count_parameters, parameter_breakdown
 
