@@ -2,12 +2,13 @@
 import json
 import os
 import platform
-from typing import Dict, Optional
+from typing import Dict
 
-from nnunet_emcad import commands
+from nnunet_emcad import scripts
+from nnunet_emcad.source_tree import shared_data_dir
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-SHARED_DATA = os.path.join(os.path.dirname(commands.SOURCE_ROOT), 'shared', 'data')
+SHARED_DATA = shared_data_dir()
 RESULTS = os.path.join(HERE, 'results')
 CACHE = os.path.join(HERE, '.cache')
 
@@ -32,30 +33,24 @@ def machine() -> Dict[str, str]:
     return info
 
 
-def nnunet_env(root: str, raw: Optional[str] = None) -> Dict[str, str]:
-    """Environment for nnU-Net's scripts with its folders under ``root`` (raw data may live elsewhere)."""
-    return commands.nnunet_env(raw or os.path.join(root, 'raw'), os.path.join(root, 'preprocessed'),
-                               os.path.join(root, 'results'))
-
-
 def acdc_plans(cache: str = CACHE) -> Dict[str, str]:
     """nnU-Net's default and ResEnc M plans for ``../shared/data/Dataset027_ACDC`` (planned once, cached)."""
     dataset = os.path.join(SHARED_DATA, 'Dataset027_ACDC')
     if not os.path.isdir(dataset):
         raise SystemExit(f"{dataset} is absent: pass --plans (a nnUNetPlans.json) instead")
     root = os.path.join(cache, 'acdc')
-    env = nnunet_env(root, raw=SHARED_DATA)
+    env = scripts.nnunet_env(root, raw=SHARED_DATA)
     folder = os.path.join(env['nnUNet_preprocessed'], 'Dataset027_ACDC')
     plans = {'default': os.path.join(folder, 'nnUNetPlans.json'),
              'resenc_m': os.path.join(folder, 'nnUNetResEncUNetMPlans.json')}
     log = os.path.join(root, 'planning.log')
     if not os.path.isfile(os.path.join(folder, 'dataset_fingerprint.json')):
         print(f"planning ACDC with nnU-Net (once; log: {log})", flush=True)
-        commands.run_logged(['nnUNetv2_extract_fingerprint', '-d', '27', '-np', env['nnUNet_def_n_proc']], env, log)
+        scripts.run_logged(['nnUNetv2_extract_fingerprint', '-d', '27', '-np', env['nnUNet_def_n_proc']], env, log)
     if not os.path.isfile(plans['default']):
-        commands.run_logged(['nnUNetv2_plan_experiment', '-d', '27'], env, log)
+        scripts.run_logged(['nnUNetv2_plan_experiment', '-d', '27'], env, log)
     if not os.path.isfile(plans['resenc_m']):
-        commands.run_logged(['nnUNetv2_plan_experiment', '-d', '27', '-pl', 'nnUNetPlannerResEncM'], env, log)
+        scripts.run_logged(['nnUNetv2_plan_experiment', '-d', '27', '-pl', 'nnUNetPlannerResEncM'], env, log)
     return plans
 
 

@@ -9,9 +9,9 @@ from typing import List, Optional
 
 def _demo(args: argparse.Namespace) -> int:
     """A short real EMCAD training through nnU-Net's commands: data, plan, train, predict, evaluate, overlays."""
-    from nnunet_emcad.commands import CommandFailed
+    from nnunet_emcad.scripts import CommandFailed
     from nnunet_emcad.demo import run_demo
-    from nnunet_emcad.schedules import Schedule
+    from nnunet_emcad.short_training import Schedule
 
     if args.device is None:
         import torch
@@ -139,9 +139,9 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
 def _benchmark(args: argparse.Namespace) -> int:
     """Run a benchmark of the source tree's benchmarks/ (cost, accuracy, update_readme); arguments pass on."""
-    from nnunet_emcad.commands import SOURCE_ROOT
+    from nnunet_emcad.source_tree import BENCHMARKS
 
-    script = os.path.join(SOURCE_ROOT, 'benchmarks', f'{args.name}.py')
+    script = os.path.join(BENCHMARKS, f'{args.name}.py')
     if not os.path.isfile(script):
         print(f"{script} is absent: the benchmarks ship with the source repository (install it with "
               f"pip install -e from a clone)", file=sys.stderr)

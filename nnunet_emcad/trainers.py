@@ -24,6 +24,7 @@ from nnunet_emcad.emcad import PVT_V2_STRIDE, EMCADNet, create_emcad_pvt
 from nnunet_emcad.losses import MutationLoss, PaperDiceCELoss
 from nnunet_emcad.plans import (configuration_arch_kwargs, configuration_encoder_kind, create_emcad_unet,
                                 plan_norm)
+from nnunet_emcad.short_training import Schedule, short_schedule
 
 __all__ = [
     'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_ResEnc', 'nnUNetTrainerEMCAD3D', 'nnUNetTrainerEMCAD3D_ResEnc',
@@ -261,41 +262,14 @@ class nnUNetTrainerEMCAD_PVTb2_MUTATION(nnUNetTrainerEMCAD_PVTb2):
         return _TargetFromList(MutationLoss(loss)) if self.enable_deep_supervision else loss
 
 
-class _FiveEpochs:
-    """Five epochs, for smoke tests of a set-up (like nnU-Net's ``nnUNetTrainer_5epochs``)."""
+# Five epochs, for smoke tests of a set-up (like nnU-Net's ``nnUNetTrainer_5epochs``).
+FIVE_EPOCHS = Schedule(epochs=5)
+# 10 epochs of 25 iterations (5 validation iterations): a set-up check in a few minutes on a CPU.
+SMOKE = Schedule(epochs=10, iterations=25, val_iterations=5)
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 5
-
-
-class _Smoke:
-    """10 epochs of 25 iterations (5 validation iterations): a set-up check in a few minutes on a CPU."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 10
-        self.num_iterations_per_epoch = 25
-        self.num_val_iterations_per_epoch = 5
-
-
-class nnUNetTrainerEMCAD_5epochs(_FiveEpochs, nnUNetTrainerEMCAD):
-    """Five epochs of ``nnUNetTrainerEMCAD``."""
-
-
-class nnUNetTrainerEMCAD_PVTb0_5epochs(_FiveEpochs, nnUNetTrainerEMCAD_PVTb0):
-    """Five epochs of EMCAD-B0."""
-
-
-class nnUNetTrainerEMCAD_smoke(_Smoke, nnUNetTrainerEMCAD):
-    """``nnUNetTrainerEMCAD`` on the smoke schedule (about a minute on tiny 2D data)."""
-
-
-class nnUNetTrainerEMCAD3D_smoke(_Smoke, nnUNetTrainerEMCAD3D):
-    """``nnUNetTrainerEMCAD3D`` on the smoke schedule."""
-
-
-class nnUNetTrainerEMCAD_PVTb0_smoke(_Smoke, nnUNetTrainerEMCAD_PVTb0):
-    """EMCAD-B0 on the smoke schedule."""
+nnUNetTrainerEMCAD_5epochs = short_schedule(nnUNetTrainerEMCAD, FIVE_EPOCHS, 'nnUNetTrainerEMCAD_5epochs')
+nnUNetTrainerEMCAD_PVTb0_5epochs = short_schedule(nnUNetTrainerEMCAD_PVTb0, FIVE_EPOCHS,
+                                                  'nnUNetTrainerEMCAD_PVTb0_5epochs')
+nnUNetTrainerEMCAD_smoke = short_schedule(nnUNetTrainerEMCAD, SMOKE, 'nnUNetTrainerEMCAD_smoke')
+nnUNetTrainerEMCAD3D_smoke = short_schedule(nnUNetTrainerEMCAD3D, SMOKE, 'nnUNetTrainerEMCAD3D_smoke')
+nnUNetTrainerEMCAD_PVTb0_smoke = short_schedule(nnUNetTrainerEMCAD_PVTb0, SMOKE, 'nnUNetTrainerEMCAD_PVTb0_smoke')

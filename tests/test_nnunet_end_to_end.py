@@ -12,7 +12,8 @@ import pytest
 import timm
 import torch
 
-from tiny_data import assert_onnx_matches_pytorch, export_trained_fold, make_dataset, nnunet_env, run
+from nnunet_emcad.scripts import nnunet_env
+from tiny_data import assert_onnx_matches_pytorch, export_trained_fold, make_dataset, run
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
@@ -21,7 +22,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 def planned(tmp_path_factory):
     """Dataset901_Tiny, planned and preprocessed for 2d."""
     root = str(tmp_path_factory.mktemp('nnunet'))
-    env = nnunet_env(root)
+    env = nnunet_env(root, package_settings=False)  # none of the developer's nnU-Net or nnunet-emcad settings
     make_dataset(env['nnUNet_raw'])
     log = os.path.join(root, 'log.txt')
     run(['nnUNetv2_plan_and_preprocess', '-d', '901', '-c', '2d', '-np', '2', '--verify_dataset_integrity'],
