@@ -22,16 +22,17 @@ import sys
 import tempfile
 import time
 from typing import Dict, List, Optional
+from unittest import mock
 
 import numpy as np
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
+from nnunet_emcad.benchmarking import (CACHE, EMCAD_3D_TRAINERS, EMCAD_TRAINERS, RESULTS, STOCK, machine,
+                                       reproduce_command, verdict, write_results)
+from nnunet_emcad.scripts import nnunet_env, run_logged
+from nnunet_emcad.short_training import Schedule, write_trainer_module
+from nnunet_emcad.source_tree import shared_data_dir
 
-from common import CACHE, EMCAD_3D_TRAINERS, EMCAD_TRAINERS, SHARED_DATA, STOCK, machine, write_results  # noqa: E402
-
-from nnunet_emcad.scripts import nnunet_env, run_logged  # noqa: E402
-from nnunet_emcad.short_training import Schedule, write_trainer_module  # noqa: E402
+SHARED_DATA = shared_data_dir()
 
 DATASETS = {'acdc': (27, 'Dataset027_ACDC'), 'isbi': (28, 'Dataset028_ISBI2012')}
 TRAINER_MODULES = {STOCK: 'nnunetv2.training.nnUNetTrainer.nnUNetTrainer'}
@@ -159,17 +160,9 @@ def hd95_per_class(reference_folder: str, prediction_folder: str, dataset_json: 
 RUN_SETTINGS = ('batch_size', 'iterations_per_epoch', 'val_iterations', 'device')
 
 
-def train_and_evaluate(env: Dict[str, str], args: argparse.Namespace, trainer: str, iterations: int,
-                       log: str) -> dict:
-    """Train one budgeted trainer on one fold, time nnUNetv2_predict on its validation cases, evaluate them.
-
-    A run finished earlier with the same settings is reused; one with other settings is deleted and run again.
-    """
-    dataset_id, name = DATASETS[args.dataset]
-    configuration, fold, device = args.configuration, args.fold, args.device
-    tr = bench_name(trainer, iterations)
-    output = os.path.join(env['nnUNet_results'], name, f'{tr}__{BENCH_PLANS}__{configuration}', f'fold_{fold}')
-    settings = {k: getattr(args, k) for k in RUN_SETTINGS}
+def _run_folder(output: str, settings: dict) -> Optional[dict]:
+    """A finished run's measurements in ``output`` if it ran with ``settings``; a run with other settings is
+    deleted. Stamps the folder with ``settings``."""
     stamp = os.path.join(output, 'benchmark_settings.json')
     if os.path.isdir(output) and (not os.path.isfile(stamp) or _read_json(stamp) != settings):
         shutil.rmtree(output)
@@ -179,47 +172,77 @@ def train_and_evaluate(env: Dict[str, str], args: argparse.Namespace, trainer: s
     os.makedirs(output, exist_ok=True)
     with open(stamp, 'w') as f:
         json.dump(settings, f)
-    if not os.path.isfile(os.path.join(output, 'checkpoint_final.pth')):
-        print(f"training {tr} (fold {fold}) ...", flush=True)
-        run_logged(['nnUNetv2_train', str(dataset_id), configuration, str(fold), '-tr', tr, '-p', BENCH_PLANS,
-                    '-device', device], env, log)
+    return None
+
+
+def _training_log(output: str) -> dict:
+    """nnU-Net's training log (per-epoch timestamps, losses, pseudo Dice) from the fold's final checkpoint."""
     import torch
 
     checkpoint = torch.load(os.path.join(output, 'checkpoint_final.pth'), map_location='cpu', weights_only=False)
-    logging = checkpoint['logging']
-    epoch_seconds = [e - s for s, e in zip(logging['epoch_start_timestamps'], logging['epoch_end_timestamps'])]
-    val_cases = _read_json(os.path.join(env['nnUNet_preprocessed'], name, 'splits_final.json'))[fold]['val']
+    return checkpoint['logging']
+
+
+def _validation_inputs(env: Dict[str, str], name: str, val_cases: List[str], inputs: str) -> None:
+    """Links to the raw images of the fold's validation cases, as nnUNetv2_predict's input folder."""
     raw_images = os.path.join(env['nnUNet_raw'], name, 'imagesTr')
-    inputs = os.path.join(os.path.dirname(output), f'val_inputs_{fold}')
     os.makedirs(inputs, exist_ok=True)
     for image in os.listdir(raw_images):
         if image.rsplit('_', 1)[0] in val_cases and not os.path.exists(os.path.join(inputs, image)):
             os.symlink(os.path.join(raw_images, image), os.path.join(inputs, image))
-    predictions = os.path.join(os.path.dirname(output), f'val_predictions_{fold}')
+
+
+def _scores(env: Dict[str, str], name: str, model: str, predictions: str, log: str) -> dict:
+    """nnUNetv2_evaluate_folder's Dice and our HD95 of the predictions against the raw labels."""
+    labels = os.path.join(env['nnUNet_raw'], name, 'labelsTr')
+    run_logged(['nnUNetv2_evaluate_folder', labels, predictions, '-djfile', os.path.join(model, 'dataset.json'),
+                '-pfile', os.path.join(model, 'plans.json'), '-o', os.path.join(predictions, 'summary.json'),
+                '-np', env['nnUNet_def_n_proc'], '--chill'], env, log)
+    summary = _read_json(os.path.join(predictions, 'summary.json'))
+    return {'dice_per_class': {k: v['Dice'] for k, v in summary['mean'].items()},
+            'dice_mean': summary['foreground_mean']['Dice'],
+            'hd95_per_class': hd95_per_class(labels, predictions, _read_json(os.path.join(model, 'dataset.json')))}
+
+
+def train_and_evaluate(env: Dict[str, str], args: argparse.Namespace, trainer: str, iterations: int,
+                       log: str) -> dict:
+    """Train one budgeted trainer on one fold, time nnUNetv2_predict on its validation cases, evaluate them.
+
+    A run finished earlier with the same settings is reused; one with other settings is deleted and run again.
+    """
+    dataset_id, name = DATASETS[args.dataset]
+    configuration, fold, device = args.configuration, args.fold, args.device
+    tr = bench_name(trainer, iterations)
+    model = os.path.join(env['nnUNet_results'], name, f'{tr}__{BENCH_PLANS}__{configuration}')
+    output = os.path.join(model, f'fold_{fold}')
+    finished = _run_folder(output, {k: getattr(args, k) for k in RUN_SETTINGS})
+    if finished is not None:
+        return finished
+    if not os.path.isfile(os.path.join(output, 'checkpoint_final.pth')):
+        print(f"training {tr} (fold {fold}) ...", flush=True)
+        run_logged(['nnUNetv2_train', str(dataset_id), configuration, str(fold), '-tr', tr, '-p', BENCH_PLANS,
+                    '-device', device], env, log)
+    logging = _training_log(output)
+    epoch_seconds = [e - s for s, e in zip(logging['epoch_start_timestamps'], logging['epoch_end_timestamps'])]
+    val_cases = _read_json(os.path.join(env['nnUNet_preprocessed'], name, 'splits_final.json'))[fold]['val']
+    inputs = os.path.join(model, f'val_inputs_{fold}')
+    _validation_inputs(env, name, val_cases, inputs)
+    predictions = os.path.join(model, f'val_predictions_{fold}')
     shutil.rmtree(predictions, ignore_errors=True)
     print(f"predicting the {len(val_cases)} validation cases with {tr} ...", flush=True)
     start = time.perf_counter()
     run_logged(['nnUNetv2_predict', '-i', inputs, '-o', predictions, '-d', str(dataset_id), '-c', configuration,
                 '-f', str(fold), '-tr', tr, '-p', BENCH_PLANS, '-device', device, '-npp', '1', '-nps', '1'], env, log)
     predict_seconds = time.perf_counter() - start
-    model = os.path.dirname(output)
-    labels = os.path.join(env['nnUNet_raw'], name, 'labelsTr')
-    run_logged(['nnUNetv2_evaluate_folder', labels, predictions, '-djfile', os.path.join(model, 'dataset.json'),
-                '-pfile', os.path.join(model, 'plans.json'), '-o', os.path.join(predictions, 'summary.json'),
-                '-np', env['nnUNet_def_n_proc'], '--chill'], env, log)
-    summary = _read_json(os.path.join(predictions, 'summary.json'))
-    dataset_json = _read_json(os.path.join(model, 'dataset.json'))
     result = {'trainer': trainer, 'bench_trainer': tr, 'iterations': iterations,
               'epochs': len(epoch_seconds), 'train_seconds': float(sum(epoch_seconds)),
               'seconds_per_iteration': float(sum(epoch_seconds)) / max(1, iterations),
-              'dice_per_class': {k: v['Dice'] for k, v in summary['mean'].items()},
-              'dice_mean': summary['foreground_mean']['Dice'],
-              'hd95_per_class': hd95_per_class(labels, predictions, dataset_json),
+              **_scores(env, name, model, predictions, log),
               'predict_seconds': predict_seconds, 'validation_cases': len(val_cases),
               'curve': {'ema_pseudo_dice': [float(v) for v in logging['ema_fg_dice']],
                         'train_loss': [float(v) for v in logging['train_losses']],
                         'val_loss': [float(v) for v in logging['val_losses']]}}
-    with open(measured, 'w') as f:
+    with open(os.path.join(output, 'benchmark.json'), 'w') as f:
         json.dump(result, f, indent=1)
     return result
 
@@ -229,16 +252,17 @@ def network_gflops(env: Dict[str, str], dataset: str, trainer: str, configuratio
     import torch
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    from nnunet_emcad.profiling import count_flops
+    from nnunet_emcad.counting import count_flops
 
     name = DATASETS[dataset][1]
     folder = os.path.join(env['nnUNet_preprocessed'], name)
     plans = _read_json(os.path.join(folder, f'{BENCH_PLANS}.json'))
     dataset_json = _read_json(os.path.join(folder, 'dataset.json'))
     plans['continue_training'] = False
-    os.environ.update({k: env[k] for k in ('nnUNet_preprocessed', 'nnUNet_raw')})
-    with tempfile.TemporaryDirectory() as scratch:  # the trainer's log file, not among the benchmark's results
-        os.environ['nnUNet_results'] = scratch
+    # the trainer's log file goes to a scratch folder, not among the benchmark's results
+    with tempfile.TemporaryDirectory() as scratch, mock.patch.dict(os.environ, {
+            'nnUNet_preprocessed': env['nnUNet_preprocessed'], 'nnUNet_raw': env['nnUNet_raw'],
+            'nnUNet_results': scratch}):
         t = recursive_find_trainer_class_by_name(trainer)(plans, configuration, 0, dataset_json,
                                                           device=torch.device('cpu'))
     net = t.build_network_architecture(t.plans_manager, t.configuration_manager, len(dataset_json['channel_names']),
@@ -296,10 +320,6 @@ def _hd95_cell(result: dict) -> str:
     return f'{mean} ({scored}/{total})'
 
 
-def _verdict(ok: bool) -> str:
-    return 'met' if ok else 'missed'
-
-
 def default_trainers(configuration: str) -> List[str]:
     """Stock nnU-Net and every EMCAD trainer for a configuration."""
     return [STOCK] + (EMCAD_TRAINERS if configuration == '2d' else EMCAD_3D_TRAINERS)
@@ -312,17 +332,9 @@ def default_name(dataset: str, configuration: str) -> str:
 
 def command_line(args: argparse.Namespace) -> str:
     """The command that reproduces a run's settings (work and output folders left at their defaults)."""
-    words = ['python', 'benchmarks/accuracy.py', '--dataset', args.dataset]
-    if args.configuration != '2d':
-        words += ['--configuration', args.configuration]
-    if args.trainers != default_trainers(args.configuration):
-        words += ['--trainers', *args.trainers]
-    words += ['--iterations', str(args.iterations), '--iterations-per-epoch', str(args.iterations_per_epoch),
-              '--val-iterations', str(args.val_iterations), '--batch-size', str(args.batch_size),
-              '--fold', str(args.fold), '--device', args.device]
-    if args.name != default_name(args.dataset, args.configuration):
-        words += ['--name', args.name]
-    return ' '.join(words + (['--no-equal-time'] if args.no_equal_time else []))
+    return reproduce_command('benchmarks/accuracy.py', build_parser(), args, leave_out=('work', 'out'),
+                             defaults={'trainers': default_trainers(args.configuration),
+                                       'name': default_name(args.dataset, args.configuration)})
 
 
 def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespace, info: Dict[str, str]) -> str:
@@ -367,9 +379,9 @@ def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespa
             time_cell = 'not run'
             if trainer in timed:
                 d_tm = 100 * (timed[trainer]['dice_mean'] - stock['dice_mean'])
-                time_cell = f"{d_tm:+.1f} ({_verdict(d_tm > 0)})"
-            lines.append(f"| {trainer} | {d_it:+.1f} ({_verdict(d_it >= -0.5)}) | {time_cell} | "
-                         f"{speed:.2f}x ({_verdict(speed >= 1.5)}) |")
+                time_cell = f"{d_tm:+.1f} ({verdict(d_tm > 0)})"
+            lines.append(f"| {trainer} | {d_it:+.1f} ({verdict(d_it >= -0.5)}) | {time_cell} | "
+                         f"{speed:.2f}x ({verdict(speed >= 1.5)}) |")
     lines += ['', f"![Dice against GFLOPs]({args.name}_dice_vs_gflops.png)",
               f"![Training curves]({args.name}_curves.png)", '']
     return '\n'.join(lines)
@@ -391,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--work', default=os.path.join(CACHE, 'accuracy'), help='nnU-Net folders (kept, reused)')
     parser.add_argument('--name', help='result file name (default accuracy_<dataset>, plus _<configuration> '
                         'if not 2d); give another to keep a second budget beside the first')
-    parser.add_argument('--out', default=os.path.join(HERE, 'results'))
+    parser.add_argument('--out', default=RESULTS)
     return parser
 
 

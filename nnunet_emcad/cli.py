@@ -29,17 +29,12 @@ def _paper(args: argparse.Namespace) -> int:
     """Build the paper's EMCAD-B0/B2 and print their cost next to the paper's."""
     import torch
 
-    from nnunet_emcad.profiling import paper_fidelity
+    from nnunet_emcad.counting import paper_fidelity, paper_table
 
     torch.set_num_threads(args.threads)
     print(f"EMCAD at {args.size}x{args.size}, 3 input channels, {args.classes} classes "
           f"(torch.utils.flop_counter; multiply-adds = FLOPs / 2)")
-    print(f"{'network':<10}{'decoder params':>16}{'paper':>10}{'decoder MACs':>15}{'paper':>10}{'total params':>15}"
-          f"{'total GFLOPs':>14}")
-    for row in paper_fidelity(args.size, args.classes):
-        print(f"{row['network']:<10}{row['decoder_params']:>16,}{row['paper_decoder_params'] / 1e6:>9.3f}M"
-              f"{row['decoder_macs'] / 1e9:>14.3f}G{row['paper_decoder_macs'] / 1e9:>9.3f}G"
-              f"{row['total_params']:>15,}{row['total_flops'] / 1e9:>14.2f}")
+    print('\n'.join(paper_table(paper_fidelity(args.size, args.classes))))
     return 0
 
 

@@ -1,0 +1,67 @@
+"""What the benchmarks of a source checkout (``benchmarks/``) share: the trainers they compare, the machine
+they ran on, their result files, goal verdicts and the command that reproduces a run.
+
+Torch-free, like the package's import.
+"""
+import argparse
+import json
+import os
+import platform
+from typing import Dict, Mapping, Optional, Sequence
+
+from nnunet_emcad.source_tree import BENCHMARKS
+
+RESULTS = os.path.join(BENCHMARKS, 'results')
+CACHE = os.path.join(BENCHMARKS, '.cache')
+
+STOCK = 'nnUNetTrainer'
+EMCAD_TRAINERS = ['nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_ResEnc', 'nnUNetTrainerEMCAD_PVTb0',
+                  'nnUNetTrainerEMCAD_PVTb2']
+EMCAD_3D_TRAINERS = ['nnUNetTrainerEMCAD3D', 'nnUNetTrainerEMCAD3D_ResEnc']
+
+
+def machine() -> Dict[str, str]:
+    """What the numbers were measured on."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    return {'cpu': cpu, 'cores': str(os.cpu_count()), 'python': platform.python_version(),
+            'torch': torch.__version__, 'gpu': torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}
+
+
+def write_results(name: str, payload: dict, markdown: str, out_dir: str = RESULTS) -> None:
+    """``<out_dir>/<name>.json`` and ``.md``."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f'{name}.json'), 'w') as f:
+        json.dump(payload, f, indent=2)
+    with open(os.path.join(out_dir, f'{name}.md'), 'w') as f:
+        f.write(markdown)
+    print(f"wrote {os.path.join(out_dir, name)}.json and .md")
+
+
+def verdict(ok: bool) -> str:
+    """A goal's verdict in a report."""
+    return 'met' if ok else 'missed'
+
+
+def reproduce_command(script: str, parser: argparse.ArgumentParser, args: argparse.Namespace,
+                      defaults: Optional[Mapping] = None, leave_out: Sequence[str] = ()) -> str:
+    """``python <script>`` with the options whose values in ``args`` differ from their defaults: the parser's,
+    or ``defaults``' where a default depends on other options. ``leave_out`` names settings left at their
+    defaults on purpose (output folders)."""
+    defaults = dict(defaults or {})
+    words = ['python', script]
+    for dest, value in vars(args).items():
+        if dest in leave_out or value == defaults.get(dest, parser.get_default(dest)):
+            continue
+        option = f"--{dest.replace('_', '-')}"
+        if isinstance(value, bool):
+            words.append(option)
+        else:
+            words += [option, *map(str, value if isinstance(value, list) else [value])]
+    return ' '.join(words)
