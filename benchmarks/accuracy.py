@@ -28,6 +28,7 @@ import numpy as np
 
 from nnunet_emcad.benchmarking import (CACHE, EMCAD_3D_TRAINERS, EMCAD_TRAINERS, RESULTS, STOCK, machine,
                                        reproduce_command, verdict, write_results)
+from nnunet_emcad.counting import count_flops
 from nnunet_emcad.scripts import nnunet_env, run_logged
 from nnunet_emcad.short_training import Schedule, write_trainer_module
 from nnunet_emcad.source_tree import shared_data_dir
@@ -251,8 +252,6 @@ def network_gflops(env: Dict[str, str], dataset: str, trainer: str, configuratio
     """GFLOPs of the trainer's network (inference) at the benchmark plan's patch."""
     import torch
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
-    from nnunet_emcad.counting import count_flops
 
     name = DATASETS[dataset][1]
     folder = os.path.join(env['nnUNet_preprocessed'], name)

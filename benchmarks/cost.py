@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, Tuple
 
 from nnunet_emcad.benchmarking import (CACHE, EMCAD_TRAINERS, RESULTS, STOCK, machine, reproduce_command, verdict,
                                        write_results)
-from nnunet_emcad.counting import paper_table
+from nnunet_emcad.counting import flop_breakdown, paper_fidelity, paper_table, parameter_breakdown
 from nnunet_emcad.scripts import nnunet_env, run_logged
 from nnunet_emcad.source_tree import shared_data_dir
 
@@ -90,8 +90,6 @@ def _trainer(spec: dict):
 def _counts(spec: dict, net, channels: int, patch: List[int]) -> dict:
     """Parameters, FLOPs and multiply-adds per part of the inference network."""
     import torch
-
-    from nnunet_emcad.counting import flop_breakdown, parameter_breakdown
 
     result = {'name': spec['name'], 'trainer': spec['trainer'], 'patch_size': patch,
               'network': type(net).__name__ + (f" ({type(net.encoder).__name__})" if hasattr(net, 'encoder') else ''),
@@ -256,8 +254,6 @@ def main(argv=None) -> int:
     args.command = reproduce_command('benchmarks/cost.py', parser, args, leave_out=('out', 'worker'))
 
     import torch
-
-    from nnunet_emcad.counting import paper_fidelity
 
     if args.plans is None:
         plans = acdc_plans()

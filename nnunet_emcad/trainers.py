@@ -7,7 +7,7 @@ never reads files: ImageNet weights are loaded in ``initialize``, during trainin
 """
 import math
 import os
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from nnunet_emcad.checkpoints import CheckpointError
 from nnunet_emcad.emcad import PVT_V2_STRIDE, EMCADNet, create_emcad_pvt
-from nnunet_emcad.losses import MutationLoss, PaperDiceCELoss
+from nnunet_emcad.losses import FirstTargetLoss, MutationLoss, PaperDiceCELoss
 from nnunet_emcad.plans import (configuration_arch_kwargs, configuration_encoder_kind, create_emcad_unet,
                                 plan_norm)
 from nnunet_emcad.short_training import Schedule, short_schedule
@@ -88,16 +88,14 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
     The encoder is the one nnU-Net configured (``PlainConvEncoder`` from the default plans, ``ResidualEncoder``
     from ResEnc plans), trained from scratch with nnU-Net's recipe (SGD 0.01, Nesterov, poly decay). Why this
     default: it needs no ImageNet weights (none can be downloaded at run time, and medical data rarely has
-    three channels), it inherits nnU-Net's self-configured patch, strides and depth for any dataset, on the
-    ACDC 2D plan it halves stock nnU-Net's FLOPs (12.3 vs 24.9 GFLOPs at 256x224), and on ISBI 2012 (short CPU
-    budget, benchmarks/results/accuracy_isbi.md) it had the best Dice at equal iterations. On a CPU it is
-    slower than stock (memory-bound full-resolution stage); there ``nnUNetTrainerEMCAD_PVTb0`` is the choice.
-    Every encoder stage gets a supervised head; deep supervision uses all of them, weighted as nnU-Net does.
+    three channels), and it inherits nnU-Net's self-configured patch, strides and depth for any dataset. Its
+    cost and accuracy against stock nnU-Net and the PVT trainers are measured in the benchmark reports
+    (benchmarks/results/cost*.md, accuracy_*.md; the README's results section). Every encoder stage gets a
+    supervised head; deep supervision uses all of them, weighted as nnU-Net does.
 
     The decoder blocks normalise with the plan's norm (instance norm) instead of the official BatchNorm: with
-    nnU-Net's small batches BatchNorm's running statistics do not represent the batches it trained on. Measured
-    on ISBI 2012 (batch 2, 40 iterations): the same trained weights gave validation Dice 0.01 in eval mode
-    (running statistics) and 0.75 with batch statistics.
+    nnU-Net's small batches BatchNorm's running statistics do not represent the batches it trained on, so the
+    same trained weights score far worse in eval mode (running statistics) than with batch statistics.
     """
 
     encoder_kind: Optional[str] = None  # 'plain' or 'residual'; None follows the plans' architecture class
@@ -237,17 +235,6 @@ class nnUNetTrainerEMCAD_PVTb0(nnUNetTrainerEMCAD_PVTb2):
     pvt_variant = 'pvt_v2_b0'
 
 
-class _TargetFromList(nn.Module):
-    """Hands a loss over all outputs nnU-Net's first (full-resolution) target."""
-
-    def __init__(self, loss: nn.Module):
-        super().__init__()
-        self.loss = loss
-
-    def forward(self, outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.loss(outputs, targets[0])
-
-
 class nnUNetTrainerEMCAD_PVTb2_MUTATION(nnUNetTrainerEMCAD_PVTb2):
     """EMCAD-B2 trained with the paper's MUTATION loss: every head upsampled to the patch size, and
     0.3 CE + 0.7 Dice summed over the logits of all 15 non-empty subsets of the 4 heads."""
@@ -259,7 +246,7 @@ class nnUNetTrainerEMCAD_PVTb2_MUTATION(nnUNetTrainerEMCAD_PVTb2):
             raise RuntimeError(f"{type(self).__name__} supports plain label maps only (no regions, no ignore "
                                f"label); use nnUNetTrainerEMCAD_PVTb2 for this dataset")
         loss = PaperDiceCELoss(self.label_manager.num_segmentation_heads)
-        return _TargetFromList(MutationLoss(loss)) if self.enable_deep_supervision else loss
+        return FirstTargetLoss(MutationLoss(loss)) if self.enable_deep_supervision else loss
 
 
 # Five epochs, for smoke tests of a set-up (like nnU-Net's ``nnUNetTrainer_5epochs``).

@@ -58,13 +58,13 @@ def export_trained_fold(env: Dict[str, str], log: str, dataset: str, configurati
     """``nnunet-emcad export-onnx`` of fold 0; returns its output, the facts file's content and nnU-Net's predictor."""
     import json
 
-    from nnunet_emcad.export import load_trained_network
+    from nnunet_emcad.export import load_predictor
 
     out = run(['nnunet-emcad', 'export-onnx', '-d', dataset, '-c', configuration, '-f', '0', '-tr', trainer,
                '-o', onnx_file], env, log)
     with open(os.path.splitext(onnx_file)[0] + '.json') as f:
         facts = json.load(f)
-    predictor = load_trained_network(os.path.join(env['nnUNet_results'], dataset,
+    predictor = load_predictor(os.path.join(env['nnUNet_results'], dataset,
                                                   f'{trainer}__nnUNetPlans__{configuration}'), '0')
     return out, facts, predictor
 
