@@ -12,7 +12,8 @@ SHARED = os.path.dirname(shared_data_dir())
 
 @pytest.fixture(scope='session')
 def shared_dir() -> str:
-    """The project's shared folder (the one above its shared data, ../shared of a clone); tests that need it skip where it is absent (a user's clone)."""
+    """The project's shared folder (above its shared data: ../shared of a clone); tests that need it skip where
+    it is absent (a user's clone)."""
     if not os.path.isdir(SHARED):
         pytest.skip(f"{SHARED} is absent: it holds the project's reference files and real data (present in CI)")
     return SHARED
