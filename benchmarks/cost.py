@@ -17,12 +17,11 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import Callable, Dict, List, Tuple
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-from common import EMCAD_TRAINERS, STOCK, acdc_plans, machine, write_results  # noqa: E402
+from nnunet_emcad.benchmarking import (CACHE, EMCAD_TRAINERS, RESULTS, STOCK, acdc_plans, machine, reproduce_command,
+                                       verdict, write_results)
+from nnunet_emcad.counting import flop_breakdown, paper_fidelity, paper_table, parameter_breakdown
 
 GOAL_DECODER_PARAMS = 0.10
 GOAL_DECODER_MACS = 0.20
@@ -50,63 +49,58 @@ def _median_ms(fn, warmup: int, repeats: int, cuda: bool) -> float:
     return statistics.median(times)
 
 
-def measure(spec: dict) -> dict:
-    """Measure one network (runs in a worker process)."""
+def _trainer(spec: dict):
+    """The spec's trainer, constructed on the spec's plans (nothing trained)."""
     import torch
-    import torch.nn.functional as F
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
-    from nnunet_emcad.profiling import flop_breakdown, parameter_breakdown
-
-    torch.set_num_threads(spec['threads'])
-    torch.manual_seed(0)
     with open(spec['plans']) as f:
         plans = json.load(f)
     with open(os.path.join(os.path.dirname(spec['plans']), 'dataset.json')) as f:
         dataset_json = json.load(f)
     plans['continue_training'] = False
-    device = torch.device(spec['device'])
     cls = recursive_find_trainer_class_by_name(spec['trainer'])
-    trainer = cls(plans, spec['configuration'], 0, dataset_json, device=device)
-    patch = list(trainer.configuration_manager.patch_size)
-    channels = determine_num_input_channels(trainer.plans_manager, trainer.configuration_manager, dataset_json)
-    classes = trainer.label_manager.num_segmentation_heads
+    return cls(plans, spec['configuration'], 0, dataset_json, device=torch.device(spec['device']))
 
-    def build(deep_supervision: bool):
-        return trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, channels,
-                                                  classes, deep_supervision)
 
-    net = build(False).eval()
+def _counts(spec: dict, net, channels: int, patch: List[int]) -> dict:
+    """Parameters, FLOPs and multiply-adds per part of the inference network."""
+    import torch
+
     result = {'name': spec['name'], 'trainer': spec['trainer'], 'patch_size': patch,
               'network': type(net).__name__ + (f" ({type(net.encoder).__name__})" if hasattr(net, 'encoder') else ''),
               'params': parameter_breakdown(net), 'flops': flop_breakdown(net, torch.randn(1, channels, *patch))}
     result['macs'] = {k: v // 2 for k, v in result['flops'].items()}
+    return result
 
-    net = net.to(device)
-    x = torch.randn(1, channels, *patch, device=device)
+
+def _latency(spec: dict, net, x) -> Dict[str, float]:
+    """Median inference latency at batch 1: fp32 on the CPU; AMP with and without torch.compile on CUDA."""
+    import torch
+
     with torch.no_grad():
-        result['latency_ms'] = {'fp32': _median_ms(lambda: net(x), spec['warmup'], spec['repeats'], False)} \
-            if device.type == 'cpu' else {}
-        if device.type == 'cuda':
-            with torch.autocast('cuda', dtype=torch.float16):
-                result['latency_ms']['amp'] = _median_ms(lambda: net(x), spec['warmup'], spec['repeats'], True)
-                compiled = torch.compile(net)
-                result['latency_ms']['amp_compiled'] = _median_ms(lambda: compiled(x), spec['warmup'] + 2,
-                                                                  spec['repeats'], True)
-    result['peak_rss_after_inference_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        if x.device.type == 'cpu':
+            return {'fp32': _median_ms(lambda: net(x), spec['warmup'], spec['repeats'], False)}
+        with torch.autocast('cuda', dtype=torch.float16):
+            compiled = torch.compile(net)
+            return {'amp': _median_ms(lambda: net(x), spec['warmup'], spec['repeats'], True),
+                    'amp_compiled': _median_ms(lambda: compiled(x), spec['warmup'] + 2, spec['repeats'], True)}
+
+
+def _training_step(spec: dict, trainer, build: Callable, channels: int, classes: int, patch: List[int],
+                   device) -> Tuple[Callable[[], None], int]:
+    """One step of the trainer's own loss (deep supervision on) and optimiser on random data, and its batch."""
+    import torch
+    import torch.nn.functional as F
 
     trainer.network = build(True).to(device).train()
     trainer.loss = trainer._build_loss()
     optimizer, _ = trainer.configure_optimizers()
-    scales = trainer._get_deep_supervision_scales()
     batch = spec['train_batch']
     data = torch.randn(batch, channels, *patch, device=device)
     target = torch.randint(0, classes, (batch, 1, *patch), device=device).float()
     targets = [F.interpolate(target, size=[round(p * s) for p, s in zip(patch, scale)], mode='nearest')
-               for scale in scales]
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats()
+               for scale in trainer._get_deep_supervision_scales()]
 
     def step():
         optimizer.zero_grad(set_to_none=True)
@@ -115,8 +109,37 @@ def measure(spec: dict) -> dict:
         loss.backward()
         optimizer.step()
 
+    return step, batch
+
+
+def measure(spec: dict) -> dict:
+    """Measure one network (runs in a worker process): counts, latency, a training step, peak memory."""
+    import torch
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+    torch.set_num_threads(spec['threads'])
+    torch.manual_seed(0)
+    trainer = _trainer(spec)
+    device = trainer.device
+    patch = list(trainer.configuration_manager.patch_size)
+    channels = determine_num_input_channels(trainer.plans_manager, trainer.configuration_manager,
+                                            trainer.dataset_json)
+    classes = trainer.label_manager.num_segmentation_heads
+
+    def build(deep_supervision: bool):
+        return trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, channels,
+                                                  classes, deep_supervision)
+
+    net = build(False).eval()
+    result = _counts(spec, net, channels, patch)
+    net = net.to(device)
+    result['latency_ms'] = _latency(spec, net, torch.randn(1, channels, *patch, device=device))
+    result['peak_rss_after_inference_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    step, result['train_batch'] = _training_step(spec, trainer, build, channels, classes, patch, device)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
     result['train_step_ms'] = _median_ms(step, 1, spec['train_repeats'], device.type == 'cuda')
-    result['train_batch'] = batch
     result['peak_rss_after_train_step_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == 'cuda':
         result['peak_cuda_train_mb'] = torch.cuda.max_memory_allocated() / 2 ** 20
@@ -128,20 +151,6 @@ def _fmt(n: float, unit: str = '') -> str:
         if abs(n) >= div:
             return f"{n / div:.2f}{suffix}{unit}"
     return f"{n:.0f}{unit}"
-
-
-def _verdict(ok: bool) -> str:
-    return 'met' if ok else 'missed'
-
-
-def command_line(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
-    """The command that reproduces a run's settings: the options given other values than their defaults (the
-    output folder left at its default)."""
-    words = ['python', 'benchmarks/cost.py']
-    for dest, value in vars(args).items():
-        if dest not in ('out', 'worker') and value != parser.get_default(dest):
-            words += [f"--{dest.replace('_', '-')}", *(map(str, value) if isinstance(value, list) else [str(value)])]
-    return ' '.join(words)
 
 
 def report(rows: List[dict], fidelity: List[dict], args: argparse.Namespace, info: Dict[str, str]) -> str:
@@ -183,13 +192,11 @@ def report(rows: List[dict], fidelity: List[dict], args: argparse.Namespace, inf
             dp = r['params']['decoder'] / stock['params']['decoder']
             dm = r['macs']['decoder'] / stock['macs']['decoder']
             sp = stock['latency_ms'].get('fp32', float('nan')) / r['latency_ms'].get('fp32', float('nan'))
-            lines.append(f"| {r['name']} | {dp:.1%} ({_verdict(dp <= GOAL_DECODER_PARAMS)}) | "
-                         f"{dm:.1%} ({_verdict(dm <= GOAL_DECODER_MACS)}) | "
-                         f"{sp:.2f}x ({_verdict(sp >= GOAL_SPEEDUP)}) |")
+            lines.append(f"| {r['name']} | {dp:.1%} ({verdict(dp <= GOAL_DECODER_PARAMS)}) | "
+                         f"{dm:.1%} ({verdict(dm <= GOAL_DECODER_MACS)}) | "
+                         f"{sp:.2f}x ({verdict(sp >= GOAL_SPEEDUP)}) |")
     lines += ['', '## Fidelity: our EMCAD decoders at 224x224 (3 channels, 9 classes) next to the paper', '',
-              '| network | decoder params | paper | decoder MACs | paper |', '|---|---:|---:|---:|---:|']
-    lines += [f"| {f['network']} | {f['decoder_params']:,} | {f['paper_decoder_params'] / 1e6:.3f}M | "
-              f"{f['decoder_macs'] / 1e9:.3f}G | {f['paper_decoder_macs'] / 1e9:.3f}G |" for f in fidelity]
+              *paper_table(fidelity)]
     lines += ['', 'Our decoder MACs count the convolutions of CAB, SAB, LGAG, MSCB and EUCB; the paper\'s tool '
               'presumably also counted normalisation, activation or upsampling.', '']
     return '\n'.join(lines)
@@ -209,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--train-repeats', type=int, default=3)
     parser.add_argument('--device', choices=['cpu', 'cuda', 'auto'], default='auto')
     parser.add_argument('--name', default='cost', help='result file name (default cost)')
-    parser.add_argument('--out', default=os.path.join(HERE, 'results'))
+    parser.add_argument('--out', default=RESULTS)
     parser.add_argument('--worker', help=argparse.SUPPRESS)
     return parser
 
@@ -220,11 +227,9 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(measure(json.loads(args.worker))))
         return 0
-    args.command = command_line(parser, args)
+    args.command = reproduce_command('benchmarks/cost.py', parser, args, leave_out=('out', 'worker'))
 
     import torch
-
-    from nnunet_emcad.profiling import paper_fidelity
 
     if args.plans is None:
         plans = acdc_plans()
@@ -235,8 +240,8 @@ def main(argv=None) -> int:
     if args.resenc_plans:
         jobs.insert(1, (f'{STOCK} (ResEnc M plans)', STOCK, os.path.abspath(args.resenc_plans)))
     env = dict(os.environ)
-    env.setdefault('nnUNet_preprocessed', os.path.join(HERE, '.cache', 'unused'))
-    env.setdefault('nnUNet_results', os.path.join(HERE, '.cache', 'unused'))
+    env.setdefault('nnUNet_preprocessed', os.path.join(CACHE, 'unused'))
+    env.setdefault('nnUNet_results', os.path.join(CACHE, 'unused'))
     rows = []
     for name, trainer, plans_file in jobs:
         row = None

@@ -27,10 +27,7 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-
-from common import STOCK, acdc_plans, machine, write_results  # noqa: E402
+from nnunet_emcad.benchmarking import RESULTS, STOCK, acdc_plans, machine, reproduce_command, write_results
 
 DEFAULT_TRAINERS = [STOCK, 'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_PVTb0', 'nnUNetTrainerEMCAD3D']
 LOSS_TOLERANCE = 0.02
@@ -179,7 +176,7 @@ def measure(spec: dict) -> dict:
     return result
 
 
-def verdict(eager: dict, compiled: dict) -> dict:
+def training_verdict(eager: dict, compiled: dict) -> dict:
     """Whether the compiled run trained, and how far its loss strayed from eager's (largest relative deviation)."""
     deviation = max(abs(c - e) / max(abs(e), 1e-12) for c, e in zip(compiled['losses'], eager['losses']))
     finite = all(x == x and abs(x) != float('inf') for x in compiled['losses'])
@@ -256,18 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--backend', default='inductor',
                         help="torch.compile backend (default inductor, nnU-Net's; aot_eager for a quick dry run)")
     parser.add_argument('--name', default='gpu', help='result file name (default gpu)')
-    parser.add_argument('--out', default=os.path.join(HERE, 'results'))
+    parser.add_argument('--out', default=RESULTS)
     parser.add_argument('--worker', help=argparse.SUPPRESS)
     return parser
-
-
-def command_line(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
-    """The command that reproduces a run's settings: the options given other values than their defaults."""
-    words = ['python', 'benchmarks/gpu_check.py']
-    for dest, value in vars(args).items():
-        if dest not in ('out', 'worker') and value != parser.get_default(dest):
-            words += [f"--{dest.replace('_', '-')}", *(map(str, value) if isinstance(value, list) else [str(value)])]
-    return ' '.join(words)
 
 
 def run_worker(spec: dict, env: Dict[str, str]) -> dict:
@@ -285,7 +273,7 @@ def main(argv=None) -> int:
     if args.worker:
         print(json.dumps(measure(json.loads(args.worker))))
         return 0
-    command = command_line(parser, args)
+    command = reproduce_command('benchmarks/gpu_check.py', parser, args, leave_out=('out', 'worker'))
     plans = os.path.abspath(args.plans or acdc_plans()['default'])
     scratch = tempfile.mkdtemp(prefix='gpu_check_')
     env = dict(os.environ, nnUNet_preprocessed=os.path.join(scratch, 'preprocessed'),
@@ -307,7 +295,7 @@ def main(argv=None) -> int:
             row['error'] = row[failed[0]]['error']
             rows.append(row)
             continue
-        row['verdict'] = verdict(row['eager'], row['compiled'])
+        row['verdict'] = training_verdict(row['eager'], row['compiled'])
         print(f"  trains: {row['verdict']['trains']}, loss deviation {row['verdict']['loss_deviation']:.2%}, "
               f"step {row['eager']['step_ms']:.0f} / {row['compiled']['step_ms']:.0f} ms", flush=True)
         rows.append(row)

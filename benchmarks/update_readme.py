@@ -7,8 +7,10 @@ import os
 import re
 import sys
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-README = os.path.join(os.path.dirname(HERE), 'README.md')
+from nnunet_emcad.benchmarking import RESULTS
+from nnunet_emcad.source_tree import SOURCE_ROOT
+
+README = os.path.join(SOURCE_ROOT, 'README.md')
 START, END = '<!-- results:start -->', '<!-- results:end -->'
 
 
@@ -35,7 +37,7 @@ def section(results_dir: str) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--results', default=os.path.join(HERE, 'results'))
+    parser.add_argument('--results', default=RESULTS)
     args = parser.parse_args(argv)
     with open(README) as f:
         readme = f.read()

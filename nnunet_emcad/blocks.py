@@ -77,10 +77,10 @@ def init_emcad_weights(module: nn.Module) -> None:
 class GroupedConv3d(nn.Conv3d):
     """``nn.Conv3d`` for depth-wise and grouped convolutions (same parameters), run channels-last on the CPU.
 
-    In the default layout PyTorch's CPU backward of grouped 3D convolutions takes a generic kernel; channels-last
-    input sends it to oneDNN: measured 10.8 s against 0.25 s for a depth-wise 3x3x3 over 128 channels at
-    2 x 12 x 48 x 48 (2 cores). In 2D it did not pay (the layout change slowed the norms around it), so 2D
-    keeps ``nn.Conv2d``. float64 (no oneDNN kernel) keeps the default layout.
+    In the default layout PyTorch's CPU backward of grouped 3D convolutions takes a slow generic kernel;
+    channels-last input sends it to oneDNN (the 3D cost report, benchmarks/results/cost_3d.md, measures the
+    networks built with it). In 2D it did not pay (the layout change slowed the norms around it), so 2D keeps
+    ``nn.Conv2d``. float64 (no oneDNN kernel) keeps the default layout.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

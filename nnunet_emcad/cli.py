@@ -15,9 +15,9 @@ DESCRIPTION = ("EMCAD (CVPR 2024), a light attention decoder, as an nnU-Net v2 p
 
 def _demo(args: argparse.Namespace) -> int:
     """A short real EMCAD training through nnU-Net's commands: data, plan, train, predict, evaluate, overlays."""
-    from nnunet_emcad.commands import CommandFailed
+    from nnunet_emcad.scripts import CommandFailed
     from nnunet_emcad.demo import run_demo
-    from nnunet_emcad.schedules import Schedule
+    from nnunet_emcad.short_training import Schedule
 
     if args.device is None:
         import torch
@@ -35,17 +35,12 @@ def _paper(args: argparse.Namespace) -> int:
     """Build the paper's EMCAD-B0/B2 and print their cost next to the paper's."""
     import torch
 
-    from nnunet_emcad.profiling import paper_fidelity
+    from nnunet_emcad.counting import paper_fidelity, paper_table
 
     torch.set_num_threads(args.threads)
     print(f"EMCAD at {args.size}x{args.size}, 3 input channels, {args.classes} classes "
           f"(torch.utils.flop_counter; multiply-adds = FLOPs / 2)")
-    print(f"{'network':<10}{'decoder params':>16}{'paper':>10}{'decoder MACs':>15}{'paper':>10}{'total params':>15}"
-          f"{'total GFLOPs':>14}")
-    for row in paper_fidelity(args.size, args.classes):
-        print(f"{row['network']:<10}{row['decoder_params']:>16,}{row['paper_decoder_params'] / 1e6:>9.3f}M"
-              f"{row['decoder_macs'] / 1e9:>14.3f}G{row['paper_decoder_macs'] / 1e9:>9.3f}G"
-              f"{row['total_params']:>15,}{row['total_flops'] / 1e9:>14.2f}")
+    print('\n'.join(paper_table(paper_fidelity(args.size, args.classes))))
     return 0
 
 
@@ -93,7 +88,8 @@ def _convert_official(args: argparse.Namespace) -> int:
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_emcad.checkpoints import CheckpointError, official_weights_for
+    from nnunet_emcad.checkpoints import CheckpointError
+    from nnunet_emcad.official import official_weights_for
 
     nnUNet_preprocessed = os.environ.get('nnUNet_preprocessed')
     if not nnUNet_preprocessed:
@@ -146,9 +142,9 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
 def _benchmark(args: argparse.Namespace) -> int:
     """Run a benchmark of the source tree's benchmarks/ (cost, accuracy, update_readme); arguments pass on."""
-    from nnunet_emcad.commands import SOURCE_ROOT
+    from nnunet_emcad.source_tree import BENCHMARKS
 
-    script = os.path.join(SOURCE_ROOT, 'benchmarks', f'{args.name}.py')
+    script = os.path.join(BENCHMARKS, f'{args.name}.py')
     if not os.path.isfile(script):
         print(f"{script} is absent: the benchmarks ship with the source repository (install it with "
               f"pip install -e from a clone)", file=sys.stderr)

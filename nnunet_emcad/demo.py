@@ -11,27 +11,18 @@ import json
 import os
 import re
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List
 
 import numpy as np
 
-from nnunet_emcad.commands import SOURCE_ROOT, nnunet_env, run_logged
 from nnunet_emcad.demo_data import (ACDC_SOURCE, PYCERR_SOURCE, SYNTHETIC_SOURCE, acdc_subset,
                                     convert_rtstruct_dataset, fetch_pycerr_dicom, make_synthetic_dataset)
-from nnunet_emcad.schedules import PROGRESS_PREFIX, Schedule, write_trainer_module
+from nnunet_emcad.scripts import nnunet_env, run_logged
+from nnunet_emcad.short_training import PROGRESS_PREFIX, Schedule, write_trainer_module
+from nnunet_emcad.source_tree import shared_data_dir
 
 DATA_CHOICES = ('auto', 'acdc', 'lungct', 'synthetic')
 DATASET_IDS = {'acdc': 991, 'lungct': 992, 'synthetic': 993}
-
-
-def shared_data_dir() -> Optional[str]:
-    """The project's shared data folder (``$NNUNET_EMCAD_SHARED_DATA``, or ``../shared/data`` of a clone)."""
-    candidates = [os.environ.get('NNUNET_EMCAD_SHARED_DATA'), os.path.join(SOURCE_ROOT, '..', 'shared', 'data'),
-                  os.path.join(os.getcwd(), '..', 'shared', 'data')]
-    for path in candidates:
-        if path and os.path.isfile(os.path.join(path, 'Dataset027_ACDC', 'splits_final.json')):
-            return os.path.abspath(path)
-    return None
 
 
 def _split(preprocessed: str, train: List[str], val: List[str]) -> None:
@@ -45,9 +36,9 @@ def prepare_data(choice: str, raw: str, preprocessed: str, cache: str,
                  say: Callable[[str], None]) -> Dict[str, str]:
     """Write the chosen data set (``auto``: ACDC, else lung CT from PyPI, else generated); returns its facts."""
     if choice in ('auto', 'acdc'):
-        shared = shared_data_dir()
-        if shared:
-            folder, training = acdc_subset(os.path.join(shared, 'Dataset027_ACDC'), raw, DATASET_IDS['acdc'],
+        acdc = os.path.join(shared_data_dir(), 'Dataset027_ACDC')
+        if os.path.isfile(os.path.join(acdc, 'splits_final.json')):
+            folder, training = acdc_subset(acdc, raw, DATASET_IDS['acdc'],
                                            train_patients=12, test_patients=4)
             _split(os.path.join(preprocessed, os.path.basename(folder)), training[:-4], training[-4:])
             return {'kind': 'acdc', 'folder': folder, 'source': ACDC_SOURCE,
@@ -178,15 +169,42 @@ def overlay_png(dataset_folder: str, prediction_folder: str, out_file: str, max_
     return out_file
 
 
+def plan_and_preprocess(dataset: str, dataset_id: str, env: Dict[str, str], log: str) -> None:
+    """``nnUNetv2_plan_and_preprocess`` for 2d, unless an earlier run of the demo did it."""
+    if not os.path.isfile(os.path.join(env['nnUNet_preprocessed'], dataset, 'nnUNetPlans.json')):
+        run_logged(['nnUNetv2_plan_and_preprocess', '-d', dataset_id, '-c', '2d', '-np', env['nnUNet_def_n_proc']],
+                   env, log)
+
+
+def predict(images: str, predictions: str, dataset_id: str, trainer: str, device: str, env: Dict[str, str],
+            log: str) -> None:
+    """``nnUNetv2_predict`` with the trained fold 0."""
+    run_logged(['nnUNetv2_predict', '-i', images, '-o', predictions, '-d', dataset_id, '-c', '2d', '-f', '0',
+                '-tr', trainer, '-device', device, '-npp', '1', '-nps', '1'], env, log)
+
+
+def evaluate(folder: str, predictions: str, model: str, env: Dict[str, str], log: str) -> Dict[str, float]:
+    """``nnUNetv2_evaluate_folder`` against the test labels; the Dice per class name (and ``mean``)."""
+    run_logged(['nnUNetv2_evaluate_folder', os.path.join(folder, 'labelsTs'), predictions,
+                '-djfile', os.path.join(model, 'dataset.json'), '-pfile', os.path.join(model, 'plans.json'),
+                '-np', env['nnUNet_def_n_proc']], env, log)
+    with open(os.path.join(predictions, 'summary.json')) as f:
+        summary = json.load(f)
+    with open(os.path.join(folder, 'dataset.json')) as f:
+        names = {str(v): k for k, v in json.load(f)['labels'].items()}
+    dice = {names[label]: metrics['Dice'] for label, metrics in summary['mean'].items()}
+    dice['mean'] = summary['foreground_mean']['Dice']
+    return dice
+
+
 def run_demo(workdir: str, data: str, trainer: str, schedule: Schedule, device: str,
              say: Callable[[str], None] = print) -> Dict[str, float]:
     """The whole demo; returns the test Dice per class name (and ``mean``)."""
     workdir = os.path.abspath(workdir)
-    logs = os.path.join(workdir, 'logs')
+    logs, trainers, predictions = (os.path.join(workdir, name) for name in ('logs', 'trainers', 'predictions'))
     os.makedirs(logs, exist_ok=True)
-    trainers = os.path.join(workdir, 'trainers')
-    env = nnunet_env(*(os.path.join(workdir, f'nnUNet_{name}') for name in ('raw', 'preprocessed', 'results')),
-                     trainer_dir=trainers)
+    env = nnunet_env(workdir, trainer_dir=trainers,
+                     folder_names=('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'))
     start = time.perf_counter()
 
     def step(n: int, text: str) -> None:
@@ -200,9 +218,7 @@ def run_demo(workdir: str, data: str, trainer: str, schedule: Schedule, device: 
     say(f"  {dataset}: {facts['note']}\n  source: {facts['source']}")
 
     step(2, f"nnUNetv2_plan_and_preprocess -d {dataset_id} -c 2d (log: {logs}/plan.log)")
-    if not os.path.isfile(os.path.join(env['nnUNet_preprocessed'], dataset, 'nnUNetPlans.json')):
-        run_logged(['nnUNetv2_plan_and_preprocess', '-d', dataset_id, '-c', '2d', '-np', env['nnUNet_def_n_proc']],
-                   env, os.path.join(logs, 'plan.log'))
+    plan_and_preprocess(dataset, dataset_id, env, os.path.join(logs, 'plan.log'))
 
     demo_trainer = write_demo_trainer(trainers, trainer, schedule)
     step(3, f"nnUNetv2_train {dataset_id} 2d 0 -tr {demo_trainer} -device {device}: {schedule.epochs} epochs x "
@@ -210,24 +226,14 @@ def run_demo(workdir: str, data: str, trainer: str, schedule: Schedule, device: 
     run_logged(['nnUNetv2_train', dataset_id, '2d', '0', '-tr', demo_trainer, '-device', device], env,
                os.path.join(logs, 'train.log'), _EpochPrinter(schedule.epochs, say))
 
-    predictions = os.path.join(workdir, 'predictions')
     n_test = len(os.listdir(os.path.join(folder, 'imagesTs')))
     step(4, f"nnUNetv2_predict on {n_test} test images -> {predictions}")
-    run_logged(['nnUNetv2_predict', '-i', os.path.join(folder, 'imagesTs'), '-o', predictions, '-d', dataset_id,
-                '-c', '2d', '-f', '0', '-tr', demo_trainer, '-device', device, '-npp', '1', '-nps', '1'], env,
-               os.path.join(logs, 'predict.log'))
+    predict(os.path.join(folder, 'imagesTs'), predictions, dataset_id, demo_trainer, device, env,
+            os.path.join(logs, 'predict.log'))
 
     step(5, "nnUNetv2_evaluate_folder and overlays")
     model = os.path.join(env['nnUNet_results'], dataset, f'{demo_trainer}__nnUNetPlans__2d')
-    run_logged(['nnUNetv2_evaluate_folder', os.path.join(folder, 'labelsTs'), predictions,
-                '-djfile', os.path.join(model, 'dataset.json'), '-pfile', os.path.join(model, 'plans.json'),
-                '-np', env['nnUNet_def_n_proc']], env, os.path.join(logs, 'evaluate.log'))
-    with open(os.path.join(predictions, 'summary.json')) as f:
-        summary = json.load(f)
-    with open(os.path.join(folder, 'dataset.json')) as f:
-        names = {str(v): k for k, v in json.load(f)['labels'].items()}
-    dice = {names[label]: metrics['Dice'] for label, metrics in summary['mean'].items()}
-    dice['mean'] = summary['foreground_mean']['Dice']
+    dice = evaluate(folder, predictions, model, env, os.path.join(logs, 'evaluate.log'))
     png = overlay_png(folder, predictions, os.path.join(workdir, 'overlays.png'))
     say(f"test Dice: {', '.join(f'{k} {v:.3f}' for k, v in dice.items())} (mean over {n_test} test images)")
     say(f"done in {time.perf_counter() - start:.0f} s. Overlays: {png}\n  model: {model}\n"

@@ -1,29 +1,32 @@
-"""EMCAD networks: the EMCAD decoder over a PVTv2 encoder (timm) or over nnU-Net's own encoders.
+"""EMCAD networks: the EMCAD decoder over a PVTv2 encoder (timm) or over any encoder that returns its stages.
 
-Layout follows timm: the decoder, the encoders, the network, then the constructors. Every network here keeps
+Layout follows timm: the decoder, the encoders, the network, then the constructors. Building the decoder over
+nnU-Net's own encoders from a plans file is ``nnunet_emcad.plans``' work. Every network here keeps
 nnU-Net's contract: ``network.decoder.deep_supervision`` switches between a list of outputs (highest resolution
 first) and one full-resolution tensor, which is what ``nnUNetTrainer.set_deep_supervision_enabled`` sets.
 """
-import pydoc
-from functools import partial
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Type, Union
 
+import timm
 import torch
 import torch.nn.functional as F
+from timm.models import FeatureListNet
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
-from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
-
 from nnunet_emcad.blocks import CAB, EUCB, LGAG, MSCB, SAB, NormFactory, along_axes, init_emcad_weights
+from nnunet_emcad.checkpoints import check_state_dict, load_pvt_v2_weights
 
-PVT_V2_VARIANTS = ('pvt_v2_b0', 'pvt_v2_b1', 'pvt_v2_b2', 'pvt_v2_b3', 'pvt_v2_b4', 'pvt_v2_b5')
+# (stage-1 width, blocks per stage) of each PVTv2 variant, as timm and the original PVT code define them.
+PVT_V2_VARIANTS = {
+    'pvt_v2_b0': (32, (2, 2, 2, 2)),
+    'pvt_v2_b1': (64, (2, 2, 2, 2)),
+    'pvt_v2_b2': (64, (3, 4, 6, 3)),
+    'pvt_v2_b3': (64, (3, 4, 18, 3)),
+    'pvt_v2_b4': (64, (3, 8, 27, 3)),
+    'pvt_v2_b5': (64, (3, 6, 40, 3)),
+}
 PVT_V2_STRIDE = 32
-
-# Blocks per stage of nnU-Net's ResEnc planners (ResEncUNetPlanner.UNet_blocks_per_stage_encoder), used when a
-# residual encoder is built from plain-U-Net plans that only give convolutions per stage.
-RESENC_BLOCKS_PER_STAGE = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6)
 
 StrideT = Union[int, Sequence[int]]
 
@@ -118,13 +121,9 @@ class PVTv2Encoder(nn.Module):
 
     def _build_body(self, pretrained: Union[None, str, Dict[str, torch.Tensor]]) -> nn.Module:
         """timm's model, with ``pretrained`` loaded strictly, wrapped as timm's ``features_only`` does."""
-        import timm
-        from timm.models import FeatureListNet
-
         model = timm.create_model(self.variant, pretrained=False, num_classes=0, drop_path_rate=self.drop_path_rate,
                                   in_chans=3 if self.stem is not None else self.in_channels)
         if pretrained is not None:
-            from nnunet_emcad.checkpoints import load_pvt_v2_weights
             load_pvt_v2_weights(model, pretrained)
         return FeatureListNet(model, out_indices=(0, 1, 2, 3), flatten_sequential=True)
 
@@ -147,8 +146,11 @@ class EMCADNet(nn.Module):
     The encoder must expose ``output_channels`` and ``strides`` like dynamic-network-architectures' encoders.
     ``upsample_outputs='first'`` brings only the first output to the input size (nnU-Net's deep supervision
     then sees every other head at its own scale); ``'all'`` upsamples every head to the input size, as the
-    official code does for its MUTATION loss.
+    official code does for its MUTATION loss. ``weights_fix`` ends the message of a strict load that does not
+    fit; a framework building this network sets it to the fix in its own terms.
     """
+
+    weights_fix = 'Load weights saved from a network built with the same settings.'
 
     def __init__(self, encoder: nn.Module, num_classes: int, deep_supervision: bool = True,
                  upsample_outputs: str = 'first', **decoder_kwargs):
@@ -174,15 +176,23 @@ class EMCADNet(nn.Module):
     def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
         return self.decode(self.encoder(x), x.shape[2:])
 
+    def output_strides(self) -> List[Tuple[int, ...]]:
+        """Each output's stride relative to the input, highest resolution first (the first output is full size)."""
+        strides, total = [], None
+        for s in self.encoder.strides:
+            s = tuple(s)
+            total = s if total is None else tuple(a * b for a, b in zip(total, s))
+            strides.append(total)
+        upsampled = len(strides) if self.upsample_outputs == 'all' else 1
+        return [tuple(1 for _ in s) if i < upsampled else s for i, s in enumerate(strides)]
+
     def load_state_dict(self, state_dict: Mapping[str, torch.Tensor], strict: bool = True, assign: bool = False):
-        """``nn.Module.load_state_dict``; weights of another network (a checkpoint of another trainer, plans or
-        configuration, as nnU-Net's predictor or ``--c`` would load them) fail with what they and this are."""
+        """``nn.Module.load_state_dict``; weights of another network fail with what they and this are, and
+        ``weights_fix`` (what whoever built this network tells its users to do about it)."""
         if strict:
-            from nnunet_emcad.checkpoints import check_state_dict
             own = self.state_dict()
             check_state_dict(own, state_dict, f"weights of {describe_weights(state_dict)}",
-                             f"This network is {describe_weights(own)}. Use the trainer (-tr), plans (-p) and "
-                             f"configuration (-c) the checkpoint was trained with.")
+                             f"This network is {describe_weights(own)}. {self.weights_fix}")
         return super().load_state_dict(state_dict, strict, assign)
 
 
@@ -214,79 +224,3 @@ def emcad_pvt_v2_b0(num_classes: int = 9, in_channels: int = 3, **kwargs) -> EMC
 def emcad_pvt_v2_b2(num_classes: int = 9, in_channels: int = 3, **kwargs) -> EMCADNet:
     """EMCAD-B2 of the paper: PVTv2-b2 encoder, decoder widths 512, 320, 128, 64."""
     return create_emcad_pvt('pvt_v2_b2', num_classes, in_channels, **kwargs)
-
-
-def _resolve_imports(arch_kwargs: dict, req_import: Sequence[str]) -> dict:
-    kwargs = dict(arch_kwargs)
-    for key in req_import:
-        if isinstance(kwargs.get(key), str):
-            located = pydoc.locate(kwargs[key])
-            if located is None:
-                raise ImportError(f"plans name {kwargs[key]!r} for {key!r}, which cannot be imported")
-            kwargs[key] = located
-    return kwargs
-
-
-def build_nnunet_encoder(arch_kwargs: dict, input_channels: int, kind: str = 'plain',
-                         arch_kwargs_req_import: Sequence[str] = ('conv_op', 'norm_op', 'dropout_op', 'nonlin')
-                         ) -> nn.Module:
-    """nnU-Net's ``PlainConvEncoder`` or ``ResidualEncoder`` from a plans configuration's ``arch_kwargs``.
-
-    Plain plans give ``n_conv_per_stage``, ResEnc plans ``n_blocks_per_stage``; a residual encoder built from
-    plain plans takes the ResEnc planners' blocks per stage.
-    """
-    kw = _resolve_imports(arch_kwargs, arch_kwargs_req_import)
-    n_stages = kw['n_stages']
-    common = dict(input_channels=input_channels, n_stages=n_stages, features_per_stage=kw['features_per_stage'],
-                  conv_op=kw['conv_op'], kernel_sizes=kw['kernel_sizes'], strides=kw['strides'],
-                  conv_bias=kw.get('conv_bias', False), norm_op=kw.get('norm_op'),
-                  norm_op_kwargs=kw.get('norm_op_kwargs'), dropout_op=kw.get('dropout_op'),
-                  dropout_op_kwargs=kw.get('dropout_op_kwargs'), nonlin=kw.get('nonlin'),
-                  nonlin_kwargs=kw.get('nonlin_kwargs'), return_skips=True)
-    if kind == 'plain':
-        n_convs = kw.get('n_conv_per_stage', kw.get('n_blocks_per_stage'))
-        return PlainConvEncoder(n_conv_per_stage=n_convs, nonlin_first=kw.get('nonlin_first', False), **common)
-    if kind == 'residual':
-        n_blocks = kw.get('n_blocks_per_stage', RESENC_BLOCKS_PER_STAGE[:n_stages])
-        extra = {k: kw[k] for k in ('block', 'bottleneck_channels', 'stem_channels') if kw.get(k) is not None}
-        return ResidualEncoder(n_blocks_per_stage=n_blocks, **common, **extra)
-    raise ValueError(f"unknown nnU-Net encoder kind {kind!r}; choose 'plain' or 'residual'")
-
-
-def create_emcad_unet(arch_kwargs: dict, input_channels: int, num_classes: int, encoder: str = 'plain',
-                      deep_supervision: bool = True,
-                      arch_kwargs_req_import: Sequence[str] = ('conv_op', 'norm_op', 'dropout_op', 'nonlin'),
-                      decoder_norm: str = 'batch', **decoder_kwargs) -> EMCADNet:
-    """EMCAD over nnU-Net's own encoder, self-configured by a plans configuration's ``arch_kwargs``.
-
-    One head per encoder stage: outputs come at strides ``cumprod(strides)``, highest resolution first.
-    ``decoder_norm='batch'`` keeps the official BatchNorm in the decoder blocks; ``'plan'`` uses the plan's
-    norm (instance norm in nnU-Net's plans), whose statistics do not depend on the batch. 2D and 3D plans alike:
-    the decoder's kernels follow the plan's per-stage kernel sizes (1 along axes a stage does not convolve,
-    as in nnU-Net's anisotropic 3D plans) and its upsampling the per-axis strides.
-    """
-    enc = build_nnunet_encoder(arch_kwargs, input_channels, encoder, arch_kwargs_req_import)
-    decoder_kwargs.setdefault('axes', [[k > 1 for k in ks] for ks in arch_kwargs['kernel_sizes']])
-    if decoder_norm == 'plan':
-        decoder_kwargs['norm_op'] = plan_norm(arch_kwargs, arch_kwargs_req_import)
-    elif decoder_norm != 'batch':
-        raise ValueError(f"decoder_norm must be 'batch' or 'plan', got {decoder_norm!r}")
-    return EMCADNet(enc, num_classes, deep_supervision, 'first', **decoder_kwargs)
-
-
-def plan_norm(arch_kwargs: dict,
-              arch_kwargs_req_import: Sequence[str] = ('conv_op', 'norm_op', 'dropout_op', 'nonlin')) -> NormFactory:
-    """The plans' normalisation (``norm_op`` with ``norm_op_kwargs``) as a factory of the channel count."""
-    kw = _resolve_imports(arch_kwargs, arch_kwargs_req_import)
-    return partial(kw['norm_op'], **(kw.get('norm_op_kwargs') or {}))
-
-
-def output_strides(network: EMCADNet) -> List[Tuple[int, ...]]:
-    """Each output's stride relative to the input, highest resolution first (the first output is full size)."""
-    strides, total = [], None
-    for s in network.encoder.strides:
-        s = tuple(s)
-        total = s if total is None else tuple(a * b for a, b in zip(total, s))
-        strides.append(total)
-    upsampled = len(strides) if network.upsample_outputs == 'all' else 1
-    return [tuple(1 for _ in s) if i < upsampled else s for i, s in enumerate(strides)]

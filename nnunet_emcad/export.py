@@ -16,7 +16,7 @@ import torch
 from nnunet_emcad.trainers import check_checkpoint_file
 
 
-def load_trained_network(model_folder: str, fold: str, checkpoint_name: str = 'checkpoint_final.pth'):
+def load_predictor(model_folder: str, fold: str, checkpoint_name: str = 'checkpoint_final.pth'):
     """nnU-Net's predictor initialised from a trained fold on the CPU (network built by the trainer, DS off)."""
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
@@ -60,7 +60,7 @@ def export_onnx(model_folder: str, fold: str, output: str, checkpoint_name: str 
     import onnxruntime
     from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
-    predictor = load_trained_network(model_folder, fold, checkpoint_name)
+    predictor = load_predictor(model_folder, fold, checkpoint_name)
     network = predictor.network
     channels = determine_num_input_channels(predictor.plans_manager, predictor.configuration_manager,
                                             predictor.dataset_json)

@@ -1,4 +1,5 @@
-"""The EMCAD paper's MUTATION loss: a loss over the summed logits of every non-empty subset of the heads."""
+"""The EMCAD paper's MUTATION loss (a loss over the summed logits of every non-empty subset of the heads), its
+per-output CE + Dice, and the adapter that hands it nnU-Net's deep-supervision targets."""
 from itertools import combinations
 from typing import Callable, Sequence
 
@@ -50,3 +51,14 @@ class MutationLoss(nn.Module):
             for subset in combinations(outputs, r):
                 total = total + self.base_loss(sum(subset), target)
         return total
+
+
+class FirstTargetLoss(nn.Module):
+    """Hands a loss over all outputs nnU-Net's first (full-resolution) target of its per-output target list."""
+
+    def __init__(self, loss: nn.Module):
+        super().__init__()
+        self.loss = loss
+
+    def forward(self, outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.loss(outputs, targets[0])

@@ -8,7 +8,7 @@ never reads files: ImageNet weights are loaded in ``initialize``, during trainin
 import math
 import os
 import zipfile
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import numpy as np
 import torch
@@ -21,8 +21,11 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunet_emcad.checkpoints import CheckpointError
-from nnunet_emcad.emcad import PVT_V2_STRIDE, create_emcad_pvt, create_emcad_unet, output_strides, plan_norm
-from nnunet_emcad.losses import MutationLoss, PaperDiceCELoss
+from nnunet_emcad.emcad import PVT_V2_STRIDE, EMCADNet, create_emcad_pvt
+from nnunet_emcad.losses import FirstTargetLoss, MutationLoss, PaperDiceCELoss
+from nnunet_emcad.plans import (configuration_arch_kwargs, configuration_encoder_kind, create_emcad_unet,
+                                plan_norm)
+from nnunet_emcad.short_training import Schedule, short_schedule
 
 __all__ = [
     'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_ResEnc', 'nnUNetTrainerEMCAD3D', 'nnUNetTrainerEMCAD3D_ResEnc',
@@ -32,6 +35,7 @@ __all__ = [
 ]
 
 PVT_WEIGHTS_ENV = 'nnUNet_EMCAD_PVT_WEIGHTS'
+WEIGHTS_FIX = 'Use the trainer (-tr), plans (-p) and configuration (-c) the checkpoint was trained with.'
 
 
 def require_dimensions(configuration_manager: ConfigurationManager, trainer_name: str, dimensions: int) -> None:
@@ -81,22 +85,27 @@ def unwrap(network: nn.Module) -> nn.Module:
     return network
 
 
+def for_nnunet(network: EMCADNet) -> EMCADNet:
+    """``network`` whose weight-mismatch message names the fix in nnU-Net's terms (its predictor and ``--c``
+    load checkpoints through ``load_state_dict``)."""
+    network.weights_fix = WEIGHTS_FIX
+    return network
+
+
 class nnUNetTrainerEMCAD(nnUNetTrainer):
     """EMCAD decoder over the plan's own encoder: the recommendation on a GPU.
 
     The encoder is the one nnU-Net configured (``PlainConvEncoder`` from the default plans, ``ResidualEncoder``
     from ResEnc plans), trained from scratch with nnU-Net's recipe (SGD 0.01, Nesterov, poly decay). Why this
     default: it needs no ImageNet weights (none can be downloaded at run time, and medical data rarely has
-    three channels), it inherits nnU-Net's self-configured patch, strides and depth for any dataset, on the
-    ACDC 2D plan it halves stock nnU-Net's FLOPs (12.3 vs 24.9 GFLOPs at 256x224), and on ISBI 2012 (short CPU
-    budget, benchmarks/results/accuracy_isbi.md) it had the best Dice at equal iterations. On a CPU it is
-    slower than stock (memory-bound full-resolution stage); there ``nnUNetTrainerEMCAD_PVTb0`` is the choice.
-    Every encoder stage gets a supervised head; deep supervision uses all of them, weighted as nnU-Net does.
+    three channels), and it inherits nnU-Net's self-configured patch, strides and depth for any dataset. Its
+    cost and accuracy against stock nnU-Net and the PVT trainers are measured in the benchmark reports
+    (benchmarks/results/cost*.md, accuracy_*.md; the README's results section). Every encoder stage gets a
+    supervised head; deep supervision uses all of them, weighted as nnU-Net does.
 
     The decoder blocks normalise with the plan's norm (instance norm) instead of the official BatchNorm: with
-    nnU-Net's small batches BatchNorm's running statistics do not represent the batches it trained on. Measured
-    on ISBI 2012 (batch 2, 40 iterations): the same trained weights gave validation Dice 0.01 in eval mode
-    (running statistics) and 0.75 with batch statistics.
+    nnU-Net's small batches BatchNorm's running statistics do not represent the batches it trained on, so the
+    same trained weights score far worse in eval mode (running statistics) than with batch statistics.
     """
 
     encoder_kind: Optional[str] = None  # 'plain' or 'residual'; None follows the plans' architecture class
@@ -117,11 +126,9 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
         require_dimensions(configuration_manager, cls.__name__, cls.dimensions)
-        kind = cls.encoder_kind or (
-            'residual' if 'Residual' in configuration_manager.network_arch_class_name else 'plain')
-        return create_emcad_unet(configuration_manager.network_arch_init_kwargs, num_input_channels,
-                                 num_output_channels, kind, enable_deep_supervision,
-                                 configuration_manager.network_arch_init_kwargs_req_import, decoder_norm='plan')
+        kind = cls.encoder_kind or configuration_encoder_kind(configuration_manager)
+        return for_nnunet(create_emcad_unet(configuration_arch_kwargs(configuration_manager), num_input_channels,
+                                            num_output_channels, kind, enable_deep_supervision, decoder_norm='plan'))
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """nnU-Net's loading (``--c``, ``--val``), after checking that a file is a checkpoint at all."""
@@ -166,7 +173,7 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
         """One scale per network output, read off the network's heads (nnU-Net assumes one less than stages)."""
         if not self.enable_deep_supervision:
             return None
-        return [list(1 / np.array(s, dtype=float)) for s in output_strides(unwrap(self.network))]
+        return [list(1 / np.array(s, dtype=float)) for s in unwrap(self.network).output_strides()]
 
 
 class nnUNetTrainerEMCAD_ResEnc(nnUNetTrainerEMCAD):
@@ -245,10 +252,10 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
         require_dimensions(configuration_manager, cls.__name__, cls.dimensions)
-        return create_emcad_pvt(cls.pvt_variant, num_output_channels, num_input_channels,
-                                deep_supervision=enable_deep_supervision, upsample_outputs=cls.upsample_outputs,
-                                norm_op=plan_norm(configuration_manager.network_arch_init_kwargs,
-                                                  configuration_manager.network_arch_init_kwargs_req_import))
+        return for_nnunet(create_emcad_pvt(cls.pvt_variant, num_output_channels, num_input_channels,
+                                           deep_supervision=enable_deep_supervision,
+                                           upsample_outputs=cls.upsample_outputs,
+                                           norm_op=plan_norm(configuration_arch_kwargs(configuration_manager))))
 
     def initialize(self) -> None:
         was_initialized = self.was_initialized
@@ -269,17 +276,6 @@ class nnUNetTrainerEMCAD_PVTb0(nnUNetTrainerEMCAD_PVTb2):
     pvt_variant = 'pvt_v2_b0'
 
 
-class _TargetFromList(nn.Module):
-    """Hands a loss over all outputs nnU-Net's first (full-resolution) target."""
-
-    def __init__(self, loss: nn.Module):
-        super().__init__()
-        self.loss = loss
-
-    def forward(self, outputs: Sequence[torch.Tensor], targets: Sequence[torch.Tensor]) -> torch.Tensor:
-        return self.loss(outputs, targets[0])
-
-
 class nnUNetTrainerEMCAD_PVTb2_MUTATION(nnUNetTrainerEMCAD_PVTb2):
     """EMCAD-B2 trained with the paper's MUTATION loss: every head upsampled to the patch size, and
     0.3 CE + 0.7 Dice summed over the logits of all 15 non-empty subsets of the 4 heads."""
@@ -291,61 +287,22 @@ class nnUNetTrainerEMCAD_PVTb2_MUTATION(nnUNetTrainerEMCAD_PVTb2):
             raise RuntimeError(f"{type(self).__name__} supports plain label maps only (no regions, no ignore "
                                f"label); use nnUNetTrainerEMCAD_PVTb2 for this dataset")
         loss = PaperDiceCELoss(self.label_manager.num_segmentation_heads)
-        return _TargetFromList(MutationLoss(loss)) if self.enable_deep_supervision else loss
+        return FirstTargetLoss(MutationLoss(loss)) if self.enable_deep_supervision else loss
 
 
-class _FiveEpochs:
-    """Five epochs, for smoke tests of a set-up (like nnU-Net's ``nnUNetTrainer_5epochs``)."""
+# Five epochs, for smoke tests of a set-up (like nnU-Net's ``nnUNetTrainer_5epochs``).
+FIVE_EPOCHS = Schedule(epochs=5)
+# 10 epochs of 25 iterations (5 validation iterations): a set-up check in a few minutes on a CPU.
+SMOKE = Schedule(epochs=10, iterations=25, val_iterations=5)
 
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 5
-
-
-class _Smoke:
-    """10 epochs of 25 iterations (5 validation iterations): a set-up check in a few minutes on a CPU."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 10
-        self.num_iterations_per_epoch = 25
-        self.num_val_iterations_per_epoch = 5
-
-
-class _FiveHundredIterations:
-    """20 epochs of 25 iterations at batch 8 (2 validation iterations): the ACDC accuracy benchmark's 500-iteration
-    budget (benchmarks/results/accuracy_acdc_it500.md), a first model in minutes on a CPU."""
-
-    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
-                 device: torch.device = torch.device('cuda')):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 20
-        self.num_iterations_per_epoch = 25
-        self.num_val_iterations_per_epoch = 2
-        self.configuration_manager.configuration['batch_size'] = 8
-
-
-class nnUNetTrainerEMCAD_5epochs(_FiveEpochs, nnUNetTrainerEMCAD):
-    """Five epochs of ``nnUNetTrainerEMCAD``."""
-
-
-class nnUNetTrainerEMCAD_PVTb0_5epochs(_FiveEpochs, nnUNetTrainerEMCAD_PVTb0):
-    """Five epochs of EMCAD-B0."""
-
-
-class nnUNetTrainerEMCAD_smoke(_Smoke, nnUNetTrainerEMCAD):
-    """``nnUNetTrainerEMCAD`` on the smoke schedule (about a minute on tiny 2D data)."""
-
-
-class nnUNetTrainerEMCAD3D_smoke(_Smoke, nnUNetTrainerEMCAD3D):
-    """``nnUNetTrainerEMCAD3D`` on the smoke schedule."""
-
-
-class nnUNetTrainerEMCAD_PVTb0_smoke(_Smoke, nnUNetTrainerEMCAD_PVTb0):
-    """EMCAD-B0 on the smoke schedule."""
-
-
-class nnUNetTrainerEMCAD_PVTb0_500it(_FiveHundredIterations, nnUNetTrainerEMCAD_PVTb0):
-    """EMCAD-B0 for 500 iterations at batch 8: the CPU route to a first model."""
+nnUNetTrainerEMCAD_5epochs = short_schedule(nnUNetTrainerEMCAD, FIVE_EPOCHS, 'nnUNetTrainerEMCAD_5epochs')
+nnUNetTrainerEMCAD_PVTb0_5epochs = short_schedule(nnUNetTrainerEMCAD_PVTb0, FIVE_EPOCHS,
+                                                  'nnUNetTrainerEMCAD_PVTb0_5epochs')
+nnUNetTrainerEMCAD_smoke = short_schedule(nnUNetTrainerEMCAD, SMOKE, 'nnUNetTrainerEMCAD_smoke')
+nnUNetTrainerEMCAD3D_smoke = short_schedule(nnUNetTrainerEMCAD3D, SMOKE, 'nnUNetTrainerEMCAD3D_smoke')
+nnUNetTrainerEMCAD_PVTb0_smoke = short_schedule(nnUNetTrainerEMCAD_PVTb0, SMOKE, 'nnUNetTrainerEMCAD_PVTb0_smoke')
+# 20 epochs of 25 iterations at batch 8 (2 validation iterations): the ACDC accuracy benchmark's 500-iteration
+# budget (benchmarks/results/accuracy_acdc_it500.md), a first model in minutes on a CPU.
+FIVE_HUNDRED_ITERATIONS = Schedule(epochs=20, iterations=25, batch_size=8, val_iterations=2)
+nnUNetTrainerEMCAD_PVTb0_500it = short_schedule(nnUNetTrainerEMCAD_PVTb0, FIVE_HUNDRED_ITERATIONS,
+                                                'nnUNetTrainerEMCAD_PVTb0_500it')

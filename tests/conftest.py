@@ -1,19 +1,19 @@
 import os
-import sys
 import warnings
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
+from nnunet_emcad.source_tree import shared_data_dir
+
 warnings.filterwarnings('ignore', category=FutureWarning)
 
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(PROJECT_ROOT), 'shared')
+SHARED = os.path.dirname(shared_data_dir())
 
 
 @pytest.fixture(scope='session')
 def shared_dir() -> str:
-    """../shared from the project root; tests that need it skip where it is absent (a user's clone)."""
+    """The project's shared folder (above its shared data: ../shared of a clone); tests that need it skip where
+    it is absent (a user's clone)."""
     if not os.path.isdir(SHARED):
         pytest.skip(f"{SHARED} is absent: it holds the project's reference files and real data (present in CI)")
     return SHARED

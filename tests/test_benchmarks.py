@@ -37,8 +37,7 @@ def test_cost_benchmark_on_a_tiny_plan(tmp_path):
     assert rows['nnUNetTrainerEMCAD']['macs']['decoder'] < rows['nnUNetTrainer']['macs']['decoder']
     report = (tmp_path / 'results' / 'cost.md').read_text()
     assert 'Goals against stock nnU-Net' in report and 'EMCAD-B2' in report
-    sys.path.insert(0, BENCHMARKS)
-    from cost import build_parser
+    from benchmarks.cost import build_parser
 
     command = next(line for line in report.splitlines() if line.startswith('Reproduce: '))
     words = command[len('Reproduce: `'):-1].split()
@@ -48,8 +47,7 @@ def test_cost_benchmark_on_a_tiny_plan(tmp_path):
 
 
 def test_cost_report_shows_the_cuda_measurements_when_a_gpu_measured_them():
-    sys.path.insert(0, BENCHMARKS)
-    from cost import build_parser, report
+    from benchmarks.cost import build_parser, report
 
     def row(name: str, scale: int) -> dict:
         parts = {'encoder': 10 * scale, 'decoder': 4 * scale, 'heads': scale}
@@ -75,8 +73,7 @@ def test_cost_report_shows_the_cuda_measurements_when_a_gpu_measured_them():
 
 
 def test_hd95_measures_surface_distance_in_physical_units():
-    sys.path.insert(0, BENCHMARKS)
-    from accuracy import hd95
+    from benchmarks.accuracy import hd95
 
     reference = np.zeros((1, 40, 40), dtype=bool)
     reference[0, 10:20, 10:20] = True
@@ -96,8 +93,7 @@ def test_hd95_measures_surface_distance_in_physical_units():
     ['--iterations', '500', '--name', 'accuracy_acdc_it500'],
 ])
 def test_accuracy_report_names_the_command_that_reproduces_it(argv):
-    sys.path.insert(0, BENCHMARKS)
-    from accuracy import command_line, default_trainers, parse_args
+    from benchmarks.accuracy import command_line, default_trainers, parse_args
 
     args = parse_args(argv + ['--work', '/elsewhere'])
     words = command_line(args).split()
@@ -109,8 +105,7 @@ def test_accuracy_report_names_the_command_that_reproduces_it(argv):
 
 
 def test_readme_results_list_every_report_cost_first(tmp_path):
-    sys.path.insert(0, BENCHMARKS)
-    from update_readme import section
+    from benchmarks.update_readme import section
 
     for name in ('accuracy_isbi', 'cost_3d', 'accuracy_acdc_it500', 'cost', 'accuracy_acdc'):
         (tmp_path / f'{name}.md').write_text(f'# {name}\n\n![plot]({name}.png)\n')
@@ -124,8 +119,7 @@ def test_readme_results_list_every_report_cost_first(tmp_path):
 
 @pytest.mark.parametrize('no_equal_time', [False, True])
 def test_accuracy_report_says_which_equal_time_runs_are_missing(no_equal_time):
-    sys.path.insert(0, BENCHMARKS)
-    from accuracy import parse_args, report
+    from benchmarks.accuracy import parse_args, report
 
     def run(trainer: str, budget: str, dice: float, seconds: float) -> dict:
         return {'trainer': trainer, 'budget': budget, 'iterations': 50, 'train_seconds': 60.0,
@@ -172,8 +166,7 @@ def _gpu_run(losses, skipped, step_ms, memory_mb, compiled):
 
 
 def test_gpu_check_report_compares_with_stock_and_names_trainers_that_do_not_train():
-    sys.path.insert(0, BENCHMARKS)
-    from gpu_check import report, verdict
+    from benchmarks.gpu_check import report, training_verdict
 
     rows = []
     for trainer, compiled_losses, skipped, step, memory in (
@@ -182,7 +175,7 @@ def test_gpu_check_report_compares_with_stock_and_names_trainers_that_do_not_tra
         eager = _gpu_run([compiled_losses[0], compiled_losses[0] - 0.1], 0, 2 * step, memory, False)
         compiled = _gpu_run(compiled_losses, skipped, step, memory, True)
         rows.append({'trainer': trainer, 'configuration': '2d', 'eager': eager, 'compiled': compiled,
-                     'verdict': verdict(eager, compiled)})
+                     'verdict': training_verdict(eager, compiled)})
     settings = {'plans': 'nnUNetPlans.json', 'device': 'cuda', 'steps': 2, 'amp_dtype': 'float16',
                 'command': 'python benchmarks/gpu_check.py'}
     text = report(rows, settings, {'gpu': 'NVIDIA H200', 'torch': '2.11.0'})

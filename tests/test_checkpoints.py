@@ -6,8 +6,9 @@ import timm
 import torch
 
 from helpers import official_state_dict, timm_to_original_pvt
-from nnunet_emcad.checkpoints import CheckpointError, load_official_checkpoint, read_state_dict
+from nnunet_emcad.checkpoints import CheckpointError, read_state_dict
 from nnunet_emcad.emcad import PVTv2Encoder, create_emcad_pvt
+from nnunet_emcad.official import load_official_checkpoint
 
 
 @pytest.fixture(scope='module')

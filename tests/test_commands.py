@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from nnunet_emcad.commands import CommandFailed, nnunet_env, run_logged
+from nnunet_emcad.scripts import CommandFailed, nnunet_env, run_logged
 
 
 def test_output_goes_to_the_log_and_to_the_caller(tmp_path):
@@ -39,7 +39,7 @@ def test_environment_keeps_only_the_packages_settings(monkeypatch, tmp_path):
     monkeypatch.setenv('nnUNet_compile', 'f')
     monkeypatch.setenv('nnUNet_EMCAD_PVT_WEIGHTS', '/weights.pth')
     monkeypatch.delenv('nnUNet_n_proc_DA', raising=False)
-    env = nnunet_env(str(tmp_path / 'r'), str(tmp_path / 'p'), str(tmp_path / 'o'), trainer_dir='/generated')
+    env = nnunet_env(str(tmp_path), trainer_dir='/generated', folder_names=('r', 'p', 'o'))
     assert (env['nnUNet_raw'], env['nnUNet_preprocessed'], env['nnUNet_results']) == \
         (str(tmp_path / 'r'), str(tmp_path / 'p'), str(tmp_path / 'o'))
     assert env['nnUNet_extTrainer'] == '/generated' and 'nnUNet_compile' not in env

@@ -6,19 +6,14 @@ for one whole trainer on 2 cores. So every EMCAD trainer's step is compiled whol
 AOTAutograd (graph breaks and tracing errors show there), and the blocks where issue 14's non-finite gradients
 came from (CAB and SAB on a fused float16 input, which reproduces it on the CPU) through inductor. The GPU check
 (benchmarks/gpu_check.py) compiles every trainer with inductor on CUDA."""
-import sys
-
 import pytest
 import torch
 import torch._inductor.config
 from torch import nn
 
+from benchmarks.gpu_check import build_rig, train
 from nnunet_emcad.blocks import CAB, SAB
-from test_benchmarks import BENCHMARKS
 from test_trainers import DATASET_JSON, make_plans
-
-sys.path.insert(0, BENCHMARKS)
-from gpu_check import build_rig, train  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures('nnunet_folders')
 

@@ -5,7 +5,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from nnunet_emcad.emcad import create_emcad_pvt, create_emcad_unet, output_strides
+from nnunet_emcad.emcad import create_emcad_pvt
+from nnunet_emcad.plans import create_emcad_unet
 
 ACDC_2D_ARCH = {  # what nnU-Net 2.8 plans for Dataset027_ACDC 2d (patch 256x224)
     'n_stages': 6, 'features_per_stage': [32, 64, 128, 256, 512, 512],
@@ -19,7 +20,7 @@ ACDC_2D_ARCH = {  # what nnU-Net 2.8 plans for Dataset027_ACDC 2d (patch 256x224
 
 def _check_outputs(net, in_channels, num_classes, patch, batch=1):
     x = torch.randn(batch, in_channels, *patch)
-    strides = output_strides(net)
+    strides = net.output_strides()
     net.decoder.deep_supervision = True
     with torch.no_grad():
         outs = net(x)
@@ -36,7 +37,7 @@ def _check_outputs(net, in_channels, num_classes, patch, batch=1):
 @pytest.mark.parametrize('encoder', ['plain', 'residual'])
 def test_acdc_plan(encoder):
     net = create_emcad_unet(ACDC_2D_ARCH, input_channels=1, num_classes=4, encoder=encoder).eval()
-    assert output_strides(net) == [(1, 1), (2, 2), (4, 4), (8, 8), (16, 16), (32, 32)]
+    assert net.output_strides() == [(1, 1), (2, 2), (4, 4), (8, 8), (16, 16), (32, 32)]
     assert net.decoder.mscb[0].pconv1[0].in_channels == 32 and net.decoder.mscb[5].pconv1[0].in_channels == 512
     _check_outputs(net, 1, 4, (256, 224))
 
@@ -54,7 +55,7 @@ def test_pvt_outputs(variant, channels, upsample):
     net = create_emcad_pvt(variant, num_classes=3, in_channels=1, upsample_outputs=upsample).eval()
     assert net.encoder.output_channels == channels
     expected = [(1, 1), (8, 8), (16, 16), (32, 32)] if upsample == 'first' else [(1, 1)] * 4
-    assert output_strides(net) == expected
+    assert net.output_strides() == expected
     _check_outputs(net, 1, 3, (64, 96), batch=2)
 
 
@@ -86,7 +87,7 @@ def nnunet_2d_plans(draw):
 def test_random_plans_give_one_output_per_stage(case):
     arch, patch, in_channels, num_classes, encoder = case
     net = create_emcad_unet(arch, in_channels, num_classes, encoder=encoder).eval()
-    assert len(output_strides(net)) == arch['n_stages']
+    assert len(net.output_strides()) == arch['n_stages']
     _check_outputs(net, in_channels, num_classes, patch)
 
 

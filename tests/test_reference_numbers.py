@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from helpers import fingerprint_features, fingerprint_fill, official_state_dict
-from nnunet_emcad.checkpoints import load_official_checkpoint
+from nnunet_emcad.official import load_official_checkpoint
 from nnunet_emcad.emcad import create_emcad_pvt
-from nnunet_emcad.profiling import count_flops, count_parameters, parameter_breakdown
+from nnunet_emcad.counting import count_flops, count_parameters, parameter_breakdown
 
 
 @pytest.mark.parametrize('variant,decoder,total', [('pvt_v2_b0', 506_507, 3_920_923),

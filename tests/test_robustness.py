@@ -13,7 +13,8 @@ from nnunet_emcad import cli
 from nnunet_emcad import trainers as T
 from nnunet_emcad.blocks import CAB, LGAG, MSCB, SAB
 from nnunet_emcad.checkpoints import CheckpointError
-from nnunet_emcad.emcad import create_emcad_pvt, create_emcad_unet
+from nnunet_emcad.emcad import create_emcad_pvt
+from nnunet_emcad.plans import create_emcad_unet
 from test_networks import ACDC_2D_ARCH
 from test_trainers import DATASET_JSON, build, make_plans
 

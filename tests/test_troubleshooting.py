@@ -15,7 +15,8 @@ from helpers import official_state_dict
 from nnunet_emcad.emcad import create_emcad_pvt, create_emcad_unet
 from test_networks import ACDC_2D_ARCH
 from test_trainers import DATASET_JSON, make_plans
-from tiny_data import make_dataset, nnunet_env, run
+from nnunet_emcad.scripts import nnunet_env
+from tiny_data import make_dataset, run
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 README = os.path.join(os.path.dirname(TESTS), 'README.md')
@@ -56,7 +57,7 @@ def folders(tmp_path_factory):
     """nnU-Net's folders with Dataset999_Plans planned by hand (2d and 3d_fullres) and Dataset901_Tiny planned
     and preprocessed by nnU-Net; the environment a user's shell would have for them."""
     root = tmp_path_factory.mktemp('troubleshooting')
-    env = nnunet_env(str(root))
+    env = nnunet_env(str(root), package_settings=False)
     planned = os.path.join(env['nnUNet_preprocessed'], PLANNED)
     os.makedirs(planned)
     with open(os.path.join(planned, 'nnUNetPlans.json'), 'w') as f:
@@ -151,6 +152,11 @@ def diverging(root, env, tmp):
                   dataset='901')
 
 
+def all_steps_skipped(root, env, tmp):
+    return _train(dict(env, nnUNet_extTrainer=os.path.join(TESTS, 'ext_trainers')), 'nnUNetTrainerEMCAD_nonfinite',
+                  dataset='901')
+
+
 def damaged_checkpoint(root, env, tmp):
     _model_folder(env, 'nnUNetTrainerEMCAD', DAMAGED)
     trained = _train(env, 'nnUNetTrainerEMCAD', '2d', '--val')
@@ -235,6 +241,7 @@ SCENARIOS = {
     'cannot read weight file': pvt_weights_truncated,
     'the PVTv2 weights in': pvt_weights_of_another_model,
     'training loss became nan': diverging,
+    'optimiser steps (epoch 1) were all skipped': all_steps_skipped,
     'is not a readable PyTorch checkpoint': damaged_checkpoint,
     'checkpoint_final.pth does not exist': export_untrained,
     'the checkpoint was trained on 1-channel': official_other_channels,

@@ -2,7 +2,7 @@
 import os
 from typing import Dict, List, Tuple
 
-from nnunet_emcad import commands
+from nnunet_emcad import scripts
 from nnunet_emcad.demo_data import make_synthetic_dataset
 
 
@@ -11,15 +11,9 @@ def make_dataset(raw: str, dataset_id: int = 901, n_train: int = 10, n_test: int
     return make_synthetic_dataset(raw, dataset_id, n_train, n_test, seed)
 
 
-def nnunet_env(root: str) -> Dict[str, str]:
-    """nnU-Net's folders under ``root``, none of the developer's nnU-Net or nnunet-emcad settings."""
-    env = commands.nnunet_env(*(os.path.join(root, name) for name in ('raw', 'preprocessed', 'results')))
-    return {k: v for k, v in env.items() if not k.startswith('nnUNet_EMCAD')}
-
-
 def run(args: List[str], env: Dict[str, str], log: str, timeout: float = 900) -> str:
     """Run one console script into ``log``; returns its output."""
-    return commands.run_logged(args, env, log, timeout=timeout)
+    return scripts.run_logged(args, env, log, timeout=timeout)
 
 
 def make_3d_dataset(raw: str, dataset_id: int = 902, n_train: int = 10, n_test: int = 2, seed: int = 0,
@@ -64,13 +58,13 @@ def export_trained_fold(env: Dict[str, str], log: str, dataset: str, configurati
     """``nnunet-emcad export-onnx`` of fold 0; returns its output, the facts file's content and nnU-Net's predictor."""
     import json
 
-    from nnunet_emcad.export import load_trained_network
+    from nnunet_emcad.export import load_predictor
 
     out = run(['nnunet-emcad', 'export-onnx', '-d', dataset, '-c', configuration, '-f', '0', '-tr', trainer,
                '-o', onnx_file], env, log)
     with open(os.path.splitext(onnx_file)[0] + '.json') as f:
         facts = json.load(f)
-    predictor = load_trained_network(os.path.join(env['nnUNet_results'], dataset,
+    predictor = load_predictor(os.path.join(env['nnUNet_results'], dataset,
                                                   f'{trainer}__nnUNetPlans__{configuration}'), '0')
     return out, facts, predictor
 

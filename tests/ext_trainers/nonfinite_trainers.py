@@ -1,20 +1,18 @@
 """A test-only trainer whose gradients are never finite, as under the compiled-backward bug the skipped-step guard
-is for; nnU-Net finds it through a user-set nnUNet_extTrainer."""
+is for."""
 import torch
 
-from nnunet_emcad.trainers import nnUNetTrainerEMCAD, unwrap
+from nnunet_emcad.trainers import nnUNetTrainerEMCAD_smoke, unwrap
 
 
-class nnUNetTrainerEMCAD_nonfinite(nnUNetTrainerEMCAD):
-    """Two short epochs with a GradScaler on the CPU (nnU-Net makes one on CUDA only) and a gradient hook that
-    makes every gradient of the first head infinite, so the GradScaler skips every step."""
+class nnUNetTrainerEMCAD_nonfinite(nnUNetTrainerEMCAD_smoke):
+    """A GradScaler on the CPU (nnU-Net makes one on CUDA only) and a gradient hook that makes every gradient of
+    the first head infinite, so the GradScaler skips every step (15 iterations per epoch: 20 skips end in epoch 1)."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
         super().__init__(plans, configuration, fold, dataset_json, device)
-        self.num_epochs = 2
         self.num_iterations_per_epoch = 15
-        self.num_val_iterations_per_epoch = 2
         self.grad_scaler = torch.amp.GradScaler('cpu')
 
     def initialize(self) -> None:

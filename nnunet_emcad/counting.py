@@ -3,12 +3,14 @@
 Works for EMCAD networks and nnU-Net's own U-Nets alike: both have ``encoder`` and ``decoder`` modules and
 their segmentation heads in ``decoder.seg_layers``. FLOPs count 2 per multiply-add, as the counter does.
 """
-from typing import Dict
+from typing import Dict, List
 
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
+
+from nnunet_emcad.emcad import create_emcad_pvt
 
 PAPER_DECODER = {'pvt_v2_b0': (0.507e6, 0.110e9), 'pvt_v2_b2': (1.91e6, 0.381e9)}  # parameters, multiply-adds
 
@@ -58,10 +60,8 @@ def count_flops(network: nn.Module, x: torch.Tensor) -> int:
     return flop_breakdown(network, x)['total']
 
 
-def paper_fidelity(size: int = 224, num_classes: int = 9) -> list:
+def paper_fidelity(size: int = 224, num_classes: int = 9) -> List[dict]:
     """Our EMCAD-B0/B2 decoders' parameters and multiply-adds next to the paper's (3-channel input)."""
-    from nnunet_emcad.emcad import create_emcad_pvt
-
     rows = []
     for variant, (paper_params, paper_macs) in PAPER_DECODER.items():
         net = create_emcad_pvt(variant, num_classes, upsample_outputs='all').eval()
@@ -71,3 +71,12 @@ def paper_fidelity(size: int = 224, num_classes: int = 9) -> list:
                      'paper_decoder_macs': paper_macs, 'total_params': count_parameters(net),
                      'total_flops': flops['total']})
     return rows
+
+
+def paper_table(rows: List[dict]) -> List[str]:
+    """``paper_fidelity``'s rows as a Markdown table (the cost report's and ``nnunet-emcad paper``'s)."""
+    lines = ['| network | decoder params | paper | decoder MACs | paper | total params | total GFLOPs |',
+             '|---|---:|---:|---:|---:|---:|---:|']
+    return lines + [f"| {r['network']} | {r['decoder_params']:,} | {r['paper_decoder_params'] / 1e6:.3f}M | "
+                    f"{r['decoder_macs'] / 1e9:.3f}G | {r['paper_decoder_macs'] / 1e9:.3f}G | {r['total_params']:,} | "
+                    f"{r['total_flops'] / 1e9:.2f} |" for r in rows]

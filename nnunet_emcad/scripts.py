@@ -1,4 +1,5 @@
-"""nnU-Net's console scripts run from Python (by the demo, the benchmarks and the tests), each into a log file.
+"""nnU-Net's console scripts run from Python (by the demo, the benchmarks and the tests), each into a log file,
+in an environment that ``nnunet_env`` sets up.
 
 Torch-free, like the package's import.
 """
@@ -8,26 +9,28 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Callable, Dict, List, Optional
-
-SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-"""The folder above the package: in a source checkout its root, which holds benchmarks/ and sits next to shared/."""
+from typing import Callable, Dict, List, Optional, Sequence
 
 
 class CommandFailed(RuntimeError):
     """A console script exited non-zero or ran past its time limit; the message ends with its output's tail."""
 
 
-def nnunet_env(raw: str, preprocessed: str, results: str, trainer_dir: Optional[str] = None) -> Dict[str, str]:
-    """An environment for nnU-Net's scripts: these folders, 2 worker processes unless the user set others.
+def nnunet_env(root: str, raw: Optional[str] = None, trainer_dir: Optional[str] = None,
+               folder_names: Sequence[str] = ('raw', 'preprocessed', 'results'),
+               package_settings: bool = True) -> Dict[str, str]:
+    """An environment for nnU-Net's scripts: its three folders under ``root`` (``folder_names``; raw data may
+    live elsewhere: ``raw``), 2 worker processes unless the user set others.
 
-    This package's own settings (``nnUNet_EMCAD_*``) are kept; other ``nnUNet_*`` settings of this process
-    (``nnUNet_extTrainer`` too) are dropped, so the scripts find this package's trainers the way a user's shell
-    does; ``trainer_dir`` adds a folder of generated trainers.
+    Other ``nnUNet_*`` settings of this process (``nnUNet_extTrainer`` too) are dropped, so the scripts find
+    this package's trainers the way a user's shell does; ``trainer_dir`` adds a folder of generated trainers.
+    This package's own settings (``nnUNet_EMCAD_*``) are kept unless ``package_settings`` is False.
     This interpreter's scripts come first on ``PATH``.
     """
-    env = {k: v for k, v in os.environ.items() if not k.startswith('nnUNet') or k.startswith('nnUNet_EMCAD')}
-    env.update(nnUNet_raw=raw, nnUNet_preprocessed=preprocessed, nnUNet_results=results,
+    kept = ('nnUNet_EMCAD',) if package_settings else ()
+    env = {k: v for k, v in os.environ.items() if not k.startswith('nnUNet') or k.startswith(kept)}
+    folders = [os.path.join(root, name) for name in folder_names]
+    env.update(nnUNet_raw=raw or folders[0], nnUNet_preprocessed=folders[1], nnUNet_results=folders[2],
                nnUNet_def_n_proc=os.environ.get('nnUNet_def_n_proc', '2'),
                nnUNet_n_proc_DA=os.environ.get('nnUNet_n_proc_DA', '2'), MPLBACKEND='Agg', PYTHONUNBUFFERED='1')
     if trainer_dir:

@@ -1,0 +1,91 @@
+"""What the benchmarks of a source checkout (``benchmarks/``) share: the trainers they compare, the machine
+they ran on, their result files, goal verdicts, the command that reproduces a run, and nnU-Net's plans of the
+shared ACDC data.
+
+Torch-free, like the package's import.
+"""
+import argparse
+import json
+import os
+import platform
+from typing import Dict, Mapping, Optional, Sequence
+
+from nnunet_emcad.scripts import nnunet_env, run_logged
+from nnunet_emcad.source_tree import BENCHMARKS, shared_data_dir
+
+RESULTS = os.path.join(BENCHMARKS, 'results')
+CACHE = os.path.join(BENCHMARKS, '.cache')
+
+STOCK = 'nnUNetTrainer'
+EMCAD_TRAINERS = ['nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_ResEnc', 'nnUNetTrainerEMCAD_PVTb0',
+                  'nnUNetTrainerEMCAD_PVTb2']
+EMCAD_3D_TRAINERS = ['nnUNetTrainerEMCAD3D', 'nnUNetTrainerEMCAD3D_ResEnc']
+
+
+def machine() -> Dict[str, str]:
+    """What the numbers were measured on."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    return {'cpu': cpu, 'cores': str(os.cpu_count()), 'python': platform.python_version(),
+            'torch': torch.__version__, 'gpu': torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}
+
+
+def write_results(name: str, payload: dict, markdown: str, out_dir: str = RESULTS) -> None:
+    """``<out_dir>/<name>.json`` and ``.md``."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f'{name}.json'), 'w') as f:
+        json.dump(payload, f, indent=2)
+    with open(os.path.join(out_dir, f'{name}.md'), 'w') as f:
+        f.write(markdown)
+    print(f"wrote {os.path.join(out_dir, name)}.json and .md")
+
+
+def verdict(ok: bool) -> str:
+    """A goal's verdict in a report."""
+    return 'met' if ok else 'missed'
+
+
+def reproduce_command(script: str, parser: argparse.ArgumentParser, args: argparse.Namespace,
+                      defaults: Optional[Mapping] = None, leave_out: Sequence[str] = ()) -> str:
+    """``python <script>`` with the options whose values in ``args`` differ from their defaults: the parser's,
+    or ``defaults``' where a default depends on other options. ``leave_out`` names settings left at their
+    defaults on purpose (output folders)."""
+    defaults = dict(defaults or {})
+    words = ['python', script]
+    for dest, value in vars(args).items():
+        if dest in leave_out or value == defaults.get(dest, parser.get_default(dest)):
+            continue
+        option = f"--{dest.replace('_', '-')}"
+        if isinstance(value, bool):
+            words.append(option)
+        else:
+            words += [option, *map(str, value if isinstance(value, list) else [value])]
+    return ' '.join(words)
+
+
+def acdc_plans(cache: str = CACHE) -> Dict[str, str]:
+    """nnU-Net's default and ResEnc M plans for the shared ``Dataset027_ACDC`` (planned once, cached)."""
+    raw = shared_data_dir()
+    if not os.path.isdir(os.path.join(raw, 'Dataset027_ACDC')):
+        raise SystemExit(f"{os.path.join(raw, 'Dataset027_ACDC')} is absent: pass --plans (a nnUNetPlans.json) "
+                         f"instead")
+    root = os.path.join(cache, 'acdc')
+    env = nnunet_env(root, raw=raw)
+    folder = os.path.join(env['nnUNet_preprocessed'], 'Dataset027_ACDC')
+    plans = {'default': os.path.join(folder, 'nnUNetPlans.json'),
+             'resenc_m': os.path.join(folder, 'nnUNetResEncUNetMPlans.json')}
+    log = os.path.join(root, 'planning.log')
+    if not os.path.isfile(os.path.join(folder, 'dataset_fingerprint.json')):
+        print(f"planning ACDC with nnU-Net (once; log: {log})", flush=True)
+        run_logged(['nnUNetv2_extract_fingerprint', '-d', '27', '-np', env['nnUNet_def_n_proc']], env, log)
+    if not os.path.isfile(plans['default']):
+        run_logged(['nnUNetv2_plan_experiment', '-d', '27'], env, log)
+    if not os.path.isfile(plans['resenc_m']):
+        run_logged(['nnUNetv2_plan_experiment', '-d', '27', '-pl', 'nnUNetPlannerResEncM'], env, log)
+    return plans

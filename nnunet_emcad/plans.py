@@ -1,0 +1,95 @@
+"""nnU-Net's plans -> EMCAD networks: plan strings resolved once, nnU-Net's own encoders built from a
+configuration's ``arch_kwargs`` (dynamic-network-architectures), the EMCAD decoder over them.
+
+2D and 3D plans alike: the decoder's kernels follow the plan's per-stage kernel sizes (1 along axes a stage
+does not convolve, as in nnU-Net's anisotropic 3D plans) and its upsampling the per-axis strides.
+"""
+import pydoc
+from functools import partial
+from typing import Mapping, Sequence
+
+from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
+from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
+from torch import nn
+
+from nnunet_emcad.blocks import NormFactory
+from nnunet_emcad.emcad import EMCADNet
+
+REQUIRES_IMPORT = ('conv_op', 'norm_op', 'dropout_op', 'nonlin')
+"""The ``arch_kwargs`` that plans files hold as import strings (their ``_kw_requires_import``)."""
+
+# Blocks per stage of nnU-Net's ResEnc planners (ResEncUNetPlanner.UNet_blocks_per_stage_encoder), used when a
+# residual encoder is built from plain-U-Net plans that only give convolutions per stage.
+RESENC_BLOCKS_PER_STAGE = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6)
+
+
+def resolve_arch_kwargs(arch_kwargs: Mapping, requires_import: Sequence[str] = REQUIRES_IMPORT) -> dict:
+    """``arch_kwargs`` with the import strings among ``requires_import`` replaced by what they name."""
+    kwargs = dict(arch_kwargs)
+    for key in requires_import:
+        if isinstance(kwargs.get(key), str):
+            located = pydoc.locate(kwargs[key])
+            if located is None:
+                raise ImportError(f"plans name {kwargs[key]!r} for {key!r}, which cannot be imported")
+            kwargs[key] = located
+    return kwargs
+
+
+def configuration_arch_kwargs(configuration_manager: ConfigurationManager) -> dict:
+    """A plans configuration's ``arch_kwargs``, resolved."""
+    return resolve_arch_kwargs(configuration_manager.network_arch_init_kwargs,
+                               configuration_manager.network_arch_init_kwargs_req_import)
+
+
+def configuration_encoder_kind(configuration_manager: ConfigurationManager) -> str:
+    """'residual' for ResEnc plans (``ResidualEncoderUNet``), else 'plain'."""
+    return 'residual' if 'Residual' in configuration_manager.network_arch_class_name else 'plain'
+
+
+def build_nnunet_encoder(arch_kwargs: Mapping, input_channels: int, kind: str = 'plain') -> nn.Module:
+    """nnU-Net's ``PlainConvEncoder`` or ``ResidualEncoder`` from resolved ``arch_kwargs``.
+
+    Plain plans give ``n_conv_per_stage``, ResEnc plans ``n_blocks_per_stage``; a residual encoder built from
+    plain plans takes the ResEnc planners' blocks per stage.
+    """
+    kw = arch_kwargs
+    n_stages = kw['n_stages']
+    common = dict(input_channels=input_channels, n_stages=n_stages, features_per_stage=kw['features_per_stage'],
+                  conv_op=kw['conv_op'], kernel_sizes=kw['kernel_sizes'], strides=kw['strides'],
+                  conv_bias=kw.get('conv_bias', False), norm_op=kw.get('norm_op'),
+                  norm_op_kwargs=kw.get('norm_op_kwargs'), dropout_op=kw.get('dropout_op'),
+                  dropout_op_kwargs=kw.get('dropout_op_kwargs'), nonlin=kw.get('nonlin'),
+                  nonlin_kwargs=kw.get('nonlin_kwargs'), return_skips=True)
+    if kind == 'plain':
+        n_convs = kw.get('n_conv_per_stage', kw.get('n_blocks_per_stage'))
+        return PlainConvEncoder(n_conv_per_stage=n_convs, nonlin_first=kw.get('nonlin_first', False), **common)
+    if kind == 'residual':
+        n_blocks = kw.get('n_blocks_per_stage', RESENC_BLOCKS_PER_STAGE[:n_stages])
+        extra = {k: kw[k] for k in ('block', 'bottleneck_channels', 'stem_channels') if kw.get(k) is not None}
+        return ResidualEncoder(n_blocks_per_stage=n_blocks, **common, **extra)
+    raise ValueError(f"unknown nnU-Net encoder kind {kind!r}; choose 'plain' or 'residual'")
+
+
+def plan_norm(arch_kwargs: Mapping) -> NormFactory:
+    """The plan's normalisation (``norm_op`` with ``norm_op_kwargs``, resolved) as a factory of the channel count."""
+    return partial(arch_kwargs['norm_op'], **(arch_kwargs.get('norm_op_kwargs') or {}))
+
+
+def create_emcad_unet(arch_kwargs: Mapping, input_channels: int, num_classes: int, encoder: str = 'plain',
+                      deep_supervision: bool = True, arch_kwargs_req_import: Sequence[str] = REQUIRES_IMPORT,
+                      decoder_norm: str = 'batch', **decoder_kwargs) -> EMCADNet:
+    """EMCAD over nnU-Net's own encoder, self-configured by a plans configuration's ``arch_kwargs``.
+
+    One head per encoder stage: outputs come at strides ``cumprod(strides)``, highest resolution first.
+    ``decoder_norm='batch'`` keeps the official BatchNorm in the decoder blocks; ``'plan'`` uses the plan's
+    norm (instance norm in nnU-Net's plans), whose statistics do not depend on the batch.
+    """
+    if decoder_norm not in ('batch', 'plan'):
+        raise ValueError(f"decoder_norm must be 'batch' or 'plan', got {decoder_norm!r}")
+    kw = resolve_arch_kwargs(arch_kwargs, arch_kwargs_req_import)
+    enc = build_nnunet_encoder(kw, input_channels, encoder)
+    decoder_kwargs.setdefault('axes', [[k > 1 for k in ks] for ks in kw['kernel_sizes']])
+    if decoder_norm == 'plan':
+        decoder_kwargs['norm_op'] = plan_norm(kw)
+    return EMCADNet(enc, num_classes, deep_supervision, 'first', **decoder_kwargs)

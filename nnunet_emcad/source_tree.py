@@ -1,0 +1,17 @@
+"""Where things are in a source checkout: its root (which holds ``benchmarks/``) and the project's shared data
+beside it. Torch-free, like the package's import."""
+import os
+
+SOURCE_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+"""The folder above the package: in a source checkout its root, which holds benchmarks/ and sits next to shared/."""
+BENCHMARKS = os.path.join(SOURCE_ROOT, 'benchmarks')
+
+
+def shared_data_dir() -> str:
+    """The project's shared data folder: ``$NNUNET_EMCAD_SHARED_DATA``, else ``shared/data`` beside the source
+    checkout or beside the working directory, the first that exists; where none does, the one beside the
+    source checkout (for messages that name it). Callers check for the data set they need."""
+    candidates = [os.environ.get('NNUNET_EMCAD_SHARED_DATA'), os.path.join(SOURCE_ROOT, '..', 'shared', 'data'),
+                  os.path.join(os.getcwd(), '..', 'shared', 'data')]
+    found = next((path for path in candidates if path and os.path.isdir(path)), candidates[1])
+    return os.path.abspath(found)
