@@ -14,13 +14,12 @@ import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from typing import Callable, Dict, List, Tuple
 
-from nnunet_emcad.benchmarking import (CACHE, EMCAD_TRAINERS, RESULTS, STOCK, acdc_plans, machine, reproduce_command,
-                                       verdict, write_results)
+from nnunet_emcad.benchmarking import (CACHE, EMCAD_TRAINERS, RESULTS, STOCK, WorkerFailed, acdc_plans, machine,
+                                       reproduce_command, run_worker, verdict, write_results)
 from nnunet_emcad.counting import flop_breakdown, paper_fidelity, paper_table, parameter_breakdown
 
 GOAL_DECODER_PARAMS = 0.10
@@ -250,11 +249,10 @@ def main(argv=None) -> int:
                         threads=args.threads, warmup=args.warmup, repeats=args.repeats, device=device,
                         train_batch=args.train_batch, train_repeats=args.train_repeats)
             print(f"measuring {name} on {device} ...", flush=True)
-            proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--worker', json.dumps(spec)],
-                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            if proc.returncode:
-                raise RuntimeError(f"measuring {name} failed:\n{proc.stderr[-3000:]}")
-            measured = json.loads(proc.stdout.strip().splitlines()[-1])
+            try:
+                measured = run_worker(__file__, spec, env)
+            except WorkerFailed as e:
+                raise RuntimeError(f"measuring {name} failed:\n{e}") from e
             if row is None:
                 row = measured
             else:

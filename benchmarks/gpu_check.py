@@ -20,14 +20,14 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from nnunet_emcad.benchmarking import RESULTS, STOCK, acdc_plans, machine, reproduce_command, write_results
+from nnunet_emcad.benchmarking import (RESULTS, STOCK, WorkerFailed, acdc_plans, machine, reproduce_command,
+                                       run_worker, write_results)
 
 DEFAULT_TRAINERS = [STOCK, 'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_PVTb0', 'nnUNetTrainerEMCAD3D']
 LOSS_TOLERANCE = 0.02
@@ -258,15 +258,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_worker(spec: dict, env: Dict[str, str]) -> dict:
-    """``measure(spec)`` in a process of its own (a fresh CUDA context and compile cache per run)."""
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), '--worker', json.dumps(spec)], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if proc.returncode:
-        return {'error': proc.stderr[-3000:]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -286,8 +277,11 @@ def main(argv=None) -> int:
                         batch_size=args.batch_size, compiled=compiled, backend=args.backend, steps=args.steps,
                         amp_dtype=args.amp_dtype)
             print(f"{trainer} ({configuration}, {'compiled' if compiled else 'eager'}) ...", flush=True)
-            mode_env = dict(env, nnUNet_compile='t' if compiled else 'f')
-            row['compiled' if compiled else 'eager'] = run_worker(spec, mode_env)
+            try:  # each run in a process of its own: a fresh CUDA context and compile cache
+                row['compiled' if compiled else 'eager'] = run_worker(__file__, spec, dict(
+                    env, nnUNet_compile='t' if compiled else 'f'))
+            except WorkerFailed as e:
+                row['compiled' if compiled else 'eager'] = {'error': str(e)}
         failed = [key for key in ('eager', 'compiled') if 'error' in row[key]]
         if failed:
             print(f"  failed:\n{row[failed[0]]['error']}", flush=True)

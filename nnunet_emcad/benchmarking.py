@@ -8,6 +8,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 from typing import Dict, Mapping, Optional, Sequence
 
 from nnunet_emcad.scripts import nnunet_env, run_logged
@@ -44,6 +46,20 @@ def write_results(name: str, payload: dict, markdown: str, out_dir: str = RESULT
     with open(os.path.join(out_dir, f'{name}.md'), 'w') as f:
         f.write(markdown)
     print(f"wrote {os.path.join(out_dir, name)}.json and .md")
+
+
+class WorkerFailed(RuntimeError):
+    """A benchmark's worker process failed; the message is the end of its error output."""
+
+
+def run_worker(script: str, spec: dict, env: Optional[Mapping[str, str]] = None) -> dict:
+    """Run ``script --worker SPEC`` (a benchmark measuring one thing in a fresh process) and return the JSON it
+    prints last; ``WorkerFailed`` with the end of its error output when it fails."""
+    proc = subprocess.run([sys.executable, os.path.abspath(script), '--worker', json.dumps(spec)], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode:
+        raise WorkerFailed(proc.stderr[-3000:])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def verdict(ok: bool) -> str:

@@ -86,7 +86,8 @@ def test_cab_shares_one_mlp_for_avg_and_max_pooling():
 
 
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
-@pytest.mark.parametrize('shape,pool', [((2, 6, 5, 7), F.adaptive_max_pool2d), ((2, 6, 3, 5, 4), F.adaptive_max_pool3d)])
+@pytest.mark.parametrize('shape,pool', [((2, 6, 5, 7), F.adaptive_max_pool2d),
+                                        ((2, 6, 3, 5, 4), F.adaptive_max_pool3d)])
 def test_cab_max_pools_values_and_gradients_like_the_official_pooling(shape, pool, dtype):
     x = torch.randn(*shape, dtype=dtype)
     x[0, 0].fill_(1.5)  # a tie: the official pooling gives the whole gradient to one position, amax splits it

@@ -2,7 +2,6 @@
 import json
 import os
 import re
-import stat
 
 import numpy as np
 import pytest
