@@ -18,8 +18,8 @@ import sys
 import time
 from typing import Callable, Dict, List, Tuple
 
-from nnunet_emcad.benchmarking import (CACHE, EMCAD_TRAINERS, RESULTS, STOCK, WorkerFailed, acdc_plans, machine,
-                                       reproduce_command, run_worker, verdict, write_results)
+from nnunet_emcad.benchmarking import (CACHE, EMCAD_TRAINERS, STOCK, WorkerFailed, acdc_plans, add_output_options,
+                                       answer_worker, machine, reproduce_command, run_worker, verdict, write_results)
 from nnunet_emcad.counting import flop_breakdown, paper_fidelity, paper_table, parameter_breakdown
 
 GOAL_DECODER_PARAMS = 0.10
@@ -214,17 +214,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--train-batch', type=int, default=8)
     parser.add_argument('--train-repeats', type=int, default=3)
     parser.add_argument('--device', choices=['cpu', 'cuda', 'auto'], default='auto')
-    parser.add_argument('--name', default='cost', help='result file name (default cost)')
-    parser.add_argument('--out', default=RESULTS)
-    parser.add_argument('--worker', help=argparse.SUPPRESS)
+    add_output_options(parser, 'cost')
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(measure(json.loads(args.worker))))
+    if answer_worker(args, measure):
         return 0
     args.command = reproduce_command('benchmarks/cost.py', parser, args, leave_out=('out', 'worker'))
 

@@ -26,8 +26,8 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from nnunet_emcad.benchmarking import (RESULTS, STOCK, WorkerFailed, acdc_plans, machine, reproduce_command,
-                                       run_worker, write_results)
+from nnunet_emcad.benchmarking import (STOCK, WorkerFailed, acdc_plans, add_output_options, answer_worker, machine,
+                                       reproduce_command, run_worker, write_results)
 
 DEFAULT_TRAINERS = [STOCK, 'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_PVTb0', 'nnUNetTrainerEMCAD3D']
 LOSS_TOLERANCE = 0.02
@@ -252,17 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="autocast dtype (default float16, nnU-Net's)")
     parser.add_argument('--backend', default='inductor',
                         help="torch.compile backend (default inductor, nnU-Net's; aot_eager for a quick dry run)")
-    parser.add_argument('--name', default='gpu', help='result file name (default gpu)')
-    parser.add_argument('--out', default=RESULTS)
-    parser.add_argument('--worker', help=argparse.SUPPRESS)
+    add_output_options(parser, 'gpu')
     return parser
 
 
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.worker:
-        print(json.dumps(measure(json.loads(args.worker))))
+    if answer_worker(args, measure):
         return 0
     command = reproduce_command('benchmarks/gpu_check.py', parser, args, leave_out=('out', 'worker'))
     plans = os.path.abspath(args.plans or acdc_plans()['default'])

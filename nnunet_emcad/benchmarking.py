@@ -10,7 +10,7 @@ import os
 import platform
 import subprocess
 import sys
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
 from nnunet_emcad.scripts import nnunet_env, run_logged
 from nnunet_emcad.source_tree import BENCHMARKS, shared_data_dir
@@ -50,6 +50,20 @@ def write_results(name: str, payload: dict, markdown: str, out_dir: str = RESULT
 
 class WorkerFailed(RuntimeError):
     """A benchmark's worker process failed; the message is the end of its error output."""
+
+
+def add_output_options(parser: argparse.ArgumentParser, name: str) -> None:
+    """The options every benchmark has: its result file name and folder, and the hidden worker entry."""
+    parser.add_argument('--name', default=name, help=f'result file name (default {name})')
+    parser.add_argument('--out', default=RESULTS)
+    parser.add_argument('--worker', help=argparse.SUPPRESS)
+
+
+def answer_worker(args: argparse.Namespace, measure: Callable[[dict], dict]) -> bool:
+    """In a worker process (``--worker SPEC``): print ``measure(SPEC)`` as JSON for ``run_worker`` and say so."""
+    if args.worker:
+        print(json.dumps(measure(json.loads(args.worker))))
+    return bool(args.worker)
 
 
 def run_worker(script: str, spec: dict, env: Optional[Mapping[str, str]] = None) -> dict:
