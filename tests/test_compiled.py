@@ -33,9 +33,9 @@ def tiny_rig(trainer: str):
 def test_every_emcad_training_step_compiles_as_one_graph_and_learns_under_autocast(trainer):
     rig = tiny_rig(trainer)
     rig.network = torch.compile(rig.trainer.network, backend='aot_eager', fullgraph=True)
-    result = train(rig, 2, torch.float16)
-    assert result['grads_finite'][0] and result['params_changed'], result  # later steps may overflow float16
-    assert all(torch.isfinite(torch.tensor(result['losses'])))  # and the GradScaler then skips them
+    result = train(rig, 6, torch.float16)  # steps whose float16 gradients overflow are skipped by the GradScaler
+    assert any(result['grads_finite']) and result['params_changed'], result
+    assert all(torch.isfinite(torch.tensor(result['losses'])))
 
 
 class Attention(nn.Module):
