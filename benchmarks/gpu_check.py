@@ -11,8 +11,8 @@ steps; per trainer, AMP inference latency (eager) at batch 1 and at the plan's b
 own. Exits 1 when a compiled trainer does not train (non-finite loss, more than half of its steps skipped, or
 unchanged parameters).
 
-The default trainers fit about 8 minutes on one H100/H200 (compiling one training graph takes about a minute);
-it leaves out nnUNetTrainerEMCAD_ResEnc, nnUNetTrainerEMCAD_PVTb2, nnUNetTrainerEMCAD_PVTb2_MUTATION,
+The default trainers are chosen to fit about 8 minutes on one H100/H200 (compiling one training graph took about
+a minute on an H200; the whole default run is not timed yet); it leaves out nnUNetTrainerEMCAD_ResEnc, nnUNetTrainerEMCAD_PVTb2, nnUNetTrainerEMCAD_PVTb2_MUTATION,
 nnUNetTrainerEMCAD3D_ResEnc and stock 3D: name them with --trainers (TRAINER or TRAINER:CONFIGURATION).
 Writes benchmarks/results/<name>.json and .md (default name gpu).
 """
