@@ -44,46 +44,58 @@ class EMCADDecoder(nn.Module):
     ``forward`` returns the head logits at each stage's own resolution, shallowest first (only the first
     when ``deep_supervision`` is off). ``axes[i]`` says along which axes stage ``i`` convolves (an anisotropic
     3D plan's kernel (1, 3, 3) -> (False, True, True)); the blocks' kernels are 1 along the other axes (SAB,
-    shared by all stages, follows stage 0). None: every kernel is isotropic, as in the paper.
+    shared by all stages, follows stage ``first_stage``). None: every kernel is isotropic, as in the paper.
+
+    ``first_stage`` is the shallowest stage decoded with the full stage (CAB, SAB, MSCB); the paper decodes
+    from every PVT stage (0). Shallower stages are left out (their skips unused; the first head is then at
+    ``first_stage``'s resolution), or, with ``light_stages``, decoded by EUCB and LGAG alone, each with a head.
     """
 
     def __init__(self, channels: Sequence[int], strides: Sequence[StrideT], num_classes: int,
                  deep_supervision: bool = True, kernel_sizes: Sequence[int] = (1, 3, 5), expansion_factor: int = 2,
                  dw_parallel: bool = True, add: bool = True, lgag_ks: int = 3, activation: str = 'relu6',
                  conv_op: Type[_ConvNd] = nn.Conv2d, norm_op: NormFactory = None,
-                 axes: Optional[Sequence[Sequence[bool]]] = None):
+                 axes: Optional[Sequence[Sequence[bool]]] = None, first_stage: int = 0, light_stages: bool = False):
         super().__init__()
         if len(channels) != len(strides):
             raise ValueError(f"need one stride per stage: {len(channels)} channels, {len(strides)} strides")
-        self.deep_supervision = deep_supervision
         n = len(channels)
+        if not 0 <= first_stage < n:
+            raise ValueError(f"first_stage must name one of the {n} stages, got {first_stage}")
+        self.deep_supervision = deep_supervision
+        self.first_stage = first_stage
+        self.first_output_stage = 0 if light_stages else first_stage
         axes = list(axes) if axes is not None else [None] * n
+        full, upsampled = range(first_stage, n), range(self.first_output_stage, n - 1)
         self.mscb = nn.ModuleList([
-            MSCB(c, c, [along_axes(k, a) for k in kernel_sizes], expansion_factor, dw_parallel, add, activation,
-                 conv_op, norm_op)
-            for c, a in zip(channels, axes)])
+            MSCB(channels[i], channels[i], [along_axes(k, axes[i]) for k in kernel_sizes], expansion_factor,
+                 dw_parallel, add, activation, conv_op, norm_op)
+            for i in full])
         self.eucb = nn.ModuleList([
             EUCB(channels[i + 1], channels[i], strides[i + 1], along_axes(3, axes[i]), conv_op, norm_op)
-            for i in range(n - 1)])
+            for i in upsampled])
         self.lgag = nn.ModuleList([LGAG(channels[i], along_axes(lgag_ks, axes[i]), conv_op, norm_op)
-                                   for i in range(n - 1)])
-        self.cab = nn.ModuleList([CAB(c, conv_op=conv_op) for c in channels])
-        self.sab = SAB(along_axes(7, axes[0]), conv_op=conv_op)
+                                   for i in upsampled])
+        self.cab = nn.ModuleList([CAB(channels[i], conv_op=conv_op) for i in full])
+        self.sab = SAB(along_axes(7, axes[first_stage]), conv_op=conv_op)
         for part in (self.mscb, self.eucb, self.lgag, self.cab, self.sab):
             part.apply(init_emcad_weights)
-        self.seg_layers = nn.ModuleList([conv_op(c, num_classes, 1) for c in channels])
+        self.seg_layers = nn.ModuleList([conv_op(channels[i], num_classes, 1)
+                                         for i in range(self.first_output_stage, n)])
 
     def _attend(self, d: torch.Tensor, stage: int) -> torch.Tensor:
-        d = self.cab[stage](d) * d
+        d = self.cab[stage - self.first_stage](d) * d
         d = self.sab(d) * d
-        return self.mscb[stage](d)
+        return self.mscb[stage - self.first_stage](d)
 
     def forward(self, skips: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         d = self._attend(skips[-1], len(skips) - 1)
         features = [d]
-        for stage in range(len(skips) - 2, -1, -1):
-            u = self.eucb[stage](d)
-            d = self._attend(u + self.lgag[stage](g=u, x=skips[stage]), stage)
+        for stage in range(len(skips) - 2, self.first_output_stage - 1, -1):
+            u = self.eucb[stage - self.first_output_stage](d)
+            d = u + self.lgag[stage - self.first_output_stage](g=u, x=skips[stage])
+            if stage >= self.first_stage:
+                d = self._attend(d, stage)
             features.append(d)
         features.reverse()
         if not self.deep_supervision:
@@ -183,6 +195,7 @@ class EMCADNet(nn.Module):
             s = tuple(s)
             total = s if total is None else tuple(a * b for a, b in zip(total, s))
             strides.append(total)
+        strides = strides[self.decoder.first_output_stage:]
         upsampled = len(strides) if self.upsample_outputs == 'all' else 1
         return [tuple(1 for _ in s) if i < upsampled else s for i, s in enumerate(strides)]
 

@@ -71,6 +71,18 @@ def build_nnunet_encoder(arch_kwargs: Mapping, input_channels: int, kind: str = 
     raise ValueError(f"unknown nnU-Net encoder kind {kind!r}; choose 'plain' or 'residual'")
 
 
+def first_stage_at_stride(strides: Sequence, stride: int) -> int:
+    """The shallowest stage whose total stride (along its most-strided axis) reaches ``stride``; the deepest
+    stage when none does."""
+    total = None
+    for stage, s in enumerate(strides):
+        s = [s] if isinstance(s, int) else list(s)
+        total = s if total is None else [a * b for a, b in zip(total, s)]
+        if max(total) >= stride:
+            return stage
+    return len(strides) - 1
+
+
 def plan_norm(arch_kwargs: Mapping) -> NormFactory:
     """The plan's normalisation (``norm_op`` with ``norm_op_kwargs``, resolved) as a factory of the channel count."""
     return partial(arch_kwargs['norm_op'], **(arch_kwargs.get('norm_op_kwargs') or {}))
@@ -78,10 +90,12 @@ def plan_norm(arch_kwargs: Mapping) -> NormFactory:
 
 def create_emcad_unet(arch_kwargs: Mapping, input_channels: int, num_classes: int, encoder: str = 'plain',
                       deep_supervision: bool = True, arch_kwargs_req_import: Sequence[str] = REQUIRES_IMPORT,
-                      decoder_norm: str = 'batch', **decoder_kwargs) -> EMCADNet:
+                      decoder_norm: str = 'batch', decoder_stride: int = 1, **decoder_kwargs) -> EMCADNet:
     """EMCAD over nnU-Net's own encoder, self-configured by a plans configuration's ``arch_kwargs``.
 
-    One head per encoder stage: outputs come at strides ``cumprod(strides)``, highest resolution first.
+    One head per decoded stage: outputs come at strides ``cumprod(strides)``, highest resolution first.
+    ``decoder_stride`` is the finest stride decoded with EMCAD's full stages (1: every stage; 4: from the
+    stage at stride 4, as the paper decodes a PVT); see ``EMCADDecoder``'s ``first_stage`` and ``light_stages``.
     ``decoder_norm='batch'`` keeps the official BatchNorm in the decoder blocks; ``'plan'`` uses the plan's
     norm (instance norm in nnU-Net's plans), whose statistics do not depend on the batch.
     """
@@ -90,6 +104,7 @@ def create_emcad_unet(arch_kwargs: Mapping, input_channels: int, num_classes: in
     kw = resolve_arch_kwargs(arch_kwargs, arch_kwargs_req_import)
     enc = build_nnunet_encoder(kw, input_channels, encoder)
     decoder_kwargs.setdefault('axes', [[k > 1 for k in ks] for ks in kw['kernel_sizes']])
+    decoder_kwargs['first_stage'] = first_stage_at_stride(kw['strides'], decoder_stride)
     if decoder_norm == 'plan':
         decoder_kwargs['norm_op'] = plan_norm(kw)
     return EMCADNet(enc, num_classes, deep_supervision, 'first', **decoder_kwargs)

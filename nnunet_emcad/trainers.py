@@ -28,7 +28,8 @@ from nnunet_emcad.plans import (configuration_arch_kwargs, configuration_encoder
 from nnunet_emcad.short_training import Schedule, short_schedule
 
 __all__ = [
-    'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_ResEnc', 'nnUNetTrainerEMCAD3D', 'nnUNetTrainerEMCAD3D_ResEnc',
+    'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_ResEnc', 'nnUNetTrainerEMCAD_Stride4',
+    'nnUNetTrainerEMCAD_Stride4Light', 'nnUNetTrainerEMCAD3D', 'nnUNetTrainerEMCAD3D_ResEnc',
     'nnUNetTrainerEMCAD_PVTb0', 'nnUNetTrainerEMCAD_PVTb2', 'nnUNetTrainerEMCAD_PVTb2_MUTATION',
     'nnUNetTrainerEMCAD_5epochs', 'nnUNetTrainerEMCAD_PVTb0_5epochs', 'nnUNetTrainerEMCAD_smoke',
     'nnUNetTrainerEMCAD3D_smoke', 'nnUNetTrainerEMCAD_PVTb0_smoke', 'nnUNetTrainerEMCAD_PVTb0_500it',
@@ -110,6 +111,8 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
 
     encoder_kind: Optional[str] = None  # 'plain' or 'residual'; None follows the plans' architecture class
     dimensions = 2
+    decoder_stride = 1  # the finest stride decoded with EMCAD's full stages (plans.create_emcad_unet)
+    light_stages = False  # stages finer than decoder_stride decoded by EUCB and LGAG alone (else left out)
     max_skipped_steps = 20  # steps in a row the GradScaler may skip for non-finite gradients before the run stops
     skipped_steps = 0
 
@@ -128,7 +131,8 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
         require_dimensions(configuration_manager, cls.__name__, cls.dimensions)
         kind = cls.encoder_kind or configuration_encoder_kind(configuration_manager)
         return for_nnunet(create_emcad_unet(configuration_arch_kwargs(configuration_manager), num_input_channels,
-                                            num_output_channels, kind, enable_deep_supervision, decoder_norm='plan'))
+                                            num_output_channels, kind, enable_deep_supervision, decoder_norm='plan',
+                                            decoder_stride=cls.decoder_stride, light_stages=cls.light_stages))
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """nnU-Net's loading (``--c``, ``--val``), after checking that a file is a checkpoint at all."""
@@ -181,6 +185,21 @@ class nnUNetTrainerEMCAD_ResEnc(nnUNetTrainerEMCAD):
     the default plans, with the ResEnc planners' blocks per stage. Self-configuring, trained from scratch."""
 
     encoder_kind = 'residual'
+
+
+class nnUNetTrainerEMCAD_Stride4(nnUNetTrainerEMCAD):
+    """The paper's decoder layout over the plan's encoder: EMCAD decodes from the stage at stride 4 (as it
+    decodes a PVT's four stages), and the logits are upsampled bilinearly to the patch, as the official code
+    does; the encoder's stride-1 and stride-2 features are not used by the decoder."""
+
+    decoder_stride = 4
+
+
+class nnUNetTrainerEMCAD_Stride4Light(nnUNetTrainerEMCAD_Stride4):
+    """``nnUNetTrainerEMCAD_Stride4`` with light stages at strides 2 and 1: EUCB upsamples and LGAG gates the
+    encoder's skip there (no CAB, SAB or MSCB), each with a head, so the logits come at full resolution."""
+
+    light_stages = True
 
 
 class nnUNetTrainerEMCAD3D(nnUNetTrainerEMCAD):
