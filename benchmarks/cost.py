@@ -20,11 +20,13 @@ from typing import Callable, Dict, List, Tuple
 
 from nnunet_emcad.benchmarking import (CACHE, EMCAD_TRAINERS, STOCK, WorkerFailed, acdc_plans, add_output_options,
                                        answer_worker, machine, reproduce_command, run_worker, verdict, write_results)
-from nnunet_emcad.counting import flop_breakdown, paper_fidelity, paper_table, parameter_breakdown
+from nnunet_emcad.counting import (flop_breakdown, paper_fidelity, paper_table, parameter_breakdown,
+                                   saved_activation_bytes)
 
 GOAL_DECODER_PARAMS = 0.10
 GOAL_DECODER_MACS = 0.20
 GOAL_SPEEDUP = 2.0
+GOAL_SAVED = 1.0
 
 
 def _median_ms(fn, warmup: int, repeats: int, cuda: bool) -> float:
@@ -136,6 +138,8 @@ def measure(spec: dict) -> dict:
     result['peak_rss_after_inference_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     step, result['train_batch'] = _training_step(spec, trainer, build, channels, classes, patch, device)
+    result['saved_mib_per_sample'] = saved_activation_bytes(
+        trainer.network, torch.randn(1, channels, *patch, device=device)) / 2 ** 20
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     result['train_step_ms'] = _median_ms(step, 1, spec['train_repeats'], device.type == 'cuda')
@@ -161,17 +165,21 @@ def report(rows: List[dict], fidelity: List[dict], args: argparse.Namespace, inf
              f"{args.threads} CPU threads. Latency: batch 1, median of {args.repeats} runs after {args.warmup} "
              f"warm-up runs. Training step: batch {args.train_batch}, the trainer's own loss (deep supervision on) "
              f"and optimiser, median of {args.train_repeats}. MACs = multiply-adds = FLOPs / 2 "
-             f"(torch.utils.flop_counter). Peak RSS is the whole worker process's high-water mark.", '',
+             f"(torch.utils.flop_counter). Saved activations: bytes the forward pass of training (train mode, deep "
+             f"supervision on, float32) keeps for backward, per sample, each storage once, parameters left out "
+             f"(counting.saved_activation_bytes; it tracks peak training memory on a GPU). Peak RSS is the whole "
+             f"worker process's high-water mark.", '',
              f"Reproduce: `{args.command}`", '',
              '| network | trainer | patch | params (enc / dec / heads) | MACs (enc / dec / heads) | GFLOPs | '
-             'CPU latency | train step | peak RSS |', '|---|---|---|---|---|---:|---:|---:|---:|']
+             'CPU latency | train step | saved activations | peak RSS |', '|---|---|---|---|---|---:|---:|---:|---:|---:|']
     for r in rows:
         p, m = r['params'], r['macs']
         lines.append(f"| {r['network']} | {r['trainer']} | {'x'.join(map(str, r['patch_size']))} | "
                      f"{_fmt(p['total'])} ({_fmt(p['encoder'])} / {_fmt(p['decoder'])} / {_fmt(p['heads'])}) | "
                      f"{_fmt(m['total'])} ({_fmt(m['encoder'])} / {_fmt(m['decoder'])} / {_fmt(m['heads'])}) | "
                      f"{r['flops']['total'] / 1e9:.2f} | {r['latency_ms'].get('fp32', float('nan')):.0f} ms | "
-                     f"{r['train_step_ms'] / 1000:.2f} s | {r['peak_rss_after_train_step_mb']:.0f} MB |")
+                     f"{r['train_step_ms'] / 1000:.2f} s | {r['saved_mib_per_sample']:.0f} MiB | "
+                     f"{r['peak_rss_after_train_step_mb']:.0f} MB |")
     if any('amp' in r['latency_ms'] for r in rows):
         lines += ['', f"On {info['gpu']}: latency at batch 1 under AMP (float16 autocast), CUDA events; the training "
                   f"step at batch {args.train_batch} under AMP.", '',
@@ -183,17 +191,21 @@ def report(rows: List[dict], fidelity: List[dict], args: argparse.Namespace, inf
     if stock is not None:
         lines += ['', f"## Goals against stock nnU-Net ({stock['network']})", '',
                   f"| trainer | decoder params vs stock (goal <= {GOAL_DECODER_PARAMS:.0%}) | decoder MACs vs stock "
-                  f"(goal <= {GOAL_DECODER_MACS:.0%}) | CPU inference speed-up (goal >= {GOAL_SPEEDUP:.0f}x) |",
-                  '|---|---:|---:|---:|']
+                  f"(goal <= {GOAL_DECODER_MACS:.0%}) | CPU inference speed-up (goal >= {GOAL_SPEEDUP:.0f}x) | "
+                  f"CPU train step vs stock | saved activations vs stock (goal <= {GOAL_SAVED:.0%}) |",
+                  '|---|---:|---:|---:|---:|---:|']
         for r in rows:
             if r is stock:
                 continue
             dp = r['params']['decoder'] / stock['params']['decoder']
             dm = r['macs']['decoder'] / stock['macs']['decoder']
             sp = stock['latency_ms'].get('fp32', float('nan')) / r['latency_ms'].get('fp32', float('nan'))
+            st = r['train_step_ms'] / stock['train_step_ms']
+            sa = r['saved_mib_per_sample'] / stock['saved_mib_per_sample']
             lines.append(f"| {r['name']} | {dp:.1%} ({verdict(dp <= GOAL_DECODER_PARAMS)}) | "
                          f"{dm:.1%} ({verdict(dm <= GOAL_DECODER_MACS)}) | "
-                         f"{sp:.2f}x ({verdict(sp >= GOAL_SPEEDUP)}) |")
+                         f"{sp:.2f}x ({verdict(sp >= GOAL_SPEEDUP)}) | {st:.2f}x | "
+                         f"{sa:.0%} ({verdict(sa <= GOAL_SAVED)}) |")
     lines += ['', '## Fidelity: our EMCAD decoders at 224x224 (3 channels, 9 classes) next to the paper', '',
               *paper_table(fidelity)]
     lines += ['', 'Our decoder MACs count the convolutions of CAB, SAB, LGAG, MSCB and EUCB; the paper\'s tool '

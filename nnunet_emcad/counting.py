@@ -1,4 +1,5 @@
-"""Counting a network's cost: parameters and FLOPs per part through ``torch.utils.flop_counter``.
+"""Counting a network's cost: parameters and FLOPs per part through ``torch.utils.flop_counter``, and the
+activation bytes a training forward pass keeps for backward.
 
 Works for EMCAD networks and nnU-Net's own U-Nets alike: both have ``encoder`` and ``decoder`` modules and
 their segmentation heads in ``decoder.seg_layers``. FLOPs count 2 per multiply-add, as the counter does.
@@ -58,6 +59,25 @@ def flop_breakdown(network: nn.Module, x: torch.Tensor) -> Dict[str, int]:
 def count_flops(network: nn.Module, x: torch.Tensor) -> int:
     """FLOPs of one forward pass (2 per multiply-add)."""
     return flop_breakdown(network, x)['total']
+
+
+def saved_activation_bytes(network: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the tensors that ``network(x)`` saves for its backward pass, each storage counted once,
+    parameters and buffers left out: what training holds in memory between forward and backward, measurable
+    on the CPU (``torch.autograd.graph.saved_tensors_hooks``). Run it in the mode training uses (``train()``,
+    deep supervision on)."""
+    own = {t.untyped_storage().data_ptr() for t in (*network.parameters(), *network.buffers())}
+    saved: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in own:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        network(x)
+    return sum(saved.values())
 
 
 def paper_fidelity(size: int = 224, num_classes: int = 9) -> List[dict]:

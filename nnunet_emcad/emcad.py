@@ -49,13 +49,15 @@ class EMCADDecoder(nn.Module):
     ``first_stage`` is the shallowest stage decoded with the full stage (CAB, SAB, MSCB); the paper decodes
     from every PVT stage (0). Shallower stages are left out (their skips unused; the first head is then at
     ``first_stage``'s resolution), or, with ``light_stages``, decoded by EUCB and LGAG alone, each with a head.
+    ``recompute_msdc`` trades compute for training memory in every MSCB (see ``MSCB``).
     """
 
     def __init__(self, channels: Sequence[int], strides: Sequence[StrideT], num_classes: int,
                  deep_supervision: bool = True, kernel_sizes: Sequence[int] = (1, 3, 5), expansion_factor: int = 2,
                  dw_parallel: bool = True, add: bool = True, lgag_ks: int = 3, activation: str = 'relu6',
                  conv_op: Type[_ConvNd] = nn.Conv2d, norm_op: NormFactory = None,
-                 axes: Optional[Sequence[Sequence[bool]]] = None, first_stage: int = 0, light_stages: bool = False):
+                 axes: Optional[Sequence[Sequence[bool]]] = None, first_stage: int = 0, light_stages: bool = False,
+                 recompute_msdc: bool = False):
         super().__init__()
         if len(channels) != len(strides):
             raise ValueError(f"need one stride per stage: {len(channels)} channels, {len(strides)} strides")
@@ -69,7 +71,7 @@ class EMCADDecoder(nn.Module):
         full, upsampled = range(first_stage, n), range(self.first_output_stage, n - 1)
         self.mscb = nn.ModuleList([
             MSCB(channels[i], channels[i], [along_axes(k, axes[i]) for k in kernel_sizes], expansion_factor,
-                 dw_parallel, add, activation, conv_op, norm_op)
+                 dw_parallel, add, activation, conv_op, norm_op, recompute_msdc)
             for i in full])
         self.eucb = nn.ModuleList([
             EUCB(channels[i + 1], channels[i], strides[i + 1], along_axes(3, axes[i]), conv_op, norm_op)

@@ -113,6 +113,7 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
     dimensions = 2
     decoder_stride = 1  # the finest stride decoded with EMCAD's full stages (plans.create_emcad_unet)
     light_stages = False  # stages finer than decoder_stride decoded by EUCB and LGAG alone (else left out)
+    recompute_msdc = False  # MSDC's branches computed again in backward instead of kept (blocks.MSCB)
     max_skipped_steps = 20  # steps in a row the GradScaler may skip for non-finite gradients before the run stops
     skipped_steps = 0
 
@@ -132,7 +133,8 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
         kind = cls.encoder_kind or configuration_encoder_kind(configuration_manager)
         return for_nnunet(create_emcad_unet(configuration_arch_kwargs(configuration_manager), num_input_channels,
                                             num_output_channels, kind, enable_deep_supervision, decoder_norm='plan',
-                                            decoder_stride=cls.decoder_stride, light_stages=cls.light_stages))
+                                            decoder_stride=cls.decoder_stride, light_stages=cls.light_stages,
+                                            recompute_msdc=cls.recompute_msdc))
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """nnU-Net's loading (``--c``, ``--val``), after checking that a file is a checkpoint at all."""
@@ -190,9 +192,11 @@ class nnUNetTrainerEMCAD_ResEnc(nnUNetTrainerEMCAD):
 class nnUNetTrainerEMCAD_Stride4(nnUNetTrainerEMCAD):
     """The paper's decoder layout over the plan's encoder: EMCAD decodes from the stage at stride 4 (as it
     decodes a PVT's four stages), and the logits are upsampled bilinearly to the patch, as the official code
-    does; the encoder's stride-1 and stride-2 features are not used by the decoder."""
+    does; the encoder's stride-1 and stride-2 features are not used by the decoder. MSDC's branches are
+    computed again in backward instead of kept, which brings training memory below stock nnU-Net's."""
 
     decoder_stride = 4
+    recompute_msdc = True
 
 
 class nnUNetTrainerEMCAD_Stride4Light(nnUNetTrainerEMCAD_Stride4):

@@ -32,7 +32,7 @@ def test_cost_benchmark_on_a_tiny_plan(tmp_path):
     for row in rows.values():
         assert row['params']['total'] == sum(row['params'][k] for k in ('encoder', 'decoder', 'heads'))
         assert row['flops']['total'] >= row['flops']['encoder'] + row['flops']['decoder'] > 0
-        assert row['latency_ms']['fp32'] > 0 and row['train_step_ms'] > 0
+        assert row['latency_ms']['fp32'] > 0 and row['train_step_ms'] > 0 and row['saved_mib_per_sample'] > 0
     assert rows['nnUNetTrainerEMCAD']['params']['encoder'] == rows['nnUNetTrainer']['params']['encoder']
     assert rows['nnUNetTrainerEMCAD']['macs']['decoder'] < rows['nnUNetTrainer']['macs']['decoder']
     report = (tmp_path / 'results' / 'cost.md').read_text()
@@ -55,7 +55,7 @@ def test_cost_report_shows_the_cuda_measurements_when_a_gpu_measured_them():
                 'params': dict(parts, total=15 * scale), 'macs': dict(parts, total=15 * scale),
                 'flops': {k: 2 * v for k, v in dict(parts, total=15 * scale).items()},
                 'latency_ms': {'fp32': 10.0 * scale, 'amp': 1.5 * scale, 'amp_compiled': 1.25 * scale},
-                'train_step_ms': 100.0 * scale, 'cuda_train_step_ms': 20.0 * scale,
+                'train_step_ms': 100.0 * scale, 'cuda_train_step_ms': 20.0 * scale, 'saved_mib_per_sample': 50.0 * scale,
                 'peak_cuda_train_mb': 300.0 * scale, 'peak_rss_after_train_step_mb': 1000.0}
 
     args = build_parser().parse_args(['--plans', '/data/nnUNetPlans.json', '--trainers', 'nnUNetTrainer',
@@ -66,7 +66,8 @@ def test_cost_report_shows_the_cuda_measurements_when_a_gpu_measured_them():
     assert 'On Some GPU: latency at batch 1 under AMP' in text
     assert '| nnUNetTrainer | 6.00 ms | 5.00 ms | 80 ms | 1200 MB |' in text
     assert '| nnUNetTrainerEMCAD | 1.50 ms | 1.25 ms | 20 ms | 300 MB |' in text
-    assert '| nnUNetTrainerEMCAD | 25.0% (missed) | 25.0% (missed) | 4.00x (met) |' in text
+    assert '| nnUNetTrainerEMCAD | 25.0% (missed) | 25.0% (missed) | 4.00x (met) | 0.25x | 25% (met) |' in text
+    assert '| 0.40 s | 50 MiB | 1000 MB |' in text
     help_text = subprocess.run([sys.executable, os.path.join(BENCHMARKS, 'cost.py'), '--help'],
                                capture_output=True, text=True).stdout
     assert 'Cost at a plan' in help_text and '--train-batch' in help_text

@@ -5,8 +5,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
+from nnunet_emcad.counting import saved_activation_bytes
 from nnunet_emcad.emcad import create_emcad_pvt
-from nnunet_emcad.plans import create_emcad_unet
+from nnunet_emcad.plans import create_emcad_unet, first_stage_at_stride
 
 ACDC_2D_ARCH = {  # what nnU-Net 2.8 plans for Dataset027_ACDC 2d (patch 256x224)
     'n_stages': 6, 'features_per_stage': [32, 64, 128, 256, 512, 512],
@@ -83,12 +84,50 @@ def nnunet_2d_plans(draw):
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(nnunet_2d_plans())
-def test_random_plans_give_one_output_per_stage(case):
+@given(nnunet_2d_plans(), st.sampled_from([1, 2, 4, 8]), st.booleans())
+def test_random_plans_give_one_output_per_decoded_stage(case, decoder_stride, light_stages):
     arch, patch, in_channels, num_classes, encoder = case
-    net = create_emcad_unet(arch, in_channels, num_classes, encoder=encoder).eval()
-    assert len(net.output_strides()) == arch['n_stages']
+    net = create_emcad_unet(arch, in_channels, num_classes, encoder=encoder, decoder_stride=decoder_stride,
+                            light_stages=light_stages).eval()
+    first = first_stage_at_stride(arch['strides'], decoder_stride)
+    assert len(net.decoder.mscb) == arch['n_stages'] - first
+    assert len(net.output_strides()) == arch['n_stages'] - (0 if light_stages else first)
     _check_outputs(net, in_channels, num_classes, patch)
+
+
+def test_decoder_from_stride_4_leaves_the_fine_stages_out():
+    net = create_emcad_unet(ACDC_2D_ARCH, 1, 4, decoder_stride=4).eval()
+    assert net.output_strides() == [(1, 1), (8, 8), (16, 16), (32, 32)]
+    assert net.decoder.mscb[0].pconv1[0].in_channels == 128 and len(net.decoder.eucb) == 3
+    _check_outputs(net, 1, 4, (256, 224))
+    skips = net.encoder(torch.randn(1, 1, 64, 64))
+    changed = [s.clone() for s in skips]
+    changed[0].normal_()
+    changed[1].normal_()
+    with torch.no_grad():
+        torch.testing.assert_close(net.decode(changed, (64, 64)), net.decode(skips, (64, 64)))
+
+
+def test_light_stages_decode_the_fine_stages_with_eucb_and_lgag_only():
+    net = create_emcad_unet(ACDC_2D_ARCH, 1, 4, decoder_stride=4, light_stages=True).eval()
+    assert net.output_strides() == [(1, 1), (2, 2), (4, 4), (8, 8), (16, 16), (32, 32)]
+    assert len(net.decoder.mscb) == len(net.decoder.cab) == 4 and len(net.decoder.eucb) == 5
+    assert net.decoder.eucb[0].pwc.out_channels == 32 and net.decoder.lgag[0].W_x[0].in_channels == 32
+    _check_outputs(net, 1, 4, (64, 64))
+
+
+def test_the_decoder_stride_is_read_along_the_most_strided_axis():
+    anisotropic = [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2]]
+    assert [first_stage_at_stride(anisotropic, s) for s in (1, 2, 4, 8, 64)] == [0, 1, 2, 3, 4]
+    assert first_stage_at_stride([[1, 1], [2, 1], [1, 2], [2, 2]], 4) == 3
+
+
+def test_coarser_decoders_save_fewer_activation_bytes_for_backward():
+    x = torch.randn(1, 1, 64, 64)
+    saved = {(stride, light): saved_activation_bytes(
+        create_emcad_unet(ACDC_2D_ARCH, 1, 4, decoder_stride=stride, light_stages=light).train(), x)
+        for stride, light in ((1, False), (4, True), (4, False))}
+    assert saved[1, False] > saved[4, True] > saved[4, False] > 0
 
 
 def test_decoder_norm_choice():

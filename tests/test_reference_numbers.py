@@ -7,7 +7,7 @@ import torch
 from helpers import fingerprint_features, fingerprint_fill, official_state_dict
 from nnunet_emcad.official import load_official_checkpoint
 from nnunet_emcad.emcad import create_emcad_pvt
-from nnunet_emcad.counting import count_flops, count_parameters, parameter_breakdown
+from nnunet_emcad.counting import count_flops, count_parameters, parameter_breakdown, saved_activation_bytes
 
 
 @pytest.mark.parametrize('variant,decoder,total', [('pvt_v2_b0', 506_507, 3_920_923),
@@ -60,3 +60,19 @@ def test_official_key_names_and_shapes(shared_dir):
             official_state_dict(create_emcad_pvt('pvt_v2_b2', num_classes=9, in_channels=1)).items()
             if not k.startswith('backbone.')}
     assert ours == reference
+
+
+class _SquareOfExp(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x.exp()  # exp saves its output y; y * y saves y twice more: one storage
+        return y * y
+
+
+def test_saved_activation_bytes_count_each_saved_storage_once_and_no_parameters():
+    x = torch.randn(2, 3, 8, 8)
+    conv_relu = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3, padding=1), torch.nn.ReLU())
+    # the conv saves its input (and its weight, a parameter); ReLU saves its output
+    assert saved_activation_bytes(conv_relu, x) == (2 * 3 * 64 + 2 * 5 * 64) * 4
+    assert saved_activation_bytes(_SquareOfExp(), x.requires_grad_()) == 2 * 3 * 64 * 4
+    with torch.no_grad():
+        assert saved_activation_bytes(conv_relu, x) == 0
