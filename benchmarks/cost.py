@@ -3,7 +3,8 @@
 Per network and part (encoder / decoder / heads): parameters, multiply-adds and FLOPs (torch.utils.flop_counter,
 FLOPs = 2 x multiply-adds), inference latency at batch 1 (median after warm-up, fixed thread count), one
 training step (forward, the trainer's own loss with deep supervision, backward, the trainer's own optimiser)
-at a stated batch size, and peak memory. Every network is measured in its own process. On CUDA (when present)
+at a stated batch size, the activation bytes per sample a training forward pass keeps for backward, and peak
+memory. Every network is measured in its own process. On CUDA (when present)
 latency uses CUDA events under AMP, with and without torch.compile; the CPU is measured always.
 Writes benchmarks/results/<name>.json and .md.
 

@@ -12,7 +12,8 @@ own. Exits 1 when a compiled trainer does not train (non-finite loss, more than 
 unchanged parameters).
 
 The default trainers are chosen to fit about 8 minutes on one H100/H200 (compiling one training graph took about
-a minute on an H200; the whole default run is not timed yet); it leaves out nnUNetTrainerEMCAD_ResEnc, nnUNetTrainerEMCAD_PVTb2, nnUNetTrainerEMCAD_PVTb2_MUTATION,
+a minute on an H200; the whole default run is not timed yet); it leaves out nnUNetTrainerEMCAD_ResEnc,
+nnUNetTrainerEMCAD_Stride4Light, nnUNetTrainerEMCAD_PVTb2, nnUNetTrainerEMCAD_PVTb2_MUTATION, nnUNetTrainerEMCAD3D,
 nnUNetTrainerEMCAD3D_ResEnc and stock 3D: name them with --trainers (TRAINER or TRAINER:CONFIGURATION).
 Writes benchmarks/results/<name>.json and .md (default name gpu).
 """
@@ -29,7 +30,7 @@ from typing import Dict, List, Optional
 from nnunet_emcad.benchmarking import (STOCK, WorkerFailed, acdc_plans, add_output_options, answer_worker, machine,
                                        reproduce_command, run_worker, write_results)
 
-DEFAULT_TRAINERS = [STOCK, 'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_PVTb0', 'nnUNetTrainerEMCAD3D']
+DEFAULT_TRAINERS = [STOCK, 'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Stride4', 'nnUNetTrainerEMCAD_PVTb0']
 LOSS_TOLERANCE = 0.02
 """Largest relative deviation of a compiled run's loss from eager's, per step, that still counts as following it."""
 MAX_SKIPPED_FRACTION = 0.5

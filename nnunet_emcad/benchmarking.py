@@ -19,8 +19,8 @@ RESULTS = os.path.join(BENCHMARKS, 'results')
 CACHE = os.path.join(BENCHMARKS, '.cache')
 
 STOCK = 'nnUNetTrainer'
-EMCAD_TRAINERS = ['nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_ResEnc', 'nnUNetTrainerEMCAD_PVTb0',
-                  'nnUNetTrainerEMCAD_PVTb2']
+EMCAD_TRAINERS = ['nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Stride4', 'nnUNetTrainerEMCAD_Stride4Light',
+                  'nnUNetTrainerEMCAD_ResEnc', 'nnUNetTrainerEMCAD_PVTb0', 'nnUNetTrainerEMCAD_PVTb2']
 EMCAD_3D_TRAINERS = ['nnUNetTrainerEMCAD3D', 'nnUNetTrainerEMCAD3D_ResEnc']
 
 

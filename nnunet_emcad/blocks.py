@@ -185,7 +185,7 @@ class MSCB(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         expanded = self.pconv1(x)
-        if self.recompute_msdc and torch.is_grad_enabled():
+        if self.recompute_msdc and self.training and torch.is_grad_enabled():
             combined = checkpoint(self._combined_branches, expanded, use_reentrant=False)
         else:
             combined = self._combined_branches(expanded)

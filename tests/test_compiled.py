@@ -17,9 +17,9 @@ from test_trainers import DATASET_JSON, make_plans
 
 pytestmark = pytest.mark.usefixtures('nnunet_folders')
 
-TRAINERS = ['nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_ResEnc', 'nnUNetTrainerEMCAD_PVTb0',
-            'nnUNetTrainerEMCAD_PVTb2', 'nnUNetTrainerEMCAD_PVTb2_MUTATION', 'nnUNetTrainerEMCAD3D',
-            'nnUNetTrainerEMCAD3D_ResEnc']
+TRAINERS = ['nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Stride4', 'nnUNetTrainerEMCAD_ResEnc',
+            'nnUNetTrainerEMCAD_PVTb0', 'nnUNetTrainerEMCAD_PVTb2', 'nnUNetTrainerEMCAD_PVTb2_MUTATION',
+            'nnUNetTrainerEMCAD3D', 'nnUNetTrainerEMCAD3D_ResEnc']
 
 
 def tiny_rig(trainer: str):
