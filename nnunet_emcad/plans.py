@@ -95,7 +95,8 @@ def create_emcad_unet(arch_kwargs: Mapping, input_channels: int, num_classes: in
 
     One head per decoded stage: outputs come at strides ``cumprod(strides)``, highest resolution first.
     ``decoder_stride`` is the finest stride decoded with EMCAD's full stages (1: every stage; 4: from the
-    stage at stride 4, as the paper decodes a PVT); see ``EMCADDecoder``'s ``first_stage`` and ``light_stages``.
+    stage at stride 4, as the paper decodes a PVT; at least the two deepest stages are decoded); see
+    ``EMCADDecoder``'s ``first_stage`` and ``light_stages``.
     ``decoder_norm='batch'`` keeps the official BatchNorm in the decoder blocks; ``'plan'`` uses the plan's
     norm (instance norm in nnU-Net's plans), whose statistics do not depend on the batch.
     """
@@ -104,7 +105,9 @@ def create_emcad_unet(arch_kwargs: Mapping, input_channels: int, num_classes: in
     kw = resolve_arch_kwargs(arch_kwargs, arch_kwargs_req_import)
     enc = build_nnunet_encoder(kw, input_channels, encoder)
     decoder_kwargs.setdefault('axes', [[k > 1 for k in ks] for ks in kw['kernel_sizes']])
-    decoder_kwargs['first_stage'] = first_stage_at_stride(kw['strides'], decoder_stride)
+    # at least two decoded stages: nnU-Net's deep supervision gives the deepest head weight 0
+    decoder_kwargs['first_stage'] = min(first_stage_at_stride(kw['strides'], decoder_stride),
+                                        max(0, kw['n_stages'] - 2))
     if decoder_norm == 'plan':
         decoder_kwargs['norm_op'] = plan_norm(kw)
     return EMCADNet(enc, num_classes, deep_supervision, 'first', **decoder_kwargs)
