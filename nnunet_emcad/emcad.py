@@ -31,6 +31,16 @@ PVT_V2_STRIDE = 32
 StrideT = Union[int, Sequence[int]]
 
 
+def total_strides(strides: Sequence[StrideT]) -> List[Tuple[int, ...]]:
+    """Each stage's stride relative to the input, from the per-stage strides (an int or one per axis)."""
+    totals, total = [], None
+    for s in strides:
+        s = (s,) if isinstance(s, int) else tuple(s)
+        total = s if total is None else tuple(a * b for a, b in zip(total, s))
+        totals.append(total)
+    return totals
+
+
 class EMCADDecoder(nn.Module):
     """The EMCAD decoder over any number of encoder stages, with one segmentation head per stage.
 
@@ -192,12 +202,7 @@ class EMCADNet(nn.Module):
 
     def output_strides(self) -> List[Tuple[int, ...]]:
         """Each output's stride relative to the input, highest resolution first (the first output is full size)."""
-        strides, total = [], None
-        for s in self.encoder.strides:
-            s = tuple(s)
-            total = s if total is None else tuple(a * b for a, b in zip(total, s))
-            strides.append(total)
-        strides = strides[self.decoder.first_output_stage:]
+        strides = total_strides(self.encoder.strides)[self.decoder.first_output_stage:]
         upsampled = len(strides) if self.upsample_outputs == 'all' else 1
         return [tuple(1 for _ in s) if i < upsampled else s for i, s in enumerate(strides)]
 

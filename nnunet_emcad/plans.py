@@ -14,7 +14,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from nnunet_emcad.blocks import NormFactory
-from nnunet_emcad.emcad import EMCADNet
+from nnunet_emcad.emcad import EMCADNet, total_strides
 
 REQUIRES_IMPORT = ('conv_op', 'norm_op', 'dropout_op', 'nonlin')
 """The ``arch_kwargs`` that plans files hold as import strings (their ``_kw_requires_import``)."""
@@ -74,13 +74,8 @@ def build_nnunet_encoder(arch_kwargs: Mapping, input_channels: int, kind: str = 
 def first_stage_at_stride(strides: Sequence, stride: int) -> int:
     """The shallowest stage whose total stride (along its most-strided axis) reaches ``stride``; the deepest
     stage when none does."""
-    total = None
-    for stage, s in enumerate(strides):
-        s = [s] if isinstance(s, int) else list(s)
-        total = s if total is None else [a * b for a, b in zip(total, s)]
-        if max(total) >= stride:
-            return stage
-    return len(strides) - 1
+    return next((stage for stage, total in enumerate(total_strides(strides)) if max(total) >= stride),
+                len(strides) - 1)
 
 
 def plan_norm(arch_kwargs: Mapping) -> NormFactory:
