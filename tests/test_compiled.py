@@ -31,6 +31,7 @@ def tiny_rig(trainer: str):
 
 @pytest.mark.parametrize('trainer', TRAINERS)
 def test_every_emcad_training_step_compiles_as_one_graph_and_learns_under_autocast(trainer):
+    torch._dynamo.reset()  # a fresh compile, as in a user's process (earlier tests' graphs slow dynamo's guards)
     rig = tiny_rig(trainer)
     rig.network = torch.compile(rig.trainer.network, backend='aot_eager', fullgraph=True)
     result = train(rig, 6, torch.float16)  # steps whose float16 gradients overflow are skipped by the GradScaler
