@@ -233,8 +233,9 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
 
     ImageNet weights: set ``nnUNet_EMCAD_PVT_WEIGHTS`` to a checkpoint file, or to a folder holding
     ``pvt_v2_b2.pth`` (timm or original PVT format); they are loaded strictly when training starts. Unset, the
-    encoder trains from scratch. A patch size not divisible by 32 is rounded up to the next multiple of 32
-    (logged, and saved in the results' plans.json so prediction uses it too).
+    encoder trains from scratch. A patch size not divisible by 32 is rounded up to the next multiple of 32, and
+    to at least 64 (the deepest stage, at 1/32, then has more than one position for instance norm to normalise);
+    logged, and saved in the results' plans.json so prediction uses it too.
     """
 
     pvt_variant = 'pvt_v2_b2'
@@ -262,13 +263,13 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
 
     def _fit_patch_size(self) -> None:
         patch = list(self.configuration_manager.patch_size)
-        fitted = [max(PVT_V2_STRIDE, math.ceil(p / PVT_V2_STRIDE) * PVT_V2_STRIDE) for p in patch]
+        fitted = [max(2 * PVT_V2_STRIDE, math.ceil(p / PVT_V2_STRIDE) * PVT_V2_STRIDE) for p in patch]
         if fitted != patch:
             # the plans dict is what on_train_start saves for the predictor; the (cached) manager is what training reads
             self.plans_manager.plans['configurations'][self.configuration_name]['patch_size'] = fitted
             self.configuration_manager.configuration['patch_size'] = fitted
-            self.print_to_log_file(f"{type(self).__name__}: PVTv2 needs patch sizes divisible by {PVT_V2_STRIDE}; "
-                                   f"patch size {patch} -> {fitted}")
+            self.print_to_log_file(f"{type(self).__name__}: PVTv2 needs patch sizes divisible by {PVT_V2_STRIDE} "
+                                   f"and at least {2 * PVT_V2_STRIDE}; patch size {patch} -> {fitted}")
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,

@@ -124,6 +124,13 @@ def test_pvt_trainers_round_the_patch_up_to_a_multiple_of_32():
         assert trainer.network.eval()(torch.randn(1, 1, 64, 96))[0].shape == (1, 3, 64, 96)
 
 
+def test_pvt_trainers_train_on_a_plan_for_small_images_at_a_64_patch():
+    trainer = build(T.nnUNetTrainerEMCAD_PVTb0, make_plans(3, [32, 40]))
+    assert list(trainer.configuration_manager.patch_size) == [64, 64]
+    outputs = trainer.network.train()(torch.randn(2, 1, 64, 64))  # at 32x32 instance norm met 1x1 and raised
+    assert outputs[0].shape == (2, 3, 64, 64)
+
+
 @pytest.mark.parametrize('cls', EMCAD_TRAINERS, ids=lambda c: c.__name__)
 def test_a_3d_configuration_stops_at_once(cls):
     with pytest.raises(RuntimeError, match='is a 2D trainer, but this configuration is 3D.*nnUNetv2_train DATASET 2d'
