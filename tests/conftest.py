@@ -4,6 +4,7 @@ import warnings
 import pytest
 
 from nnunet_emcad.source_tree import shared_data_dir
+from tiny_data import plan_tiny_dataset
 
 warnings.filterwarnings('ignore', category=FutureWarning)
 
@@ -25,3 +26,9 @@ def nnunet_folders(tmp_path, monkeypatch):
     for var in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
         monkeypatch.setenv(var, str(tmp_path / var))
     monkeypatch.delenv('nnUNet_EMCAD_PVT_WEIGHTS', raising=False)
+
+
+@pytest.fixture(scope='session')
+def tiny_planned(tmp_path_factory) -> str:
+    """Dataset901_Tiny planned and preprocessed by nnU-Net once per session; tests take copies (``copy_planned``)."""
+    return plan_tiny_dataset(str(tmp_path_factory.mktemp('tiny_planned')))

@@ -13,21 +13,18 @@ import timm
 import torch
 
 from nnunet_emcad.scripts import nnunet_env
-from tiny_data import assert_onnx_matches_pytorch, export_trained_fold, make_dataset, run
+from tiny_data import assert_onnx_matches_pytorch, copy_planned, export_trained_fold, run
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 
 
 @pytest.fixture(scope='module')
-def planned(tmp_path_factory):
-    """Dataset901_Tiny, planned and preprocessed for 2d."""
+def planned(tmp_path_factory, tiny_planned):
+    """Dataset901_Tiny, planned and preprocessed for 2d, in nnU-Net folders of this module's own."""
     root = str(tmp_path_factory.mktemp('nnunet'))
     env = nnunet_env(root, package_settings=False)  # none of the developer's nnU-Net or nnunet-emcad settings
-    make_dataset(env['nnUNet_raw'])
-    log = os.path.join(root, 'log.txt')
-    run(['nnUNetv2_plan_and_preprocess', '-d', '901', '-c', '2d', '-np', '2', '--verify_dataset_integrity'],
-        env, log)
-    return root, env, log
+    copy_planned(tiny_planned, env)
+    return root, env, os.path.join(root, 'log.txt')
 
 
 def _dice(summary_file: str) -> dict:

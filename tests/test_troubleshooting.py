@@ -17,7 +17,7 @@ from nnunet_emcad.plans import create_emcad_unet
 from nnunet_emcad.scripts import nnunet_env
 from test_networks import ACDC_2D_ARCH
 from test_trainers import DATASET_JSON, make_plans
-from tiny_data import make_dataset, run
+from tiny_data import copy_planned
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 README = os.path.join(os.path.dirname(TESTS), 'README.md')
@@ -54,7 +54,7 @@ def command(args, env, cwd=None) -> str:
 
 
 @pytest.fixture(scope='module')
-def folders(tmp_path_factory):
+def folders(tmp_path_factory, tiny_planned):
     """nnU-Net's folders with Dataset999_Plans planned by hand (2d and 3d_fullres) and Dataset901_Tiny planned
     and preprocessed by nnU-Net; the environment a user's shell would have for them."""
     root = tmp_path_factory.mktemp('troubleshooting')
@@ -65,8 +65,7 @@ def folders(tmp_path_factory):
         json.dump(make_plans(5, [64, 64], extra_3d=True), f)
     with open(os.path.join(planned, 'dataset.json'), 'w') as f:
         json.dump(DATASET_JSON, f)
-    make_dataset(env['nnUNet_raw'])
-    run(['nnUNetv2_plan_and_preprocess', '-d', '901', '-c', '2d', '-np', '2'], env, str(root / 'log.txt'))
+    copy_planned(tiny_planned, env)
     return root, env
 
 

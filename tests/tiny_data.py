@@ -1,5 +1,6 @@
 """A tiny, easy 2D segmentation data set in nnU-Net raw format, and running nnU-Net's console scripts."""
 import os
+import shutil
 from typing import Dict, List, Tuple
 
 from nnunet_emcad import scripts
@@ -9,6 +10,24 @@ from nnunet_emcad.demo_data import make_synthetic_dataset
 def make_dataset(raw: str, dataset_id: int = 901, n_train: int = 10, n_test: int = 3, seed: int = 0) -> str:
     """Write Dataset{id}_Tiny (png, 64x64, 3 classes) under ``raw``; returns its folder."""
     return make_synthetic_dataset(raw, dataset_id, n_train, n_test, seed)
+
+
+def plan_tiny_dataset(root: str) -> str:
+    """Dataset901_Tiny generated under ``root`` and planned and preprocessed for 2d by nnU-Net (with its
+    integrity check), in the folders ``scripts.nnunet_env(root)`` names; returns ``root``."""
+    env = scripts.nnunet_env(root, package_settings=False)
+    make_dataset(env['nnUNet_raw'])
+    run(['nnUNetv2_plan_and_preprocess', '-d', '901', '-c', '2d', '-np', '2', '--verify_dataset_integrity'],
+        env, os.path.join(root, 'log.txt'))
+    return root
+
+
+def copy_planned(source_root: str, env: Dict[str, str]) -> None:
+    """The raw and preprocessed folders of ``plan_tiny_dataset(source_root)`` copied into ``env``'s nnU-Net
+    folders, so that a test writes into copies of its own."""
+    source = scripts.nnunet_env(source_root, package_settings=False)
+    for folder in ('nnUNet_raw', 'nnUNet_preprocessed'):
+        shutil.copytree(source[folder], env[folder], dirs_exist_ok=True)
 
 
 def run(args: List[str], env: Dict[str, str], log: str, timeout: float = 900) -> str:
@@ -71,7 +90,9 @@ def export_trained_fold(env: Dict[str, str], log: str, dataset: str, configurati
 
 def assert_onnx_matches_pytorch(onnx_file: str, network, input_shape: List[int], batches: List[int],
                                 tolerance: float):
-    """onnxruntime and PyTorch agree on random inputs of each batch size (the batch axis is dynamic)."""
+    """onnxruntime and PyTorch agree on random inputs of each batch size (the batch axis is dynamic), within
+    ``tolerance`` relative to the largest logit: float32 rounding grows with the scale of the activations, and
+    a trained network's logits on noise reach about 100."""
     import numpy as np
     import onnxruntime
     import torch
@@ -82,5 +103,6 @@ def assert_onnx_matches_pytorch(onnx_file: str, network, input_shape: List[int],
         with torch.no_grad():
             expected = network(x).numpy()
         got = session.run(['logits'], {'image': x.numpy()})[0]
-        np.testing.assert_allclose(got, expected, atol=tolerance, rtol=tolerance)
+        scale = max(1.0, float(np.abs(expected).max()))
+        np.testing.assert_allclose(got, expected, atol=tolerance * scale, rtol=tolerance)
     return expected
