@@ -78,6 +78,12 @@ def first_stage_at_stride(strides: Sequence, stride: int) -> int:
                 len(strides) - 1)
 
 
+def decoded_first_stage(strides: Sequence, decoder_stride: int) -> int:
+    """The first stage the EMCAD decoder decodes: ``first_stage_at_stride``, but at least the two deepest
+    stages (nnU-Net's deep supervision gives the deepest head weight 0, so one head would learn nothing)."""
+    return min(first_stage_at_stride(strides, decoder_stride), max(0, len(strides) - 2))
+
+
 def plan_norm(arch_kwargs: Mapping) -> NormFactory:
     """The plan's normalisation (``norm_op`` with ``norm_op_kwargs``, resolved) as a factory of the channel count."""
     return partial(arch_kwargs['norm_op'], **(arch_kwargs.get('norm_op_kwargs') or {}))
@@ -100,9 +106,7 @@ def create_emcad_unet(arch_kwargs: Mapping, input_channels: int, num_classes: in
     kw = resolve_arch_kwargs(arch_kwargs, arch_kwargs_req_import)
     enc = build_nnunet_encoder(kw, input_channels, encoder)
     decoder_kwargs.setdefault('axes', [[k > 1 for k in ks] for ks in kw['kernel_sizes']])
-    # at least two decoded stages: nnU-Net's deep supervision gives the deepest head weight 0
-    decoder_kwargs['first_stage'] = min(first_stage_at_stride(kw['strides'], decoder_stride),
-                                        max(0, kw['n_stages'] - 2))
+    decoder_kwargs['first_stage'] = decoded_first_stage(kw['strides'], decoder_stride)
     if decoder_norm == 'plan':
         decoder_kwargs['norm_op'] = plan_norm(kw)
     return EMCADNet(enc, num_classes, deep_supervision, 'first', **decoder_kwargs)

@@ -37,6 +37,8 @@ __all__ = [
 
 PVT_WEIGHTS_ENV = 'nnUNet_EMCAD_PVT_WEIGHTS'
 WEIGHTS_FIX = 'Use the trainer (-tr), plans (-p) and configuration (-c) the checkpoint was trained with.'
+# The PVT trainers' smallest patch per axis: the deepest stage (1/32) then has more than one position to normalise.
+PVT_MIN_PATCH = 2 * PVT_V2_STRIDE
 
 
 def require_dimensions(configuration_manager: ConfigurationManager, trainer_name: str, dimensions: int) -> None:
@@ -263,13 +265,13 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
 
     def _fit_patch_size(self) -> None:
         patch = list(self.configuration_manager.patch_size)
-        fitted = [max(2 * PVT_V2_STRIDE, math.ceil(p / PVT_V2_STRIDE) * PVT_V2_STRIDE) for p in patch]
+        fitted = [max(PVT_MIN_PATCH, math.ceil(p / PVT_V2_STRIDE) * PVT_V2_STRIDE) for p in patch]
         if fitted != patch:
             # the plans dict is what on_train_start saves for the predictor; the (cached) manager is what training reads
             self.plans_manager.plans['configurations'][self.configuration_name]['patch_size'] = fitted
             self.configuration_manager.configuration['patch_size'] = fitted
             self.print_to_log_file(f"{type(self).__name__}: PVTv2 needs patch sizes divisible by {PVT_V2_STRIDE} "
-                                   f"and at least {2 * PVT_V2_STRIDE}; patch size {patch} -> {fitted}")
+                                   f"and at least {PVT_MIN_PATCH}; patch size {patch} -> {fitted}")
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,

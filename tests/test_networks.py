@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from nnunet_emcad.counting import saved_activation_bytes
 from nnunet_emcad.emcad import create_emcad_pvt
-from nnunet_emcad.plans import create_emcad_unet, first_stage_at_stride
+from nnunet_emcad.plans import create_emcad_unet, decoded_first_stage, first_stage_at_stride
 
 ACDC_2D_ARCH = {  # what nnU-Net 2.8 plans for Dataset027_ACDC 2d (patch 256x224)
     'n_stages': 6, 'features_per_stage': [32, 64, 128, 256, 512, 512],
@@ -89,7 +89,7 @@ def test_random_plans_give_one_output_per_decoded_stage(case, decoder_stride, li
     arch, patch, in_channels, num_classes, encoder = case
     net = create_emcad_unet(arch, in_channels, num_classes, encoder=encoder, decoder_stride=decoder_stride,
                             light_stages=light_stages).eval()
-    first = min(first_stage_at_stride(arch['strides'], decoder_stride), arch['n_stages'] - 2)
+    first = decoded_first_stage(arch['strides'], decoder_stride)
     assert len(net.decoder.mscb) == arch['n_stages'] - first
     assert len(net.output_strides()) == arch['n_stages'] - (0 if light_stages else first)
     _check_outputs(net, in_channels, num_classes, patch)

@@ -92,7 +92,7 @@ def assert_onnx_matches_pytorch(onnx_file: str, network, input_shape: List[int],
                                 tolerance: float):
     """onnxruntime and PyTorch agree on random inputs of each batch size (the batch axis is dynamic), within
     ``tolerance`` relative to the largest logit: float32 rounding grows with the scale of the activations, and
-    a trained network's logits on noise reach about 100."""
+    a trained network's logits on noise are far larger than 1."""
     import numpy as np
     import onnxruntime
     import torch
