@@ -27,7 +27,7 @@ from unittest import mock
 import numpy as np
 
 from nnunet_emcad.benchmarking import (CACHE, EMCAD_3D_TRAINERS, EMCAD_TRAINERS, RESULTS, STOCK, machine,
-                                       reproduce_command, verdict, write_results)
+                                       malloc_note, reproduce_command, verdict, write_results)
 from nnunet_emcad.counting import count_flops
 from nnunet_emcad.scripts import nnunet_env, run_logged
 from nnunet_emcad.short_training import Schedule, write_trainer_module
@@ -239,7 +239,7 @@ def train_and_evaluate(env: Dict[str, str], args: argparse.Namespace, trainer: s
               'epochs': len(epoch_seconds), 'train_seconds': float(sum(epoch_seconds)),
               'seconds_per_iteration': float(sum(epoch_seconds)) / max(1, iterations),
               **_scores(env, name, model, predictions, log),
-              'predict_seconds': predict_seconds, 'validation_cases': len(val_cases),
+              'predict_seconds': predict_seconds, 'validation_cases': len(val_cases), 'malloc': malloc_note(env),
               'curve': {'ema_pseudo_dice': [float(v) for v in logging['ema_fg_dice']],
                         'train_loss': [float(v) for v in logging['train_losses']],
                         'val_loss': [float(v) for v in logging['val_losses']]}}
@@ -339,10 +339,12 @@ def command_line(args: argparse.Namespace) -> str:
 def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespace, info: Dict[str, str]) -> str:
     labels = sorted({k for r in results for k in r['dice_per_class']}, key=int)
     equal_time = "not run (--no-equal-time)" if args.no_equal_time else "stock nnU-Net's training time in that run"
+    # runs measured before the malloc settings existed ran under glibc's defaults
+    malloc = ' / '.join(sorted({r.get('malloc', malloc_note({})) for r in results}))
     lines = [f"# Accuracy through the nnU-Net pipeline: {DATASETS[args.dataset][1]} {args.configuration}, "
              f"fold {args.fold}, {args.iterations} iterations", '',
-             f"Machine: {info['cpu']}, {info['cores']} cores, GPU: {info['gpu']}; device {args.device}. Budget: "
-             f"batch {args.batch_size}, {args.iterations_per_epoch} iterations per epoch; equal iterations = "
+             f"Machine: {info['cpu']}, {info['cores']} cores, GPU: {info['gpu']}; device {args.device}; {malloc}. "
+             f"Budget: batch {args.batch_size}, {args.iterations_per_epoch} iterations per epoch; equal iterations = "
              f"{args.iterations} iterations each; equal time = {equal_time}. "
              f"This is a short CPU budget, far from nnU-Net's 1000 x 250 iterations: read it as a comparison of "
              f"early training, not as final accuracy.", '', f"Reproduce: `{command_line(args)}`", '',

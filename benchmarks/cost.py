@@ -20,9 +20,11 @@ import time
 from typing import Callable, Dict, List, Tuple
 
 from nnunet_emcad.benchmarking import (CACHE, EMCAD_TRAINERS, STOCK, WorkerFailed, acdc_plans, add_output_options,
-                                       answer_worker, machine, reproduce_command, run_worker, verdict, write_results)
+                                       answer_worker, machine, malloc_note, reproduce_command, run_worker, verdict,
+                                       write_results)
 from nnunet_emcad.counting import (flop_breakdown, paper_fidelity, paper_table, parameter_breakdown,
                                    saved_activation_bytes)
+from nnunet_emcad.scripts import MALLOC_SETTINGS, with_malloc_settings
 
 GOAL_DECODER_PARAMS = 0.10
 GOAL_DECODER_MACS = 0.20
@@ -163,8 +165,8 @@ def report(rows: List[dict], fidelity: List[dict], args: argparse.Namespace, inf
     lines = [f"# Cost at the plan's patch ({os.path.relpath(args.plans, os.getcwd())}, configuration "
              f"{args.configuration})", '',
              f"Machine: {info['cpu']}, {info['cores']} cores, GPU: {info['gpu']}; torch {info['torch']}; "
-             f"{args.threads} CPU threads. Latency: batch 1, median of {args.repeats} runs after {args.warmup} "
-             f"warm-up runs. Training step: batch {args.train_batch}, the trainer's own loss (deep supervision on) "
+             f"{args.threads} CPU threads; {args.malloc}. Latency: batch 1, median of {args.repeats} runs after "
+             f"{args.warmup} warm-up runs. Training step: batch {args.train_batch}, the trainer's own loss (deep supervision on) "
              f"and optimiser, median of {args.train_repeats}. MACs = multiply-adds = FLOPs / 2 "
              f"(torch.utils.flop_counter). Saved activations: bytes the forward pass of training (train mode, deep "
              f"supervision on, float32) keeps for backward, per sample, each storage once, parameters left out "
@@ -227,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--train-batch', type=int, default=8)
     parser.add_argument('--train-repeats', type=int, default=3)
     parser.add_argument('--device', choices=['cpu', 'cuda', 'auto'], default='auto')
+    parser.add_argument('--glibc-malloc-defaults', action='store_true',
+                        help="measure under glibc malloc's own defaults instead of nnunet_emcad.scripts."
+                             "MALLOC_SETTINGS (which nnU-Net's commands get from this project's scripts)")
     add_output_options(parser, 'cost')
     return parser
 
@@ -249,6 +254,11 @@ def main(argv=None) -> int:
     if args.resenc_plans:
         jobs.insert(1, (f'{STOCK} (ResEnc M plans)', STOCK, os.path.abspath(args.resenc_plans)))
     env = dict(os.environ)
+    if args.glibc_malloc_defaults:
+        env = {k: v for k, v in env.items() if k not in MALLOC_SETTINGS}
+    else:
+        env = with_malloc_settings(env)
+    args.malloc = malloc_note(env)
     env.setdefault('nnUNet_preprocessed', os.path.join(CACHE, 'unused'))
     env.setdefault('nnUNet_results', os.path.join(CACHE, 'unused'))
     rows = []

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from typing import Callable, Dict, Mapping, Optional, Sequence
 
-from nnunet_emcad.scripts import nnunet_env, run_logged
+from nnunet_emcad.scripts import MALLOC_SETTINGS, nnunet_env, run_logged
 from nnunet_emcad.source_tree import BENCHMARKS, shared_data_dir
 
 RESULTS = os.path.join(BENCHMARKS, 'results')
@@ -36,6 +36,12 @@ def machine() -> Dict[str, str]:
         pass
     return {'cpu': cpu, 'cores': str(os.cpu_count()), 'python': platform.python_version(),
             'torch': torch.__version__, 'gpu': torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}
+
+
+def malloc_note(env: Mapping[str, str]) -> str:
+    """How glibc's malloc was set in the processes measured with ``env`` (``scripts.MALLOC_SETTINGS``)."""
+    settings = ', '.join(f'{k}={env[k]}' for k in MALLOC_SETTINGS if k in env)
+    return f'glibc malloc keeps freed memory ({settings})' if settings else "glibc malloc at its defaults"
 
 
 def write_results(name: str, payload: dict, markdown: str, out_dir: str = RESULTS) -> None:
