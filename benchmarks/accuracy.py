@@ -73,11 +73,11 @@ def prepare(dataset: str, root: str, batch_size: int, log: str, configuration: s
     if dataset == 'acdc':
         if not os.path.isdir(os.path.join(SHARED_DATA, name)):
             raise SystemExit(f"{os.path.join(SHARED_DATA, name)} is absent")
-        env = nnunet_env(root, raw=SHARED_DATA, trainer_dir=trainer_dir)
+        env = nnunet_env(root, raw=SHARED_DATA, trainer_dir=trainer_dir, configuration=configuration)
     else:
         if not os.path.isdir(os.path.join(SHARED_DATA, 'ISBI2012_EM')):
             raise SystemExit(f"{os.path.join(SHARED_DATA, 'ISBI2012_EM')} is absent")
-        env = nnunet_env(root, trainer_dir=trainer_dir)
+        env = nnunet_env(root, trainer_dir=trainer_dir, configuration=configuration)
         prepare_isbi(env['nnUNet_raw'])
     preprocessed = os.path.join(env['nnUNet_preprocessed'], name)
     if not os.path.isdir(os.path.join(preprocessed, f'nnUNetPlans_{configuration}')):

@@ -166,8 +166,8 @@ def report(rows: List[dict], fidelity: List[dict], args: argparse.Namespace, inf
              f"{args.configuration})", '',
              f"Machine: {info['cpu']}, {info['cores']} cores, GPU: {info['gpu']}; torch {info['torch']}; "
              f"{args.threads} CPU threads; {args.malloc}. Latency: batch 1, median of {args.repeats} runs after "
-             f"{args.warmup} warm-up runs. Training step: batch {args.train_batch}, the trainer's own loss (deep supervision on) "
-             f"and optimiser, median of {args.train_repeats}. MACs = multiply-adds = FLOPs / 2 "
+             f"{args.warmup} warm-up runs. Training step: batch {args.train_batch}, the trainer's own loss (deep "
+             f"supervision on) and optimiser, median of {args.train_repeats}. MACs = multiply-adds = FLOPs / 2 "
              f"(torch.utils.flop_counter). Saved activations: bytes the forward pass of training (train mode, deep "
              f"supervision on, float32) keeps for backward, per sample, each storage once, parameters left out "
              f"(counting.saved_activation_bytes; it tracks peak training memory on a GPU). Peak RSS is the whole "
@@ -230,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--train-repeats', type=int, default=3)
     parser.add_argument('--device', choices=['cpu', 'cuda', 'auto'], default='auto')
     parser.add_argument('--glibc-malloc-defaults', action='store_true',
-                        help="measure under glibc malloc's own defaults instead of nnunet_emcad.scripts."
-                             "MALLOC_SETTINGS (which nnU-Net's commands get from this project's scripts)")
+                        help="measure a 2D configuration under glibc malloc's own defaults instead of "
+                             "nnunet_emcad.scripts.MALLOC_SETTINGS (which nnU-Net's commands get from this "
+                             "project's scripts for 2D; 3D is measured under glibc's defaults)")
     add_output_options(parser, 'cost')
     return parser
 
@@ -257,7 +258,7 @@ def main(argv=None) -> int:
     if args.glibc_malloc_defaults:
         env = {k: v for k, v in env.items() if k not in MALLOC_SETTINGS}
     else:
-        env = with_malloc_settings(env)
+        env = with_malloc_settings(env, args.configuration)
     args.malloc = malloc_note(env)
     env.setdefault('nnUNet_preprocessed', os.path.join(CACHE, 'unused'))
     env.setdefault('nnUNet_results', os.path.join(CACHE, 'unused'))

@@ -16,13 +16,15 @@ from typing import Callable, Dict, List, Optional, Sequence
 # return of freed memory to the system below 2 GiB. PyTorch's CPU allocator keeps no cache, so under glibc's
 # defaults every large tensor of a training step is mapped, and its pages faulted in and zeroed, again at every
 # step. Faster CPU steps for a higher resident set: benchmarks/results/cost.md against cost_glibc_malloc.md.
-# Other C libraries ignore these variables; a user's own values win.
+# For 2D configurations only: in 3D the heap's fragmentation raised the resident set past a 24 GB machine's
+# memory (EMCAD3D on ACDC's 3d_fullres plan). Other C libraries ignore these variables; a user's own values win.
 MALLOC_SETTINGS = {'MALLOC_MMAP_THRESHOLD_': str(2 ** 31), 'MALLOC_TRIM_THRESHOLD_': str(2 ** 31)}
 
 
-def with_malloc_settings(env: Dict[str, str]) -> Dict[str, str]:
-    """``env`` with ``MALLOC_SETTINGS`` where it sets no value of its own (for processes started with it)."""
-    return {**MALLOC_SETTINGS, **env}
+def with_malloc_settings(env: Dict[str, str], configuration: str = '2d') -> Dict[str, str]:
+    """``env`` with ``MALLOC_SETTINGS`` where it sets no value of its own, for processes that run nnU-Net's
+    ``configuration``; unchanged for a 3D configuration."""
+    return {**MALLOC_SETTINGS, **env} if configuration == '2d' else dict(env)
 
 
 class CommandFailed(RuntimeError):
@@ -31,10 +33,10 @@ class CommandFailed(RuntimeError):
 
 def nnunet_env(root: str, raw: Optional[str] = None, trainer_dir: Optional[str] = None,
                folder_names: Sequence[str] = ('raw', 'preprocessed', 'results'),
-               package_settings: bool = True) -> Dict[str, str]:
+               package_settings: bool = True, configuration: str = '2d') -> Dict[str, str]:
     """An environment for nnU-Net's scripts: its three folders under ``root`` (``folder_names``; raw data may
-    live elsewhere: ``raw``), 2 worker processes unless the user set others, glibc's malloc set to keep freed
-    memory (``MALLOC_SETTINGS``) unless the user set it otherwise.
+    live elsewhere: ``raw``), 2 worker processes unless the user set others, and for a 2D ``configuration``
+    glibc's malloc set to keep freed memory (``MALLOC_SETTINGS``) unless the user set it otherwise.
 
     Other ``nnUNet_*`` settings of this process (``nnUNet_extTrainer`` too) are dropped, so the scripts find
     this package's trainers the way a user's shell does; ``trainer_dir`` adds a folder of generated trainers.
@@ -50,7 +52,7 @@ def nnunet_env(root: str, raw: Optional[str] = None, trainer_dir: Optional[str] 
     if trainer_dir:
         env['nnUNet_extTrainer'] = trainer_dir
     env['PATH'] = os.path.dirname(sys.executable) + os.pathsep + env.get('PATH', '')
-    return with_malloc_settings(env)
+    return with_malloc_settings(env, configuration)
 
 
 def run_logged(args: List[str], env: Dict[str, str], log: str, on_line: Optional[Callable[[str], None]] = None,

@@ -8,6 +8,8 @@ import sys
 import numpy as np
 import pytest
 
+from nnunet_emcad.benchmarking import malloc_note
+from nnunet_emcad.scripts import nnunet_env
 from test_trainers import DATASET_JSON, make_plans
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
@@ -37,13 +39,16 @@ def test_cost_benchmark_on_a_tiny_plan(tmp_path):
     assert rows['nnUNetTrainerEMCAD']['macs']['decoder'] < rows['nnUNetTrainer']['macs']['decoder']
     report = (tmp_path / 'results' / 'cost.md').read_text()
     assert 'Goals against stock nnU-Net' in report and 'EMCAD-B2' in report
+    assert f"CPU threads; glibc malloc keeps freed memory (MALLOC_MMAP_THRESHOLD_={2 ** 31}" in report
+    assert result['settings']['malloc'].startswith('glibc malloc keeps freed memory')
     from benchmarks.cost import build_parser
 
     command = next(line for line in report.splitlines() if line.startswith('Reproduce: '))
     words = command[len('Reproduce: `'):-1].split()
     assert words[:2] == ['python', 'benchmarks/cost.py'] and '--out' not in words
     again = vars(build_parser().parse_args(words[2:] + ['--out', str(tmp_path / 'results')]))
-    assert again == {k: v for k, v in result['settings'].items() if k != 'command'} | {'worker': None}
+    derived = ('command', 'malloc')  # set by the benchmark, not options
+    assert again == {k: v for k, v in result['settings'].items() if k not in derived} | {'worker': None}
 
 
 def test_cost_report_shows_the_cuda_measurements_when_a_gpu_measured_them():
@@ -60,7 +65,7 @@ def test_cost_report_shows_the_cuda_measurements_when_a_gpu_measured_them():
 
     args = build_parser().parse_args(['--plans', '/data/nnUNetPlans.json', '--trainers', 'nnUNetTrainer',
                                       'nnUNetTrainerEMCAD'])
-    args.command = 'python benchmarks/cost.py'
+    args.command, args.malloc = 'python benchmarks/cost.py', 'glibc malloc at its defaults'
     info = {'cpu': 'CPU', 'cores': '2', 'gpu': 'Some GPU', 'torch': '2'}
     text = report([row('nnUNetTrainer', 4), row('nnUNetTrainerEMCAD', 1)], [], args, info)
     assert 'On Some GPU: latency at batch 1 under AMP' in text
@@ -137,6 +142,19 @@ def test_accuracy_report_says_which_equal_time_runs_are_missing(no_equal_time):
     assert '| nnUNetTrainerEMCAD_PVTb2 | +10.0 (met) | not run | 0.75x (missed) |' in text
     assert ('Equal time not measured yet for nnUNetTrainerEMCAD_PVTb2:' in text) != no_equal_time
     assert ('not run (--no-equal-time)' in text) == no_equal_time
+    assert 'device cpu; glibc malloc at its defaults. Budget:' in text  # runs from before the malloc settings
+
+
+def test_accuracy_report_says_how_glibc_malloc_was_set_in_its_runs():
+    from benchmarks.accuracy import parse_args, report
+
+    run = {'trainer': 'nnUNetTrainer', 'budget': 'equal_iterations', 'iterations': 50, 'train_seconds': 60.0,
+           'dice_per_class': {'1': 0.5}, 'dice_mean': 0.5, 'predict_seconds': 9.0, 'validation_cases': 4,
+           'malloc': malloc_note(nnunet_env('/tmp/unused'))}
+    text = report([run], {'nnUNetTrainer': 1.0}, parse_args(['--trainers', 'nnUNetTrainer', '--no-equal-time']),
+                  {'cpu': 'CPU', 'cores': '2', 'gpu': 'none'})
+    assert f"device cpu; glibc malloc keeps freed memory (MALLOC_MMAP_THRESHOLD_={2 ** 31}, " \
+           f"MALLOC_TRIM_THRESHOLD_={2 ** 31}). Budget:" in text
 
 
 def test_gpu_check_runs_end_to_end_as_a_cpu_dry_run(tmp_path):

@@ -49,12 +49,14 @@ def test_environment_keeps_only_the_packages_settings(monkeypatch, tmp_path):
     assert env['PATH'].split(os.pathsep)[0] == os.path.dirname(sys.executable)
 
 
-def test_environment_sets_glibc_malloc_to_keep_freed_memory_unless_the_user_set_it(monkeypatch, tmp_path):
+def test_environment_sets_glibc_malloc_to_keep_freed_memory_for_2d_unless_the_user_set_it(monkeypatch, tmp_path):
     monkeypatch.delenv('MALLOC_MMAP_THRESHOLD_', raising=False)
     monkeypatch.setenv('MALLOC_TRIM_THRESHOLD_', '0')
     env = nnunet_env(str(tmp_path))
     assert env['MALLOC_MMAP_THRESHOLD_'] == MALLOC_SETTINGS['MALLOC_MMAP_THRESHOLD_'] == str(2 ** 31)
     assert env['MALLOC_TRIM_THRESHOLD_'] == '0'
+    env_3d = nnunet_env(str(tmp_path), configuration='3d_fullres')
+    assert 'MALLOC_MMAP_THRESHOLD_' not in env_3d and env_3d['MALLOC_TRIM_THRESHOLD_'] == '0'
 
 
 # Three training steps of a small convolutional network (32 MiB tensors, above the largest block glibc's defaults

@@ -8,7 +8,8 @@ from tiny_data import assert_onnx_matches_pytorch, export_trained_fold, make_3d_
 
 def test_3d_fullres_train_predict_evaluate_and_export(tmp_path):
     root = str(tmp_path)
-    env = nnunet_env(root, package_settings=False)  # none of the developer's nnU-Net or nnunet-emcad settings
+    # none of the developer's nnU-Net or nnunet-emcad settings
+    env = nnunet_env(root, package_settings=False, configuration='3d_fullres')
     make_3d_dataset(env['nnUNet_raw'])
     log = os.path.join(root, 'log.txt')
     run(['nnUNetv2_plan_and_preprocess', '-d', '902', '-c', '3d_fullres', '-np', '2'], env, log)

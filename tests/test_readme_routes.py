@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 from nnunet_emcad.demo_data import make_synthetic_dataset
+from nnunet_emcad.scripts import MALLOC_SETTINGS
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'README.md')
 
@@ -41,6 +42,12 @@ def test_the_cpu_route_runs_as_written_on_generated_images(tmp_path):
     with open(tmp_path / 'acdc_predictions' / 'summary.json') as f:
         summary = json.load(f)
     assert summary['mean']['1']['Dice'] > 0.5, summary['mean']  # an untrained network scores near 0
+
+
+def test_the_cpu_routes_malloc_line_sets_what_the_projects_own_commands_get():
+    script = _block(_section('### On a CPU: a first model in minutes'), 'bash')
+    line = next(line for line in script.splitlines() if 'MALLOC_' in line)
+    assert dict(re.findall(r'(MALLOC_\w+)=(\d+)', line)) == MALLOC_SETTINGS
 
 
 def test_your_own_schedule_from_the_readme_is_found_next_to_the_plugins_trainers(tmp_path):
