@@ -16,8 +16,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 # return of freed memory to the system below 2 GiB. PyTorch's CPU allocator keeps no cache, so under glibc's
 # defaults every large tensor of a training step is mapped, and its pages faulted in and zeroed, again at every
 # step. Faster CPU steps for a higher resident set: benchmarks/results/cost.md against cost_glibc_malloc.md.
-# For 2D configurations only: in 3D the heap's fragmentation raised the resident set past a 24 GB machine's
-# memory (EMCAD3D on ACDC's 3d_fullres plan). Other C libraries ignore these variables; a user's own values win.
+# For 2D configurations only: in 3D the heap's fragmentation raised the resident set past the machine's memory
+# (README, "On a CPU"). Other C libraries ignore these variables; a user's own values win.
 MALLOC_SETTINGS = {'MALLOC_MMAP_THRESHOLD_': str(2 ** 31), 'MALLOC_TRIM_THRESHOLD_': str(2 ** 31)}
 
 
