@@ -10,6 +10,7 @@ from math import gcd
 from typing import Callable, Optional, Sequence, Tuple, Type, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.utils.checkpoint import checkpoint
@@ -93,6 +94,48 @@ class GroupedConv3d(nn.Conv3d):
 def grouped_conv_op(conv_op: Type[_ConvNd]) -> Type[_ConvNd]:
     """The conv type for grouped convolutions: ``GroupedConv3d`` for ``nn.Conv3d``, otherwise ``conv_op``."""
     return GroupedConv3d if conv_op is nn.Conv3d else conv_op
+
+
+class _DepthwiseThenSum:
+    """Runs a convolution with one output channel per group as a depth-wise conv and a sum over each group.
+
+    Output channel ``g`` of such a conv is the sum over its group's input channels of each channel convolved
+    with its own kernel: exactly a depth-wise conv (weight viewed as ``(in_channels, 1, *kernel)``) followed
+    by a sum of consecutive channel runs. The parameters stay the conv's own, so checkpoints load unchanged.
+    Why: inductor (``torch.compile`` on CUDA) lays the whole graph out channels-last only when no grouped conv
+    has more than one input channel per group; LGAG's gates and SAB's 2->1 conv have two.
+    """
+
+    _functional = staticmethod(F.conv2d)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.out_channels != self.groups or self.padding_mode != 'zeros':
+            raise ValueError(f"{type(self).__name__} needs one output channel per group and zero padding; got "
+                             f"{self.in_channels}->{self.out_channels} channels in {self.groups} groups, "
+                             f"padding_mode {self.padding_mode!r}; use a plain convolution for those")
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        out_channels, per_group = weight.shape[:2]
+        depthwise = weight.reshape(out_channels * per_group, 1, *weight.shape[2:])
+        out = self._functional(x, depthwise, None, self.stride, self.padding, self.dilation, out_channels * per_group)
+        out = out.unflatten(1, (out_channels, per_group)).sum(2)
+        return out if bias is None else out + bias.view(1, -1, *(1,) * (out.ndim - 2))
+
+
+class DepthwiseSumConv2d(_DepthwiseThenSum, nn.Conv2d):
+    """``nn.Conv2d`` with one output channel per group, computed as a depth-wise conv and a sum per group."""
+
+
+class DepthwiseSumConv3d(_DepthwiseThenSum, GroupedConv3d):
+    """``GroupedConv3d`` with one output channel per group, computed as a depth-wise conv and a sum per group."""
+
+    _functional = staticmethod(F.conv3d)
+
+
+def depthwise_sum_conv_op(conv_op: Type[_ConvNd]) -> Type[_ConvNd]:
+    """The depth-wise-then-sum conv type of ``conv_op``'s dimension."""
+    return DepthwiseSumConv3d if issubclass(conv_op, nn.Conv3d) else DepthwiseSumConv2d
 
 
 def _spatial_dims(x: torch.Tensor) -> Tuple[int, ...]:
@@ -213,11 +256,14 @@ class CAB(nn.Module):
 
 
 class SAB(nn.Module):
-    """Spatial attention: conv over [channel mean, channel max], sigmoid. Returns the per-pixel weights."""
+    """Spatial attention: conv over [channel mean, channel max], sigmoid. Returns the per-pixel weights.
+
+    The 2->1 conv runs as a depth-wise conv and a sum (``DepthwiseSumConv2d``/``3d``), same parameters.
+    """
 
     def __init__(self, kernel_size: KernelT = 7, conv_op: Type[_ConvNd] = nn.Conv2d):
         super().__init__()
-        self.conv = conv_op(2, 1, kernel_size, padding=same_padding(kernel_size), bias=False)
+        self.conv = depthwise_sum_conv_op(conv_op)(2, 1, kernel_size, padding=same_padding(kernel_size), bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = torch.cat([x.mean(dim=1, keepdim=True), torch.max(x, dim=1, keepdim=True).values], dim=1)
@@ -228,7 +274,8 @@ class LGAG(nn.Module):
     """Large-kernel grouped attention gate: gates the encoder skip ``x`` with the upsampled decoder feature ``g``.
 
     ``W_g`` and ``W_x`` are grouped ``kernel_size`` convs to ``channels // 2`` (groups ``channels // 2``; a 1x1
-    kernel uses groups 1), each with BN; ``psi`` maps their ReLU'd sum to one sigmoid gate.
+    kernel uses groups 1), each with BN; ``psi`` maps their ReLU'd sum to one sigmoid gate. The grouped gates
+    run as a depth-wise conv and a sum over channel pairs (``DepthwiseSumConv2d``/``3d``), same parameters.
     """
 
     def __init__(self, channels: int, kernel_size: KernelT = 3, conv_op: Type[_ConvNd] = nn.Conv2d,
@@ -238,14 +285,13 @@ class LGAG(nn.Module):
         inter = channels // 2
         largest = kernel_size if isinstance(kernel_size, int) else max(kernel_size)
         groups = 1 if largest == 1 else inter
+        gate_conv = conv_op if groups == 1 else depthwise_sum_conv_op(conv_op)
         self.W_g = nn.Sequential(
-            grouped_conv_op(conv_op)(channels, inter, kernel_size, 1, same_padding(kernel_size), groups=groups,
-                                     bias=True),
+            gate_conv(channels, inter, kernel_size, 1, same_padding(kernel_size), groups=groups, bias=True),
             norm_op(inter),
         )
         self.W_x = nn.Sequential(
-            grouped_conv_op(conv_op)(channels, inter, kernel_size, 1, same_padding(kernel_size), groups=groups,
-                                     bias=True),
+            gate_conv(channels, inter, kernel_size, 1, same_padding(kernel_size), groups=groups, bias=True),
             norm_op(inter),
         )
         self.psi = nn.Sequential(

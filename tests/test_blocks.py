@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_emcad.blocks import CAB, EUCB, LGAG, MSCB, MSDC, SAB, channel_shuffle, make_activation, spatial_max
+from nnunet_emcad.blocks import (CAB, EUCB, LGAG, MSCB, MSDC, SAB, DepthwiseSumConv2d, DepthwiseSumConv3d,
+                                 channel_shuffle, make_activation, spatial_max)
 from nnunet_emcad.counting import saved_activation_bytes
 from nnunet_emcad.emcad import EMCADDecoder
 
@@ -165,6 +166,47 @@ def test_lgag_gates_the_skip():
     psi = gate.psi(torch.relu(gate.W_g(g) + gate.W_x(x)))
     torch.testing.assert_close(gate(g=g, x=x), x * psi)
     assert LGAG(32, kernel_size=1).W_x[0].groups == 1
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('dims', [2, 3])
+@pytest.mark.parametrize('in_channels, out_channels, bias, kernel', [(16, 8, True, 3), (2, 1, False, 7)],
+                         ids=['lgag-gate', 'sab-conv'])
+def test_depthwise_sum_conv_equals_the_grouped_conv_in_outputs_and_gradients(dims, dtype, in_channels, out_channels,
+                                                                             bias, kernel):
+    torch.manual_seed(0)
+    grouped_type, rewritten_type = (nn.Conv2d, DepthwiseSumConv2d) if dims == 2 else (nn.Conv3d, DepthwiseSumConv3d)
+    args = (in_channels, out_channels, kernel, 1, kernel // 2)
+    grouped = grouped_type(*args, groups=out_channels, bias=bias).to(dtype)
+    rewritten = rewritten_type(*args, groups=out_channels, bias=bias).to(dtype)
+    assert [(n, p.shape) for n, p in rewritten.named_parameters()] == \
+        [(n, p.shape) for n, p in grouped.named_parameters()]
+    rewritten.load_state_dict(grouped.state_dict())
+    size = (11, 9) if dims == 2 else (5, 7, 6)
+    x = torch.randn(2, in_channels, *size, dtype=dtype)
+    x_grouped, x_rewritten = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_grouped, out_rewritten = grouped(x_grouped), rewritten(x_rewritten)
+    torch.testing.assert_close(out_rewritten, out_grouped)
+    upstream = torch.randn_like(out_grouped)
+    out_grouped.backward(upstream)
+    out_rewritten.backward(upstream)
+    torch.testing.assert_close(x_rewritten.grad, x_grouped.grad)
+    for (name, p_rewritten), p_grouped in zip(rewritten.named_parameters(), grouped.parameters()):
+        torch.testing.assert_close(p_rewritten.grad, p_grouped.grad, msg=name)
+
+
+def test_depthwise_sum_conv_refuses_more_than_one_output_channel_per_group():
+    with pytest.raises(ValueError, match='one output channel per group'):
+        DepthwiseSumConv2d(8, 8, 3, padding=1, groups=4)
+    with pytest.raises(ValueError, match='zero padding'):
+        DepthwiseSumConv2d(8, 4, 3, padding=1, groups=4, padding_mode='reflect')
+
+
+def test_lgag_and_sab_run_their_grouped_convs_as_depthwise_then_sum():
+    assert isinstance(LGAG(32, kernel_size=3).W_g[0], DepthwiseSumConv2d)
+    assert isinstance(LGAG(32, kernel_size=3, conv_op=nn.Conv3d).W_x[0], DepthwiseSumConv3d)
+    assert type(LGAG(32, kernel_size=1).W_x[0]) is nn.Conv2d
+    assert isinstance(SAB(conv_op=nn.Conv3d).conv, DepthwiseSumConv3d)
 
 
 def test_eucb_upsamples_by_the_stride():
