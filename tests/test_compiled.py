@@ -13,6 +13,7 @@ from torch import nn
 
 from benchmarks.gpu_check import build_rig, train
 from nnunet_emcad.blocks import CAB, SAB
+from nnunet_emcad.inductor_layout import inductor_lays_out_channels_last
 from test_trainers import DATASET_JSON, make_plans
 
 pytestmark = pytest.mark.usefixtures('nnunet_folders')
@@ -37,6 +38,16 @@ def test_every_emcad_training_step_compiles_as_one_graph_and_learns_under_autoca
     result = train(rig, 6, torch.float16)  # steps whose float16 gradients overflow are skipped by the GradScaler
     assert any(result['grads_finite']) and result['params_changed'], result
     assert all(torch.isfinite(torch.tensor(result['losses'])))
+
+
+@pytest.mark.parametrize('trainer, channels_last', [('nnUNetTrainerEMCAD', True), ('nnUNetTrainerEMCAD_PVTb0', True),
+                                                    ('nnUNetTrainerEMCAD3D', True), ('nnUNetTrainer', False)])
+def test_inductor_lays_emcad_out_channels_last_on_cuda_and_leaves_stock_nnunet_as_it_is(trainer, channels_last):
+    # four stages up to 256 channels: enough width that inductor's heuristic looks past "all channels small"
+    three_d = 'EMCAD3D' in trainer
+    plans = make_plans(4, [8, 32, 32] if three_d else [64, 64])
+    rig = build_rig(trainer, plans, DATASET_JSON, '3d_fullres' if three_d else '2d', 'cpu', batch_size=2)
+    assert inductor_lays_out_channels_last(rig.trainer.network, rig.data.shape) is channels_last
 
 
 class Attention(nn.Module):
