@@ -7,9 +7,10 @@ deep supervision, GradScaler, unscale, gradient clipping at 12, the trainer's ow
 with the network under torch.compile. Measured per run: finite gradients and skipped steps (the GradScaler's scale
 falling), the loss trajectory and its largest deviation from eager's, whether the parameters changed, the time of
 the first step (compile time when compiled), the median step after it, and peak CUDA memory of the training
-steps; per trainer, AMP inference latency (eager) at batch 1 and at the plan's batch. Each run is a process of its
-own. Exits 1 when a compiled trainer does not train (non-finite loss, more than half of its steps skipped, or
-unchanged parameters).
+steps; per trainer, AMP inference latency (eager) at batch 1 and at the plan's batch, and the memory layout
+inductor chooses for the training graph on CUDA (channels-last, where cuDNN's depth-wise kernels are fast, or
+the default; nnunet_emcad.inductor_layout). Each run is a process of its own. Exits 1 when a compiled trainer
+does not train (non-finite loss, more than half of its steps skipped, or unchanged parameters).
 
 The default trainers are chosen to fit about 8 minutes on one H100/H200 (compiling one training graph took about
 a minute on an H200; the whole default run is not timed yet); it leaves out nnUNetTrainerEMCAD_ResEnc,
@@ -160,6 +161,8 @@ def measure(spec: dict) -> dict:
     import torch
     import torch._inductor.config
 
+    from nnunet_emcad.inductor_layout import inductor_lays_out_channels_last
+
     amp_dtype = getattr(torch, spec['amp_dtype'])
     with open(spec['plans']) as f:
         plans = json.load(f)
@@ -171,6 +174,8 @@ def measure(spec: dict) -> dict:
     result = dict(trainer=spec['trainer'], configuration=spec['configuration'], compiled=spec['compiled'],
                   batch=int(rig.data.shape[0]), patch=list(rig.data.shape[2:]),
                   params=sum(p.numel() for p in rig.trainer.network.parameters()))
+    if not spec['compiled']:
+        result['inductor_channels_last'] = inductor_lays_out_channels_last(rig.trainer.network, rig.data.shape)
     result.update(train(rig, spec['steps'], amp_dtype))
     if not spec['compiled']:
         result['inference_ms'] = inference_latency(rig, amp_dtype)
@@ -213,12 +218,14 @@ def report(rows: List[dict], settings: dict, info: Dict[str, str]) -> str:
              f"and batch, same seed and batch for every run. Step time: median after the first step (the first "
              f"includes compiling). Memory: peak CUDA memory of the training steps. Inference: AMP, eager, median. "
              f"'follows eager': loss within {LOSS_TOLERANCE:.0%} of eager's at every step (compiled runs draw eager's "
-             f"random numbers, inductor's fallback_random).", '',
+             f"random numbers, inductor's fallback_random). Layout: the memory layout inductor chooses for the "
+             f"training graph on CUDA (channels-last or the default).", '',
              f"Reproduce: `{settings['command']}`", '',
              '| trainer | config | batch | params | trains (compiled) | skipped steps (eager / compiled) | '
              'loss first -> last (eager / compiled) | follows eager | compile (first step) | step eager / compiled | '
-             'vs stock (compiled) | peak memory eager / compiled | vs stock (compiled) | inference batch 1 / plan |',
-             '|---|---|---:|---:|---|---:|---|---|---:|---:|---:|---:|---:|---:|']
+             'vs stock (compiled) | layout | peak memory eager / compiled | vs stock (compiled) | '
+             'inference batch 1 / plan |',
+             '|---|---|---:|---:|---|---:|---|---|---:|---:|---:|---|---:|---:|---:|']
     stock = {r['configuration']: r for r in rows if r['trainer'] == STOCK}
     for r in rows:
         e, c, v = r['eager'], r['compiled'], r['verdict']
@@ -232,6 +239,7 @@ def report(rows: List[dict], settings: dict, info: Dict[str, str]) -> str:
             f"{e['losses'][0]:.3f} -> {e['losses'][-1]:.3f} / {c['losses'][0]:.3f} -> {c['losses'][-1]:.3f} | "
             f"{'yes' if v['follows_eager'] else 'no'} ({v['loss_deviation']:.1%}) | "
             f"{c['first_step_ms'] / 1000:.0f} s | {_ms(e['step_ms'])} / {_ms(c['step_ms'])} | {step_ratio} | "
+            f"{'channels-last' if e['inductor_channels_last'] else 'default'} | "
             f"{_mb(e['peak_memory_mb'])} / {_mb(c['peak_memory_mb'])} | {memory_ratio} | "
             f"{_ms(e['inference_ms']['batch_1'])} / {_ms(e['inference_ms']['batch_plan'])} |")
     failed = [r['trainer'] for r in rows if not r['verdict']['trains']]

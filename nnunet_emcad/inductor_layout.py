@@ -4,26 +4,25 @@ Inductor lays a whole graph out channels-last, or leaves it as it is, by a heuri
 convolutions (``GraphLowering.decide_layout_opt``): on CUDA it keeps the default layout as soon as one grouped
 conv has more than one input channel per group, or one conv with a kernel maps to at most half its input channels.
 Depth-wise convolutions, most of EMCAD's work, run much faster channels-last on cuDNN, so that decision matters.
-This module asks the heuristic itself on the traced forward graph, with fake tensors: no GPU and no memory needed.
+This module asks the heuristic itself on the traced forward graph.
 Importing it loads inductor (tens of seconds on a cold start), which is why it is a module of its own.
 """
+import copy
 from typing import Sequence
 
 import torch
 from torch import nn
 from torch._inductor.graph import GraphLowering
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.func import functional_call
 from torch.fx.experimental.proxy_tensor import make_fx
 
 
-def inductor_lays_out_channels_last(network: nn.Module, input_shape: Sequence[int], device: str = 'cuda') -> bool:
+def inductor_lays_out_channels_last(network: nn.Module, input_shape: Sequence[int]) -> bool:
     """Whether inductor would lay the training forward graph of ``network`` on an ``input_shape`` batch out
-    channels-last on ``device`` (default ``cuda``, which needs no GPU here: the tensors are fake). Run the
-    network in the mode training uses (``train()``, deep supervision on)."""
-    with FakeTensorMode() as mode:
-        state = {name: mode.from_tensor(t).to(device)
-                 for name, t in (*network.named_parameters(), *network.named_buffers())}
-        x = torch.empty(tuple(input_shape), device=device)
-        graph = make_fx(lambda s, inputs: functional_call(network, s, (inputs,)))(state, x)
+    channels-last on CUDA. Run the network in the mode training uses (``train()``, deep supervision on).
+
+    The graph is traced from a copy of the network on the meta device (shapes only, no GPU needed), to which
+    inductor applies the same heuristic as to CUDA (on the CPU, with oneDNN, it always chooses channels-last).
+    The copy leaves the network untouched: tracing its own parameters through ``torch.func.functional_call``
+    broke CPU float16 autocast for them afterwards."""
+    graph = make_fx(copy.deepcopy(network).to('meta'))(torch.empty(tuple(input_shape), device='meta'))
     return GraphLowering.decide_layout_opt(graph, is_inference=False)

@@ -173,26 +173,28 @@ def test_gpu_check_runs_end_to_end_as_a_cpu_dry_run(tmp_path):
         assert run['verdict']['trains'] and run['verdict']['follows_eager']
         assert len(run['eager']['losses']) == len(run['compiled']['losses']) == 3
         assert run['eager']['inference_ms']['batch_1'] > 0 and 'inference_ms' not in run['compiled']
+        assert run['eager']['inductor_channels_last'] is (run['trainer'] == 'nnUNetTrainerEMCAD')
     report = (tmp_path / 'gpu.md').read_text()
     assert 'Every compiled trainer trained.' in report
     assert '`python benchmarks/gpu_check.py --plans' in report and '--backend aot_eager' in report
 
 
-def _gpu_run(losses, skipped, step_ms, memory_mb, compiled):
+def _gpu_run(losses, skipped, step_ms, memory_mb, compiled, channels_last):
     return {'losses': losses, 'grads_finite': [True] * len(losses), 'skipped': skipped, 'params_changed': True,
             'first_step_ms': 65000.0 if compiled else 300.0, 'step_ms': step_ms, 'peak_memory_mb': memory_mb,
-            'batch': 56, 'params': 12_600_000, 'inference_ms': {'batch_1': 13.0, 'batch_plan': 40.0}}
+            'batch': 56, 'params': 12_600_000, 'inference_ms': {'batch_1': 13.0, 'batch_plan': 40.0},
+            'inductor_channels_last': channels_last}
 
 
 def test_gpu_check_report_compares_with_stock_and_names_trainers_that_do_not_train():
     from benchmarks.gpu_check import report, training_verdict
 
     rows = []
-    for trainer, compiled_losses, skipped, step, memory in (
-            ('nnUNetTrainer', [1.47, 1.36], 0, 35.0, 5000.0),
-            ('nnUNetTrainerEMCAD', [1.25, 1.25], 2, 17.5, 2500.0)):
-        eager = _gpu_run([compiled_losses[0], compiled_losses[0] - 0.1], 0, 2 * step, memory, False)
-        compiled = _gpu_run(compiled_losses, skipped, step, memory, True)
+    for trainer, compiled_losses, skipped, step, memory, channels_last in (
+            ('nnUNetTrainer', [1.47, 1.36], 0, 35.0, 5000.0, False),
+            ('nnUNetTrainerEMCAD', [1.25, 1.25], 2, 17.5, 2500.0, True)):
+        eager = _gpu_run([compiled_losses[0], compiled_losses[0] - 0.1], 0, 2 * step, memory, False, channels_last)
+        compiled = _gpu_run(compiled_losses, skipped, step, memory, True, channels_last)
         rows.append({'trainer': trainer, 'configuration': '2d', 'eager': eager, 'compiled': compiled,
                      'verdict': training_verdict(eager, compiled)})
     settings = {'plans': 'nnUNetPlans.json', 'device': 'cuda', 'steps': 2, 'amp_dtype': 'float16',
@@ -200,8 +202,8 @@ def test_gpu_check_report_compares_with_stock_and_names_trainers_that_do_not_tra
     text = report(rows, settings, {'gpu': 'NVIDIA H200', 'torch': '2.11.0'})
     stock, emcad = (next(line for line in text.splitlines() if line.startswith(f'| {t} |'))
                     for t in ('nnUNetTrainer', 'nnUNetTrainerEMCAD'))
-    assert '| yes |' in stock and '| 1.00x |' in stock and '4.9 GB / 4.9 GB' in stock
-    assert '| **no** |' in emcad and '| 0.50x |' in emcad and '2 / 2' not in emcad and '0 / 2' in emcad
+    assert '| yes |' in stock and '| 1.00x | default |' in stock and '4.9 GB / 4.9 GB' in stock
+    assert '| **no** |' in emcad and '| 0.50x | channels-last |' in emcad and '2 / 2' not in emcad and '0 / 2' in emcad
     assert 'Compiled trainers that do not train: nnUNetTrainerEMCAD.' in text and 'NVIDIA H200' in text
 
 
@@ -210,5 +212,5 @@ def test_gpu_check_help_says_what_it_measures():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
     for promise in ('torch.compile', 'skipped steps', 'peak CUDA memory', 'inference latency', 'leaves out',
-                    'Exits 1 when a compiled trainer does not train'):
+                    'Exits 1 when a compiled trainer does not train', 'channels-last'):
         assert promise in ' '.join(proc.stdout.split()), promise
