@@ -364,6 +364,11 @@ def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespa
               "reference holds the class."]
     if absent:
         lines += ['', f"Not in this run: {', '.join(absent)} (add them with --trainers)."]
+    counted = {r['trainer'] for r in results if r['budget'] == 'equal_iterations'}
+    uncounted = [t for t in args.trainers if t not in counted]
+    if uncounted:
+        lines += ['', f"Equal iterations not measured yet for {', '.join(uncounted)}: the benchmark was stopped (or "
+                  f"is still running); the same command resumes it, reusing the finished runs."]
     timed = {r['trainer']: r for r in results if r['budget'] == 'equal_time'}
     unfinished = [] if args.no_equal_time else [t for t in args.trainers if t not in timed]
     if unfinished:

@@ -145,6 +145,19 @@ def test_accuracy_report_says_which_equal_time_runs_are_missing(no_equal_time):
     assert 'device cpu; glibc malloc at its defaults. Budget:' in text  # runs from before the malloc settings
 
 
+def test_accuracy_report_says_which_equal_iteration_runs_are_missing():
+    from benchmarks.accuracy import parse_args, report
+
+    args = parse_args(['--trainers', 'nnUNetTrainerEMCAD', 'nnUNetTrainer', '--iterations', '50', '--no-equal-time'])
+    emcad = {'trainer': 'nnUNetTrainerEMCAD', 'budget': 'equal_iterations', 'iterations': 50, 'train_seconds': 60.0,
+             'dice_per_class': {'1': 0.7}, 'dice_mean': 0.7, 'predict_seconds': 20.0, 'validation_cases': 4}
+    text = report([emcad], {'nnUNetTrainerEMCAD': 1.0, 'nnUNetTrainer': 2.0}, args,
+                  {'cpu': 'CPU', 'cores': '2', 'gpu': 'none'})
+    assert '| nnUNetTrainerEMCAD | equal iterations | 50 |' in text
+    assert 'Equal iterations not measured yet for nnUNetTrainer: the benchmark was stopped' in text
+    assert '## Goals' not in text  # no stock run to compare with
+
+
 def test_accuracy_report_says_how_glibc_malloc_was_set_in_its_runs():
     from benchmarks.accuracy import parse_args, report
 
