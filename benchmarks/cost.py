@@ -19,9 +19,9 @@ import sys
 import time
 from typing import Callable, Dict, List, Tuple
 
-from nnunet_emcad.benchmarking import (CACHE, EMCAD_TRAINERS, STOCK, WorkerFailed, acdc_plans, add_output_options,
-                                       answer_worker, machine, malloc_note, reproduce_command, run_worker, verdict,
-                                       write_results)
+from nnunet_emcad.benchmarking import (CACHE, COST_ONLY_TRAINERS, EMCAD_TRAINERS, STOCK, WorkerFailed, acdc_plans,
+                                       add_output_options, answer_worker, machine, malloc_note, reproduce_command,
+                                       run_worker, verdict, write_results)
 from nnunet_emcad.counting import (flop_breakdown, paper_fidelity, paper_table, parameter_breakdown,
                                    saved_activation_bytes)
 from nnunet_emcad.scripts import MALLOC_SETTINGS, with_malloc_settings
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--plans', help='nnUNetPlans.json (dataset.json beside it); default: ACDC from ../shared')
     parser.add_argument('--resenc-plans', help='ResEnc plans for the stock ResEnc row; default: ACDC ResEnc M')
     parser.add_argument('--configuration', default='2d')
-    parser.add_argument('--trainers', nargs='+', default=[STOCK] + EMCAD_TRAINERS)
+    parser.add_argument('--trainers', nargs='+', default=[STOCK] + EMCAD_TRAINERS + COST_ONLY_TRAINERS)
     parser.add_argument('--threads', type=int, default=2, help='CPU threads (default 2)')
     parser.add_argument('--warmup', type=int, default=3)
     parser.add_argument('--repeats', type=int, default=10)

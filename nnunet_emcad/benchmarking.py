@@ -21,6 +21,9 @@ CACHE = os.path.join(BENCHMARKS, '.cache')
 STOCK = 'nnUNetTrainer'
 EMCAD_TRAINERS = ['nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Stride4', 'nnUNetTrainerEMCAD_Stride4Light',
                   'nnUNetTrainerEMCAD_ResEnc', 'nnUNetTrainerEMCAD_PVTb0', 'nnUNetTrainerEMCAD_PVTb2']
+# Trainers that differ from one above in cost only (the same network, outputs and gradients): the cost benchmark
+# measures them, the accuracy benchmark leaves them out.
+COST_ONLY_TRAINERS = ['nnUNetTrainerEMCAD_NoRecompute']
 EMCAD_3D_TRAINERS = ['nnUNetTrainerEMCAD3D', 'nnUNetTrainerEMCAD3D_ResEnc']
 
 

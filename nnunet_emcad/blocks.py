@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
-from torch.utils.checkpoint import checkpoint
 
 from dynamic_network_architectures.building_blocks.helper import get_matching_batchnorm
 
@@ -189,22 +188,17 @@ class MSCB(nn.Module):
 
     ``add=True`` sums the MSDC branches, ``add=False`` concatenates them. The residual add is the official
     stride-1 path; the decoder always uses ``in_channels == out_channels``.
-
-    ``recompute_msdc=True`` keeps only MSDC's input for backward and computes its branches again there
-    (``torch.utils.checkpoint``): the same values and gradients, with the branches' convolution, norm and
-    activation outputs (most of the block's training memory) not held between forward and backward.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_sizes: Sequence[KernelT] = (1, 3, 5),
                  expansion_factor: int = 2, dw_parallel: bool = True, add: bool = True, activation: str = 'relu6',
-                 conv_op: Type[_ConvNd] = nn.Conv2d, norm_op: NormFactory = None, recompute_msdc: bool = False):
+                 conv_op: Type[_ConvNd] = nn.Conv2d, norm_op: NormFactory = None):
         super().__init__()
         if in_channels != out_channels:
             raise ValueError(f"MSCB keeps the width: got {in_channels} -> {out_channels} channels")
         norm_op = _norm(norm_op, conv_op)
         ex_channels = int(in_channels * expansion_factor)
         self.add = add
-        self.recompute_msdc = recompute_msdc
         self.combined_channels = ex_channels if add else ex_channels * len(kernel_sizes)
         self.shuffle_groups = gcd(self.combined_channels, out_channels)
         self.pconv1 = nn.Sequential(
@@ -217,21 +211,10 @@ class MSCB(nn.Module):
             conv_op(self.combined_channels, out_channels, 1, 1, 0, bias=False),
             norm_op(out_channels),
         )
-        if recompute_msdc and any(getattr(m, 'track_running_stats', False) for m in self.msdc.modules()):
-            raise ValueError("recompute_msdc needs norms without running statistics (computing the branches "
-                             "again would update BatchNorm's running statistics twice); use instance norm "
-                             "(norm_op) or recompute_msdc=False")
-
-    def _combined_branches(self, x: torch.Tensor) -> torch.Tensor:
-        branches = self.msdc(x)
-        return sum(branches) if self.add else torch.cat(branches, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        expanded = self.pconv1(x)
-        if self.recompute_msdc and self.training and torch.is_grad_enabled():
-            combined = checkpoint(self._combined_branches, expanded, use_reentrant=False)
-        else:
-            combined = self._combined_branches(expanded)
+        branches = self.msdc(self.pconv1(x))
+        combined = sum(branches) if self.add else torch.cat(branches, dim=1)
         return x + self.pconv2(channel_shuffle(combined, self.shuffle_groups))
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from timm.models import FeatureListNet
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
+from torch.utils.checkpoint import checkpoint
 
 from nnunet_emcad.blocks import CAB, EUCB, LGAG, MSCB, SAB, NormFactory, along_axes, init_emcad_weights
 from nnunet_emcad.checkpoints import check_state_dict, load_pvt_v2_weights
@@ -59,7 +60,10 @@ class EMCADDecoder(nn.Module):
     ``first_stage`` is the shallowest stage decoded with the full stage (CAB, SAB, MSCB); the paper decodes
     from every PVT stage (0). Shallower stages are left out (their skips unused; the first head is then at
     ``first_stage``'s resolution), or, with ``light_stages``, decoded by EUCB and LGAG alone, each with a head.
-    ``recompute_msdc`` trades compute for training memory in every MSCB (see ``MSCB``).
+    ``recompute_stages`` trades compute for training memory: the shallowest ``recompute_stages`` stages (EUCB,
+    LGAG, CAB, SAB, MSCB: most of the decoder's activations, at the finest resolutions) keep only their inputs
+    for backward and run again there (``torch.utils.checkpoint``), with the same values and gradients. It needs
+    norms without running statistics, which a second forward pass would update twice.
     """
 
     def __init__(self, channels: Sequence[int], strides: Sequence[StrideT], num_classes: int,
@@ -67,7 +71,7 @@ class EMCADDecoder(nn.Module):
                  dw_parallel: bool = True, add: bool = True, lgag_ks: int = 3, activation: str = 'relu6',
                  conv_op: Type[_ConvNd] = nn.Conv2d, norm_op: NormFactory = None,
                  axes: Optional[Sequence[Sequence[bool]]] = None, first_stage: int = 0, light_stages: bool = False,
-                 recompute_msdc: bool = False):
+                 recompute_stages: int = 0):
         super().__init__()
         if len(channels) != len(strides):
             raise ValueError(f"need one stride per stage: {len(channels)} channels, {len(strides)} strides")
@@ -77,11 +81,12 @@ class EMCADDecoder(nn.Module):
         self.deep_supervision = deep_supervision
         self.first_stage = first_stage
         self.first_output_stage = 0 if light_stages else first_stage
+        self.recompute_stages = recompute_stages
         axes = list(axes) if axes is not None else [None] * n
         full, upsampled = range(first_stage, n), range(self.first_output_stage, n - 1)
         self.mscb = nn.ModuleList([
             MSCB(channels[i], channels[i], [along_axes(k, axes[i]) for k in kernel_sizes], expansion_factor,
-                 dw_parallel, add, activation, conv_op, norm_op, recompute_msdc)
+                 dw_parallel, add, activation, conv_op, norm_op)
             for i in full])
         self.eucb = nn.ModuleList([
             EUCB(channels[i + 1], channels[i], strides[i + 1], along_axes(3, axes[i]), conv_op, norm_op)
@@ -94,20 +99,31 @@ class EMCADDecoder(nn.Module):
             part.apply(init_emcad_weights)
         self.seg_layers = nn.ModuleList([conv_op(channels[i], num_classes, 1)
                                          for i in range(self.first_output_stage, n)])
+        if recompute_stages and any(getattr(m, 'track_running_stats', False) for m in self.modules()):
+            raise ValueError("recompute_stages needs norms without running statistics (running the stages again "
+                             "would update BatchNorm's running statistics twice); use instance norm (norm_op, or "
+                             "decoder_norm='plan' from plans) or recompute nothing (recompute_stages, or recompute_stride from plans, 0)")
 
     def _attend(self, d: torch.Tensor, stage: int) -> torch.Tensor:
         d = self.cab[stage - self.first_stage](d) * d
         d = self.sab(d) * d
         return self.mscb[stage - self.first_stage](d)
 
+    def _decode_stage(self, d: torch.Tensor, skip: torch.Tensor, stage: int) -> torch.Tensor:
+        """Stage ``stage`` below the deepest: upsample ``d``, gate ``skip`` with it, then attend (full stages)."""
+        u = self.eucb[stage - self.first_output_stage](d)
+        d = u + self.lgag[stage - self.first_output_stage](g=u, x=skip)
+        return self._attend(d, stage) if stage >= self.first_stage else d
+
     def forward(self, skips: Sequence[torch.Tensor]) -> List[torch.Tensor]:
         d = self._attend(skips[-1], len(skips) - 1)
         features = [d]
+        recompute = self.training and torch.is_grad_enabled()
         for stage in range(len(skips) - 2, self.first_output_stage - 1, -1):
-            u = self.eucb[stage - self.first_output_stage](d)
-            d = u + self.lgag[stage - self.first_output_stage](g=u, x=skips[stage])
-            if stage >= self.first_stage:
-                d = self._attend(d, stage)
+            if recompute and stage < self.recompute_stages:
+                d = checkpoint(self._decode_stage, d, skips[stage], stage, use_reentrant=False)
+            else:
+                d = self._decode_stage(d, skips[stage], stage)
             features.append(d)
         features.reverse()
         if not self.deep_supervision:

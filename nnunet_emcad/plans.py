@@ -84,6 +84,12 @@ def decoded_first_stage(strides: Sequence, decoder_stride: int) -> int:
     return min(first_stage_at_stride(strides, decoder_stride), max(0, len(strides) - 2))
 
 
+def stages_up_to_stride(strides: Sequence, stride: int) -> int:
+    """How many of the shallowest stages have a total stride (along their most-strided axis) of at most
+    ``stride``; 0 for stride 0."""
+    return sum(1 for total in total_strides(strides) if max(total) <= stride)
+
+
 def plan_norm(arch_kwargs: Mapping) -> NormFactory:
     """The plan's normalisation (``norm_op`` with ``norm_op_kwargs``, resolved) as a factory of the channel count."""
     return partial(arch_kwargs['norm_op'], **(arch_kwargs.get('norm_op_kwargs') or {}))
@@ -91,13 +97,16 @@ def plan_norm(arch_kwargs: Mapping) -> NormFactory:
 
 def create_emcad_unet(arch_kwargs: Mapping, input_channels: int, num_classes: int, encoder: str = 'plain',
                       deep_supervision: bool = True, arch_kwargs_req_import: Sequence[str] = REQUIRES_IMPORT,
-                      decoder_norm: str = 'batch', decoder_stride: int = 1, **decoder_kwargs) -> EMCADNet:
+                      decoder_norm: str = 'batch', decoder_stride: int = 1, recompute_stride: int = 0,
+                      **decoder_kwargs) -> EMCADNet:
     """EMCAD over nnU-Net's own encoder, self-configured by a plans configuration's ``arch_kwargs``.
 
     One head per decoded stage: outputs come at strides ``cumprod(strides)``, highest resolution first.
     ``decoder_stride`` is the finest stride decoded with EMCAD's full stages (1: every stage; 4: from the
     stage at stride 4, as the paper decodes a PVT; at least the two deepest stages are decoded); see
-    ``EMCADDecoder``'s ``first_stage`` and ``light_stages``.
+    ``EMCADDecoder``'s ``first_stage`` and ``light_stages``. The decoder stages at strides up to
+    ``recompute_stride`` run again in backward instead of keeping their activations (``EMCADDecoder``'s
+    ``recompute_stages``; 0: none).
     ``decoder_norm='batch'`` keeps the official BatchNorm in the decoder blocks; ``'plan'`` uses the plan's
     norm (instance norm in nnU-Net's plans), whose statistics do not depend on the batch.
     """
@@ -107,6 +116,7 @@ def create_emcad_unet(arch_kwargs: Mapping, input_channels: int, num_classes: in
     enc = build_nnunet_encoder(kw, input_channels, encoder)
     decoder_kwargs.setdefault('axes', [[k > 1 for k in ks] for ks in kw['kernel_sizes']])
     decoder_kwargs['first_stage'] = decoded_first_stage(kw['strides'], decoder_stride)
+    decoder_kwargs['recompute_stages'] = stages_up_to_stride(kw['strides'], recompute_stride)
     if decoder_norm == 'plan':
         decoder_kwargs['norm_op'] = plan_norm(kw)
     return EMCADNet(enc, num_classes, deep_supervision, 'first', **decoder_kwargs)

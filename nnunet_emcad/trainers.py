@@ -28,7 +28,7 @@ from nnunet_emcad.plans import (configuration_arch_kwargs, configuration_encoder
 from nnunet_emcad.short_training import Schedule, short_schedule
 
 __all__ = [
-    'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_ResEnc', 'nnUNetTrainerEMCAD_Stride4',
+    'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_NoRecompute', 'nnUNetTrainerEMCAD_ResEnc', 'nnUNetTrainerEMCAD_Stride4',
     'nnUNetTrainerEMCAD_Stride4Light', 'nnUNetTrainerEMCAD3D', 'nnUNetTrainerEMCAD3D_ResEnc',
     'nnUNetTrainerEMCAD_PVTb0', 'nnUNetTrainerEMCAD_PVTb2', 'nnUNetTrainerEMCAD_PVTb2_MUTATION',
     'nnUNetTrainerEMCAD_5epochs', 'nnUNetTrainerEMCAD_PVTb0_5epochs', 'nnUNetTrainerEMCAD_smoke',
@@ -109,13 +109,17 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
     The decoder blocks normalise with the plan's norm (instance norm) instead of the official BatchNorm: with
     nnU-Net's small batches BatchNorm's running statistics do not represent the batches it trained on, so the
     same trained weights score far worse in eval mode (running statistics) than with batch statistics.
+
+    The decoder stages at strides 1, 2 and 4 run again in backward instead of keeping their activations
+    (``recompute_stride``): the same outputs and gradients for a fraction of the training memory, which the
+    cost reports compare with stock nnU-Net's; ``nnUNetTrainerEMCAD_NoRecompute`` keeps them.
     """
 
     encoder_kind: Optional[str] = None  # 'plain' or 'residual'; None follows the plans' architecture class
     dimensions = 2
     decoder_stride = 1  # the finest stride decoded with EMCAD's full stages (plans.create_emcad_unet)
     light_stages = False  # stages finer than decoder_stride decoded by EUCB and LGAG alone (else left out)
-    recompute_msdc = False  # MSDC's branches computed again in backward instead of kept (blocks.MSCB)
+    recompute_stride = 4  # decoder stages at strides up to this run again in backward (plans.create_emcad_unet)
     max_skipped_steps = 20  # steps in a row the GradScaler may skip for non-finite gradients before the run stops
     skipped_steps = 0
 
@@ -136,7 +140,7 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
         return for_nnunet(create_emcad_unet(configuration_arch_kwargs(configuration_manager), num_input_channels,
                                             num_output_channels, kind, enable_deep_supervision, decoder_norm='plan',
                                             decoder_stride=cls.decoder_stride, light_stages=cls.light_stages,
-                                            recompute_msdc=cls.recompute_msdc))
+                                            recompute_stride=cls.recompute_stride))
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """nnU-Net's loading (``--c``, ``--val``), after checking that a file is a checkpoint at all."""
@@ -184,6 +188,13 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
         return [list(1 / np.array(s, dtype=float)) for s in unwrap(self.network).output_strides()]
 
 
+class nnUNetTrainerEMCAD_NoRecompute(nnUNetTrainerEMCAD):
+    """``nnUNetTrainerEMCAD`` keeping every decoder activation for backward: a faster training step for several
+    times the training memory (both measured in the cost report); for a GPU with memory to spare."""
+
+    recompute_stride = 0
+
+
 class nnUNetTrainerEMCAD_ResEnc(nnUNetTrainerEMCAD):
     """EMCAD over nnU-Net's residual encoder, from ResEnc plans (``-p nnUNetResEncUNetMPlans`` / ``L``) or, with
     the default plans, with the ResEnc planners' blocks per stage. Self-configuring, trained from scratch."""
@@ -194,11 +205,10 @@ class nnUNetTrainerEMCAD_ResEnc(nnUNetTrainerEMCAD):
 class nnUNetTrainerEMCAD_Stride4(nnUNetTrainerEMCAD):
     """The paper's decoder layout over the plan's encoder: EMCAD decodes from the stage at stride 4 (as it
     decodes a PVT's four stages), and the logits are upsampled bilinearly to the patch, as the official code
-    does; the encoder's stride-1 and stride-2 features are not used by the decoder. MSDC's branches are
-    computed again in backward instead of kept, which brings training memory below stock nnU-Net's."""
+    does; the encoder's stride-1 and stride-2 features are not used by the decoder. Its finest stage runs
+    again in backward, as in ``nnUNetTrainerEMCAD``."""
 
     decoder_stride = 4
-    recompute_msdc = True
 
 
 class nnUNetTrainerEMCAD_Stride4Light(nnUNetTrainerEMCAD_Stride4):

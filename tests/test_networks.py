@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from nnunet_emcad.counting import saved_activation_bytes
 from nnunet_emcad.emcad import create_emcad_pvt
-from nnunet_emcad.plans import create_emcad_unet, decoded_first_stage, first_stage_at_stride
+from nnunet_emcad.plans import create_emcad_unet, decoded_first_stage, first_stage_at_stride, stages_up_to_stride
 
 ACDC_2D_ARCH = {  # what nnU-Net 2.8 plans for Dataset027_ACDC 2d (patch 256x224)
     'n_stages': 6, 'features_per_stage': [32, 64, 128, 256, 512, 512],
@@ -132,6 +132,44 @@ def test_coarser_decoders_save_fewer_activation_bytes_for_backward():
         create_emcad_unet(ACDC_2D_ARCH, 1, 4, decoder_stride=stride, light_stages=light).train(), x)
         for stride, light in ((1, False), (4, True), (4, False))}
     assert saved[1, False] > saved[4, True] > saved[4, False] > 0
+
+
+def _outputs_and_gradients(net, x):
+    xi = x.clone().requires_grad_()
+    outs = net(xi)
+    sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum() for o in outs).backward()
+    return [o.detach() for o in outs] + [xi.grad] + [p.grad for p in net.parameters()]
+
+
+def test_recomputed_decoder_stages_give_the_same_outputs_and_gradients_and_keep_less():
+    torch.manual_seed(0)
+    arch = dict(ACDC_2D_ARCH, n_stages=4, strides=ACDC_2D_ARCH['strides'][:4], kernel_sizes=[[3, 3]] * 4,
+                features_per_stage=[8, 16, 32, 64], n_conv_per_stage=[2] * 4, n_conv_per_stage_decoder=[2] * 3)
+    kept = create_emcad_unet(arch, 1, 4, decoder_norm='plan').train()
+    for p in kept.parameters():
+        p.data.uniform_(-0.5, 0.5)
+    recomputed = create_emcad_unet(arch, 1, 4, decoder_norm='plan', recompute_stride=2).train()
+    recomputed.load_state_dict(kept.state_dict())
+    assert recomputed.decoder.recompute_stages == 2 and kept.decoder.recompute_stages == 0
+    x = torch.randn(2, 1, 32, 32)
+    for a, b in zip(_outputs_and_gradients(kept, x), _outputs_and_gradients(recomputed, x)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the stride-1 stage alone keeps, among others, MSCB's three branches at twice its width (2 x 8 channels)
+    branches = x.shape[0] * 3 * 2 * 8 * 32 * 32 * x.element_size()
+    assert saved_activation_bytes(kept, x) - saved_activation_bytes(recomputed, x) > branches
+    with torch.no_grad():
+        torch.testing.assert_close(recomputed.eval()(x)[0], kept.eval()(x)[0], rtol=0, atol=0)
+
+
+def test_recompute_stride_counts_the_stages_along_the_most_strided_axis():
+    assert [stages_up_to_stride(ACDC_2D_ARCH['strides'], s) for s in (0, 1, 2, 3, 4, 64)] == [0, 1, 2, 2, 3, 6]
+    anisotropic = [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2]]
+    assert [stages_up_to_stride(anisotropic, s) for s in (1, 2, 4, 8)] == [1, 2, 3, 4]
+
+
+def test_recomputing_decoder_stages_refuses_batchnorm_running_statistics():
+    with pytest.raises(ValueError, match='recompute_stages needs norms without running statistics'):
+        create_emcad_unet(ACDC_2D_ARCH, 1, 4, recompute_stride=1)
 
 
 def test_decoder_norm_choice():
