@@ -28,6 +28,8 @@ PVT_V2_VARIANTS = {
     'pvt_v2_b5': (64, (3, 6, 40, 3)),
 }
 PVT_V2_STRIDE = 32
+# each PVTv2 stage's stride into it: stages at 4, 8, 16 and 32
+PVT_V2_STRIDES = ((4, 4), (2, 2), (2, 2), (2, 2))
 
 StrideT = Union[int, Sequence[int]]
 
@@ -156,7 +158,7 @@ class PVTv2Encoder(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(1, 3, 1), nn.BatchNorm2d(3), nn.ReLU(inplace=True)) if grey_stem else None
         self.body = self._build_body(pretrained)
         self.output_channels = list(self.body.feature_info.channels())
-        self.strides = [[4, 4], [2, 2], [2, 2], [2, 2]]
+        self.strides = [list(s) for s in PVT_V2_STRIDES]
         self.conv_op = nn.Conv2d
 
     def _build_body(self, pretrained: Union[None, str, Dict[str, torch.Tensor]]) -> nn.Module:

@@ -21,10 +21,10 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunet_emcad.checkpoints import CheckpointError
-from nnunet_emcad.emcad import PVT_V2_STRIDE, EMCADNet, create_emcad_pvt
+from nnunet_emcad.emcad import PVT_V2_STRIDE, PVT_V2_STRIDES, EMCADNet, create_emcad_pvt
 from nnunet_emcad.losses import FirstTargetLoss, MutationLoss, PaperDiceCELoss
 from nnunet_emcad.plans import (configuration_arch_kwargs, configuration_encoder_kind, create_emcad_unet,
-                                plan_norm)
+                                plan_norm, stages_up_to_stride)
 from nnunet_emcad.short_training import Schedule, short_schedule
 
 __all__ = [
@@ -240,8 +240,9 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
     """The paper's EMCAD-B2: PVTv2-b2 encoder (timm), AdamW lr 1e-4, weight decay 1e-4 (the paper's optimiser),
     with nnU-Net's poly decay.
 
-    The decoder normalises with the plan's norm, as in ``nnUNetTrainerEMCAD`` (the reason is there); the
-    encoder keeps timm's LayerNorms and the official grey-scale stem.
+    The decoder normalises with the plan's norm, as in ``nnUNetTrainerEMCAD`` (the reason is there), and its
+    stage at stride 4 runs again in backward (``recompute_stride``, as there); the encoder keeps timm's
+    LayerNorms, the official grey-scale stem and its activations.
 
     ImageNet weights: set ``nnUNet_EMCAD_PVT_WEIGHTS`` to a checkpoint file, or to a folder holding
     ``pvt_v2_b2.pth`` (timm or original PVT format); they are loaded strictly when training starts. Unset, the
@@ -288,10 +289,12 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
         require_dimensions(configuration_manager, cls.__name__, cls.dimensions)
+        recompute_stages = stages_up_to_stride(PVT_V2_STRIDES, cls.recompute_stride)
         return for_nnunet(create_emcad_pvt(cls.pvt_variant, num_output_channels, num_input_channels,
                                            deep_supervision=enable_deep_supervision,
                                            upsample_outputs=cls.upsample_outputs,
-                                           norm_op=plan_norm(configuration_arch_kwargs(configuration_manager))))
+                                           norm_op=plan_norm(configuration_arch_kwargs(configuration_manager)),
+                                           recompute_stages=recompute_stages))
 
     def initialize(self) -> None:
         was_initialized = self.was_initialized

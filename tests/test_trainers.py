@@ -233,13 +233,17 @@ def test_decoders_use_the_plans_instance_norm(cls):
 
 
 @pytest.mark.parametrize('cls, recomputed', [(T.nnUNetTrainerEMCAD, 3), (T.nnUNetTrainerEMCAD_NoRecompute, 0),
-                                             (T.nnUNetTrainerEMCAD_Stride4, 3), (T.nnUNetTrainerEMCAD3D, 3)],
+                                             (T.nnUNetTrainerEMCAD_Stride4, 3), (T.nnUNetTrainerEMCAD3D, 3),
+                                             (T.nnUNetTrainerEMCAD_PVTb0, 1), (T.nnUNetTrainerEMCAD_PVTb2, 1)],
                          ids=lambda v: getattr(v, '__name__', str(v)))
 def test_trainers_run_the_decoder_stages_up_to_stride_4_again_in_backward_unless_told_not_to(cls, recomputed):
     plans = make_3d_plans(anisotropic=True) if cls.dimensions == 3 else make_plans(5, [64, 64])
-    network = build(cls, plans, '3d_fullres' if cls.dimensions == 3 else '2d').network
-    assert network.decoder.recompute_stages == recomputed  # stages at strides 1, 2 and 4
-    kept = build(T.nnUNetTrainerEMCAD_NoRecompute, make_plans(5, [64, 64])).network
-    if cls.dimensions == 2 and cls.decoder_stride == 1:  # the same weights: checkpoints move between them
-        assert {k: v.shape for k, v in network.state_dict().items()} == \
-               {k: v.shape for k, v in kept.state_dict().items()}
+    configuration = '3d_fullres' if cls.dimensions == 3 else '2d'
+    network = build(cls, plans, configuration).network
+    # the stages at strides 1, 2 and 4 (Stride4 decodes only the one at 4); PVT: its first stage, at stride 4
+    assert network.decoder.recompute_stages == recomputed
+    keeping = type(f'{cls.__name__}Keeping', (cls,), {'recompute_stride': 0})
+    kept = build(keeping, plans, configuration).network
+    assert kept.decoder.recompute_stages == 0
+    # the same weights: checkpoints move between the two
+    assert {k: v.shape for k, v in network.state_dict().items()} == {k: v.shape for k, v in kept.state_dict().items()}
