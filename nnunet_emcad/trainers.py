@@ -242,7 +242,9 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
 
     The decoder normalises with the plan's norm, as in ``nnUNetTrainerEMCAD`` (the reason is there), and its
     stage at stride 4 runs again in backward (``recompute_stride``, as there); the encoder keeps timm's
-    LayerNorms, the official grey-scale stem and its activations.
+    LayerNorms and the official grey-scale stem, and its transformer blocks run again in backward too
+    (``recompute_encoder``, timm's gradient checkpointing): without it the encoder alone would keep more
+    activations than the whole of stock nnU-Net (the cost report measures both).
 
     ImageNet weights: set ``nnUNet_EMCAD_PVT_WEIGHTS`` to a checkpoint file, or to a folder holding
     ``pvt_v2_b2.pth`` (timm or original PVT format); they are loaded strictly when training starts. Unset, the
@@ -253,6 +255,7 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
 
     pvt_variant = 'pvt_v2_b2'
     upsample_outputs = 'first'
+    recompute_encoder = True  # the PVT blocks run again in backward (create_emcad_pvt)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -294,7 +297,7 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
                                            deep_supervision=enable_deep_supervision,
                                            upsample_outputs=cls.upsample_outputs,
                                            norm_op=plan_norm(configuration_arch_kwargs(configuration_manager)),
-                                           recompute_stages=recompute_stages))
+                                           recompute_encoder=cls.recompute_encoder, recompute_stages=recompute_stages))
 
     def initialize(self) -> None:
         was_initialized = self.was_initialized
@@ -310,9 +313,11 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
 
 class nnUNetTrainerEMCAD_PVTb0(nnUNetTrainerEMCAD_PVTb2):
     """The paper's EMCAD-B0: PVTv2-b0 encoder, otherwise as ``nnUNetTrainerEMCAD_PVTb2`` (weights file
-    ``pvt_v2_b0.pth``)."""
+    ``pvt_v2_b0.pth``), except that its encoder keeps its activations: they are few, and this is the trainer for
+    CPUs, where time is short."""
 
     pvt_variant = 'pvt_v2_b0'
+    recompute_encoder = False
 
 
 class nnUNetTrainerEMCAD_PVTb2_MUTATION(nnUNetTrainerEMCAD_PVTb2):

@@ -161,6 +161,24 @@ def test_recomputed_decoder_stages_give_the_same_outputs_and_gradients_and_keep_
         torch.testing.assert_close(recomputed.eval()(x)[0], kept.eval()(x)[0], rtol=0, atol=0)
 
 
+def test_a_recomputed_pvt_encoder_gives_the_same_outputs_and_gradients_and_keeps_less():
+    torch.manual_seed(0)
+    # drop path on: the recomputed blocks must draw the same random numbers again
+    kept = create_emcad_pvt('pvt_v2_b0', 3, 1, norm_op=torch.nn.InstanceNorm2d, drop_path_rate=0.3).train()
+    recomputed = create_emcad_pvt('pvt_v2_b0', 3, 1, norm_op=torch.nn.InstanceNorm2d, drop_path_rate=0.3,
+                                  recompute_encoder=True).train()
+    recomputed.load_state_dict(kept.state_dict())
+    x = torch.randn(2, 1, 64, 64)
+    torch.manual_seed(1)
+    expected = _outputs_and_gradients(kept, x)
+    torch.manual_seed(1)
+    for a, b in zip(expected, _outputs_and_gradients(recomputed, x)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the first stage alone keeps, among others, its blocks' MLP hidden features (8 x 32 channels at 16x16)
+    hidden = x.shape[0] * 8 * 32 * 16 * 16 * x.element_size()
+    assert saved_activation_bytes(kept.encoder, x) - saved_activation_bytes(recomputed.encoder, x) > 2 * hidden
+
+
 def test_recompute_stride_counts_the_stages_along_the_most_strided_axis():
     assert [stages_up_to_stride(ACDC_2D_ARCH['strides'], s) for s in (0, 1, 2, 3, 4, 64)] == [0, 1, 2, 2, 3, 6]
     anisotropic = [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2]]

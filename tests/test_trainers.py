@@ -247,3 +247,11 @@ def test_trainers_run_the_decoder_stages_up_to_stride_4_again_in_backward_unless
     assert kept.decoder.recompute_stages == 0
     # the same weights: checkpoints move between the two
     assert {k: v.shape for k, v in network.state_dict().items()} == {k: v.shape for k, v in kept.state_dict().items()}
+
+
+@pytest.mark.parametrize('cls, recomputed', [(T.nnUNetTrainerEMCAD_PVTb2, True), (T.nnUNetTrainerEMCAD_PVTb0, False)],
+                         ids=lambda v: getattr(v, '__name__', str(v)))
+def test_emcad_b2_runs_its_pvt_blocks_again_in_backward_and_b0_keeps_them(cls, recomputed):
+    encoder = build(cls, make_plans(5, [64, 64])).network.encoder
+    stages = [m for m in encoder.body.modules() if hasattr(m, 'grad_checkpointing') and hasattr(m, 'blocks')]
+    assert len(stages) == 4 and all(s.grad_checkpointing == recomputed for s in stages)
