@@ -44,6 +44,12 @@ def total_strides(strides: Sequence[StrideT]) -> List[Tuple[int, ...]]:
     return totals
 
 
+def stages_up_to_stride(strides: Sequence[StrideT], stride: int) -> int:
+    """How many of the shallowest stages have a total stride (along their most-strided axis) of at most
+    ``stride``; 0 for stride 0."""
+    return sum(1 for total in total_strides(strides) if max(total) <= stride)
+
+
 class EMCADDecoder(nn.Module):
     """The EMCAD decoder over any number of encoder stages, with one segmentation head per stage.
 
@@ -140,13 +146,13 @@ class PVTv2Encoder(nn.Module):
     PVT, applied when the input has one channel (so ImageNet weights keep their RGB patch embedding).
     Otherwise timm's ``in_chans`` takes ``in_channels`` directly. ``pretrained`` is a local checkpoint (path or
     state dict; timm or original PVT key names) loaded strictly before timm's feature wrapper is applied.
-    ``recompute=True`` turns on timm's gradient checkpointing: each transformer block runs again in backward
-    instead of keeping its activations (the same outputs and gradients for a fraction of the training memory).
+    The first ``recompute_stages`` stages use timm's gradient checkpointing: their transformer blocks run again
+    in backward instead of keeping their activations (the same outputs and gradients for less training memory).
     """
 
     def __init__(self, variant: str = 'pvt_v2_b2', in_channels: int = 3, grey_stem: Optional[bool] = None,
                  pretrained: Union[None, str, Dict[str, torch.Tensor]] = None, drop_path_rate: float = 0.1,
-                 recompute: bool = False):
+                 recompute_stages: int = 0):
         super().__init__()
         if variant not in PVT_V2_VARIANTS:
             raise ValueError(f"unknown PVTv2 encoder {variant!r}; choose one of {', '.join(PVT_V2_VARIANTS)}")
@@ -158,7 +164,7 @@ class PVTv2Encoder(nn.Module):
         self.variant = variant
         self.in_channels = in_channels
         self.drop_path_rate = drop_path_rate
-        self.recompute = recompute
+        self.recompute_stages = recompute_stages
         self.stem = nn.Sequential(nn.Conv2d(1, 3, 1), nn.BatchNorm2d(3), nn.ReLU(inplace=True)) if grey_stem else None
         self.body = self._build_body(pretrained)
         self.output_channels = list(self.body.feature_info.channels())
@@ -171,7 +177,8 @@ class PVTv2Encoder(nn.Module):
                                   in_chans=3 if self.stem is not None else self.in_channels)
         if pretrained is not None:
             load_pvt_v2_weights(model, pretrained)
-        model.set_grad_checkpointing(self.recompute)
+        for i, stage in enumerate(model.stages):
+            stage.grad_checkpointing = i < self.recompute_stages
         return FeatureListNet(model, out_indices=(0, 1, 2, 3), flatten_sequential=True)
 
     def load_pretrained(self, source: Union[str, Dict[str, torch.Tensor]]) -> None:
@@ -253,11 +260,14 @@ def describe_weights(state_dict: Mapping[str, torch.Tensor]) -> str:
 def create_emcad_pvt(variant: str = 'pvt_v2_b2', num_classes: int = 9, in_channels: int = 3,
                      grey_stem: Optional[bool] = None, pretrained: Union[None, str, Dict[str, torch.Tensor]] = None,
                      deep_supervision: bool = True, upsample_outputs: str = 'first', drop_path_rate: float = 0.1,
-                     recompute_encoder: bool = False, **decoder_kwargs) -> EMCADNet:
-    """EMCAD over a timm PVTv2 encoder (the paper's models are b0 and b2); ``recompute_encoder`` is
-    ``PVTv2Encoder``'s ``recompute``, ``decoder_kwargs`` go to ``EMCADDecoder``."""
-    encoder = PVTv2Encoder(variant, in_channels, grey_stem, pretrained, drop_path_rate, recompute_encoder)
-    return EMCADNet(encoder, num_classes, deep_supervision, upsample_outputs, **decoder_kwargs)
+                     recompute_stride: int = 0, **decoder_kwargs) -> EMCADNet:
+    """EMCAD over a timm PVTv2 encoder (the paper's models are b0 and b2). The encoder and decoder stages at
+    strides up to ``recompute_stride`` run again in backward (``PVTv2Encoder``'s and ``EMCADDecoder``'s
+    ``recompute_stages``; 0: none); ``decoder_kwargs`` go to ``EMCADDecoder``."""
+    recompute_stages = stages_up_to_stride(PVT_V2_STRIDES, recompute_stride)
+    encoder = PVTv2Encoder(variant, in_channels, grey_stem, pretrained, drop_path_rate, recompute_stages)
+    return EMCADNet(encoder, num_classes, deep_supervision, upsample_outputs, recompute_stages=recompute_stages,
+                    **decoder_kwargs)
 
 
 def emcad_pvt_v2_b0(num_classes: int = 9, in_channels: int = 3, **kwargs) -> EMCADNet:

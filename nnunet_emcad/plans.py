@@ -14,7 +14,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
 from nnunet_emcad.blocks import NormFactory
-from nnunet_emcad.emcad import EMCADNet, total_strides
+from nnunet_emcad.emcad import EMCADNet, stages_up_to_stride, total_strides
 
 REQUIRES_IMPORT = ('conv_op', 'norm_op', 'dropout_op', 'nonlin')
 """The ``arch_kwargs`` that plans files hold as import strings (their ``_kw_requires_import``)."""
@@ -82,12 +82,6 @@ def decoded_first_stage(strides: Sequence, decoder_stride: int) -> int:
     """The first stage the EMCAD decoder decodes: ``first_stage_at_stride``, but at least the two deepest
     stages (nnU-Net's deep supervision gives the deepest head weight 0, so one head would learn nothing)."""
     return min(first_stage_at_stride(strides, decoder_stride), max(0, len(strides) - 2))
-
-
-def stages_up_to_stride(strides: Sequence, stride: int) -> int:
-    """How many of the shallowest stages have a total stride (along their most-strided axis) of at most
-    ``stride``; 0 for stride 0."""
-    return sum(1 for total in total_strides(strides) if max(total) <= stride)
 
 
 def plan_norm(arch_kwargs: Mapping) -> NormFactory:

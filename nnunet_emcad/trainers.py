@@ -21,10 +21,10 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunet_emcad.checkpoints import CheckpointError
-from nnunet_emcad.emcad import PVT_V2_STRIDE, PVT_V2_STRIDES, EMCADNet, create_emcad_pvt
+from nnunet_emcad.emcad import PVT_V2_STRIDE, EMCADNet, create_emcad_pvt
 from nnunet_emcad.losses import FirstTargetLoss, MutationLoss, PaperDiceCELoss
 from nnunet_emcad.plans import (configuration_arch_kwargs, configuration_encoder_kind, create_emcad_unet,
-                                plan_norm, stages_up_to_stride)
+                                plan_norm)
 from nnunet_emcad.short_training import Schedule, short_schedule
 
 __all__ = [
@@ -240,11 +240,10 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
     """The paper's EMCAD-B2: PVTv2-b2 encoder (timm), AdamW lr 1e-4, weight decay 1e-4 (the paper's optimiser),
     with nnU-Net's poly decay.
 
-    The decoder normalises with the plan's norm, as in ``nnUNetTrainerEMCAD`` (the reason is there), and its
-    stage at stride 4 runs again in backward (``recompute_stride``, as there); the encoder keeps timm's
-    LayerNorms and the official grey-scale stem, and its transformer blocks run again in backward too
-    (``recompute_encoder``, timm's gradient checkpointing): without it the encoder alone would keep more
-    activations than the whole of stock nnU-Net (the cost report measures both).
+    The decoder normalises with the plan's norm, as in ``nnUNetTrainerEMCAD`` (the reason is there); the
+    encoder keeps timm's LayerNorms and the official grey-scale stem. The encoder's and the decoder's stages at
+    stride 4 run again in backward (``recompute_stride``, as in ``nnUNetTrainerEMCAD``; the encoder's through
+    timm's gradient checkpointing).
 
     ImageNet weights: set ``nnUNet_EMCAD_PVT_WEIGHTS`` to a checkpoint file, or to a folder holding
     ``pvt_v2_b2.pth`` (timm or original PVT format); they are loaded strictly when training starts. Unset, the
@@ -255,7 +254,6 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
 
     pvt_variant = 'pvt_v2_b2'
     upsample_outputs = 'first'
-    recompute_encoder = True  # the PVT blocks run again in backward (create_emcad_pvt)
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -292,12 +290,11 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
         require_dimensions(configuration_manager, cls.__name__, cls.dimensions)
-        recompute_stages = stages_up_to_stride(PVT_V2_STRIDES, cls.recompute_stride)
         return for_nnunet(create_emcad_pvt(cls.pvt_variant, num_output_channels, num_input_channels,
                                            deep_supervision=enable_deep_supervision,
                                            upsample_outputs=cls.upsample_outputs,
                                            norm_op=plan_norm(configuration_arch_kwargs(configuration_manager)),
-                                           recompute_encoder=cls.recompute_encoder, recompute_stages=recompute_stages))
+                                           recompute_stride=cls.recompute_stride))
 
     def initialize(self) -> None:
         was_initialized = self.was_initialized
@@ -313,11 +310,11 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
 
 class nnUNetTrainerEMCAD_PVTb0(nnUNetTrainerEMCAD_PVTb2):
     """The paper's EMCAD-B0: PVTv2-b0 encoder, otherwise as ``nnUNetTrainerEMCAD_PVTb2`` (weights file
-    ``pvt_v2_b0.pth``), except that its encoder keeps its activations: they are few, and this is the trainer for
-    CPUs, where time is short."""
+    ``pvt_v2_b0.pth``), except that nothing runs again in backward: its activations are few, and this is the
+    trainer for CPUs, where time is short."""
 
     pvt_variant = 'pvt_v2_b0'
-    recompute_encoder = False
+    recompute_stride = 0
 
 
 class nnUNetTrainerEMCAD_PVTb2_MUTATION(nnUNetTrainerEMCAD_PVTb2):

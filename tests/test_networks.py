@@ -6,8 +6,8 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from nnunet_emcad.counting import saved_activation_bytes
-from nnunet_emcad.emcad import create_emcad_pvt
-from nnunet_emcad.plans import create_emcad_unet, decoded_first_stage, first_stage_at_stride, stages_up_to_stride
+from nnunet_emcad.emcad import create_emcad_pvt, stages_up_to_stride
+from nnunet_emcad.plans import create_emcad_unet, decoded_first_stage, first_stage_at_stride
 
 ACDC_2D_ARCH = {  # what nnU-Net 2.8 plans for Dataset027_ACDC 2d (patch 256x224)
     'n_stages': 6, 'features_per_stage': [32, 64, 128, 256, 512, 512],
@@ -161,22 +161,26 @@ def test_recomputed_decoder_stages_give_the_same_outputs_and_gradients_and_keep_
         torch.testing.assert_close(recomputed.eval()(x)[0], kept.eval()(x)[0], rtol=0, atol=0)
 
 
-def test_a_recomputed_pvt_encoder_gives_the_same_outputs_and_gradients_and_keeps_less():
+def test_recomputed_pvt_stages_give_the_same_outputs_and_gradients_and_keep_less():
     torch.manual_seed(0)
     # drop path on: the recomputed blocks must draw the same random numbers again
     kept = create_emcad_pvt('pvt_v2_b0', 3, 1, norm_op=torch.nn.InstanceNorm2d, drop_path_rate=0.3).train()
     recomputed = create_emcad_pvt('pvt_v2_b0', 3, 1, norm_op=torch.nn.InstanceNorm2d, drop_path_rate=0.3,
-                                  recompute_encoder=True).train()
+                                  recompute_stride=8).train()
     recomputed.load_state_dict(kept.state_dict())
+    assert recomputed.encoder.recompute_stages == recomputed.decoder.recompute_stages == 2  # strides 4 and 8
     x = torch.randn(2, 1, 64, 64)
     torch.manual_seed(1)
     expected = _outputs_and_gradients(kept, x)
     torch.manual_seed(1)
     for a, b in zip(expected, _outputs_and_gradients(recomputed, x)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    # the first stage alone keeps, among others, its blocks' MLP hidden features (8 x 32 channels at 16x16)
-    hidden = x.shape[0] * 8 * 32 * 16 * 16 * x.element_size()
-    assert saved_activation_bytes(kept.encoder, x) - saved_activation_bytes(recomputed.encoder, x) > 2 * hidden
+    # the encoder's first stage alone keeps, among others, its two blocks' MLP hidden features (8 x 32 channels
+    # at 16x16); the decoder's, MSCB's three branches at twice its width (2 x 32 channels)
+    hidden = 2 * x.shape[0] * 8 * 32 * 16 * 16 * x.element_size()
+    assert saved_activation_bytes(kept.encoder, x) - saved_activation_bytes(recomputed.encoder, x) > hidden
+    branches = x.shape[0] * 3 * 2 * 32 * 16 * 16 * x.element_size()
+    assert saved_activation_bytes(kept, x) - saved_activation_bytes(recomputed, x) > hidden + branches
 
 
 def test_recompute_stride_counts_the_stages_along_the_most_strided_axis():
