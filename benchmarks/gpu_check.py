@@ -13,9 +13,10 @@ the default; nnunet_emcad.inductor_layout). Each run is a process of its own. Ex
 does not train (non-finite loss, more than half of its steps skipped, or unchanged parameters).
 
 The default trainers are chosen to fit about 8 minutes on one H100/H200 (compiling one training graph took about
-a minute on an H200; the whole default run is not timed yet); it leaves out nnUNetTrainerEMCAD_ResEnc,
-nnUNetTrainerEMCAD_Stride4Light, nnUNetTrainerEMCAD_PVTb2, nnUNetTrainerEMCAD_PVTb2_MUTATION, nnUNetTrainerEMCAD3D,
-nnUNetTrainerEMCAD3D_ResEnc and stock 3D: name them with --trainers (TRAINER or TRAINER:CONFIGURATION).
+a minute on an H200; the whole default run is not timed yet); it leaves out nnUNetTrainerEMCAD_NoRecompute (what
+recomputing costs: nnUNetTrainerEMCAD without it), nnUNetTrainerEMCAD_ResEnc, nnUNetTrainerEMCAD_Stride4Light,
+nnUNetTrainerEMCAD_PVTb2, nnUNetTrainerEMCAD_PVTb2_MUTATION, nnUNetTrainerEMCAD3D, nnUNetTrainerEMCAD3D_ResEnc and
+stock 3D: name them with --trainers (TRAINER or TRAINER:CONFIGURATION).
 Writes benchmarks/results/<name>.json and .md (default name gpu).
 """
 import argparse

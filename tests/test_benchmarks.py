@@ -2,6 +2,7 @@
 reports name the commands that reproduce them; the README lists every report."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -170,23 +171,26 @@ def test_accuracy_report_says_how_glibc_malloc_was_set_in_its_runs():
            f"MALLOC_TRIM_THRESHOLD_={2 ** 31}). Budget:" in text
 
 
-def test_gpu_check_runs_end_to_end_as_a_cpu_dry_run(tmp_path):
+def test_gpu_check_runs_end_to_end_as_a_cpu_dry_run_with_the_readmes_trainers(tmp_path):
+    with open(os.path.join(os.path.dirname(BENCHMARKS), 'README.md')) as f:
+        # the README's way to price recomputing on the GPU
+        trainers = re.search(r'`--trainers ([\w\s]+)` prices recomputing', f.read()).group(1).split()
     plans_dir = tmp_path / 'Dataset999_Plans'
     plans_dir.mkdir()
     (plans_dir / 'nnUNetPlans.json').write_text(json.dumps(make_plans(3, [32, 32])))
     (plans_dir / 'dataset.json').write_text(json.dumps(DATASET_JSON))
     proc = subprocess.run([sys.executable, os.path.join(BENCHMARKS, 'gpu_check.py'), '--plans',
-                           str(plans_dir / 'nnUNetPlans.json'), '--trainers', 'nnUNetTrainer', 'nnUNetTrainerEMCAD',
+                           str(plans_dir / 'nnUNetPlans.json'), '--trainers', *trainers,
                            '--steps', '3', '--batch-size', '2', '--device', 'cpu', '--backend', 'aot_eager',
                            '--out', str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     runs = json.loads((tmp_path / 'gpu.json').read_text())['runs']
-    assert [r['trainer'] for r in runs] == ['nnUNetTrainer', 'nnUNetTrainerEMCAD']
+    assert [r['trainer'] for r in runs] == ['nnUNetTrainer', 'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_NoRecompute']
     for run in runs:
         assert run['verdict']['trains'] and run['verdict']['follows_eager']
         assert len(run['eager']['losses']) == len(run['compiled']['losses']) == 3
         assert run['eager']['inference_ms']['batch_1'] > 0 and 'inference_ms' not in run['compiled']
-        assert run['eager']['inductor_channels_last'] is (run['trainer'] == 'nnUNetTrainerEMCAD')
+        assert run['eager']['inductor_channels_last'] is (run['trainer'] != 'nnUNetTrainer')
     report = (tmp_path / 'gpu.md').read_text()
     assert 'Every compiled trainer trained.' in report
     assert '`python benchmarks/gpu_check.py --plans' in report and '--backend aot_eager' in report
