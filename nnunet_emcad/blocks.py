@@ -185,6 +185,7 @@ class MSDC(nn.Module):
 
 class MSCB(nn.Module):
     """Multi-scale convolution block: expand (1x1), MSDC, combine, channel shuffle, project (1x1), residual add.
+    The shuffle is folded into the projection's weight (the same outputs and gradients, one copy fewer).
 
     ``add=True`` sums the MSDC branches, ``add=False`` concatenates them. The residual add is the official
     stride-1 path; the decoder always uses ``in_channels == out_channels``.
@@ -215,7 +216,11 @@ class MSCB(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         branches = self.msdc(self.pconv1(x))
         combined = sum(branches) if self.add else torch.cat(branches, dim=1)
-        return x + self.pconv2(channel_shuffle(combined, self.shuffle_groups))
+        # pconv2 of the shuffled channels, read through pconv2's weight: shuffling a 1x1 convolution's input
+        # channels in g groups is shuffling its weight's in c / g groups, so no shuffled copy of the features
+        conv, norm = self.pconv2
+        weight = channel_shuffle(conv.weight, self.combined_channels // self.shuffle_groups)
+        return x + norm(conv._conv_forward(combined, weight, conv.bias))
 
 
 class CAB(nn.Module):

@@ -66,6 +66,38 @@ def test_mscb_matches_its_definition(add):
     assert len(block.pconv2) == 2  # conv + BN, no activation
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('dims', [2, 3])
+@pytest.mark.parametrize('add', [True, False])
+def test_mscb_with_the_shuffle_in_its_weight_equals_shuffling_the_features_in_outputs_and_gradients(add, dims,
+                                                                                                    dtype):
+    torch.manual_seed(0)
+    conv_op, norm_op = (nn.Conv2d, nn.InstanceNorm2d) if dims == 2 else (nn.Conv3d, nn.InstanceNorm3d)
+    block = MSCB(12, 12, (1, 3, 5), expansion_factor=2, add=add, conv_op=conv_op,
+                 norm_op=lambda c: norm_op(c, affine=True)).to(dtype).train()
+    for p in block.parameters():
+        p.data.uniform_(-1, 1)
+    x = torch.randn(2, 12, *((9, 7) if dims == 2 else (5, 6, 4)), dtype=dtype)
+
+    def definition(x):  # the official order: shuffle the combined features, then project them
+        branches = block.msdc(block.pconv1(x))
+        combined = sum(branches) if add else torch.cat(branches, 1)
+        return x + block.pconv2(channel_shuffle(combined, block.shuffle_groups))
+
+    results = []
+    for forward in (block, definition):
+        block.zero_grad()
+        xi = x.clone().requires_grad_()
+        out = forward(xi)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out))
+        results.append([out.detach(), xi.grad] + [p.grad.clone() for p in block.parameters()])
+    assert block.shuffle_groups == 12 and block.combined_channels == (24 if add else 72)  # a real shuffle
+    # float32: the weight gradient sums the same products in another order
+    tolerance = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else {}
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, **tolerance)
+
+
 def test_mscb_is_a_residual_block():
     block = MSCB(8, 8).eval()
     nn.init.zeros_(block.pconv2[1].weight)
