@@ -227,6 +227,7 @@ class CAB(nn.Module):
     """Channel attention: a shared two-layer 1x1 MLP over average- and max-pooled features, sigmoid.
 
     Returns the per-channel weights; the caller multiplies them in. Below ``ratio`` channels the hidden width is 1.
+    The two pooled features go through the MLP as one batch (the same outputs, half the MLP's calls).
     """
 
     def __init__(self, channels: int, ratio: int = 16, conv_op: Type[_ConvNd] = nn.Conv2d):
@@ -237,9 +238,8 @@ class CAB(nn.Module):
         self.activation = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dims = _spatial_dims(x)
-        avg_out = self.fc2(self.activation(self.fc1(x.mean(dim=dims, keepdim=True))))
-        max_out = self.fc2(self.activation(self.fc1(spatial_max(x))))
+        pooled = torch.cat([x.mean(dim=_spatial_dims(x), keepdim=True), spatial_max(x)])
+        avg_out, max_out = self.fc2(self.activation(self.fc1(pooled))).chunk(2)
         return torch.sigmoid(avg_out + max_out)
 
 

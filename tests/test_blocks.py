@@ -134,6 +134,28 @@ def test_cab_max_pools_values_and_gradients_like_the_official_pooling(shape, poo
     assert (ours.grad != 0).flatten(2).sum(-1).max() == 1
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('dims', [2, 3])
+def test_cab_batching_its_two_paths_equals_the_official_two_calls_in_outputs_and_gradients(dims, dtype):
+    torch.manual_seed(0)
+    cab = CAB(32, conv_op=nn.Conv2d if dims == 2 else nn.Conv3d).to(dtype)
+    x = torch.randn(3, 32, *((6, 5) if dims == 2 else (4, 3, 5)), dtype=dtype)
+
+    def official(x):  # fc1 -> ReLU -> fc2 called on each pooled feature, as the official CAB does
+        pools = (x.mean(dim=tuple(range(2, x.dim())), keepdim=True), spatial_max(x))
+        return torch.sigmoid(sum(cab.fc2(cab.activation(cab.fc1(p))) for p in pools))
+
+    results = []
+    for forward in (cab, official):
+        cab.zero_grad()
+        xi = x.clone().requires_grad_()
+        out = forward(xi)
+        out.backward(torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out))
+        results.append([out.detach(), xi.grad, cab.fc1.weight.grad.clone(), cab.fc2.weight.grad.clone()])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize('channels,hidden', [(8, 1), (15, 1), (16, 1), (32, 2), (320, 20)])
 def test_cab_hidden_width(channels, hidden):
     assert CAB(channels).fc1.out_channels == hidden
