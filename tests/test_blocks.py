@@ -66,6 +66,15 @@ def test_mscb_matches_its_definition(add):
     assert len(block.pconv2) == 2  # conv + BN, no activation
 
 
+def _outputs_and_gradients(forward, module: nn.Module, x: torch.Tensor) -> list:
+    """``forward(x)``, and the gradients of ``x`` and of ``module``'s parameters for a fixed upstream gradient."""
+    module.zero_grad()
+    xi = x.clone().requires_grad_()
+    out = forward(xi)
+    out.backward(torch.linspace(-1, 1, out.numel(), dtype=x.dtype).view_as(out))
+    return [out.detach(), xi.grad] + [p.grad.clone() for p in module.parameters()]
+
+
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 @pytest.mark.parametrize('dims', [2, 3])
 @pytest.mark.parametrize('add', [True, False])
@@ -84,13 +93,7 @@ def test_mscb_with_the_shuffle_in_its_weight_equals_shuffling_the_features_in_ou
         combined = sum(branches) if add else torch.cat(branches, 1)
         return x + block.pconv2(channel_shuffle(combined, block.shuffle_groups))
 
-    results = []
-    for forward in (block, definition):
-        block.zero_grad()
-        xi = x.clone().requires_grad_()
-        out = forward(xi)
-        out.backward(torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out))
-        results.append([out.detach(), xi.grad] + [p.grad.clone() for p in block.parameters()])
+    results = [_outputs_and_gradients(forward, block, x) for forward in (block, definition)]
     assert block.shuffle_groups == 12 and block.combined_channels == (24 if add else 72)  # a real shuffle
     # float32: the weight gradient sums the same products in another order
     tolerance = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else {}
@@ -145,13 +148,7 @@ def test_cab_batching_its_two_paths_equals_the_official_two_calls_in_outputs_and
         pools = (x.mean(dim=tuple(range(2, x.dim())), keepdim=True), spatial_max(x))
         return torch.sigmoid(sum(cab.fc2(cab.activation(cab.fc1(p))) for p in pools))
 
-    results = []
-    for forward in (cab, official):
-        cab.zero_grad()
-        xi = x.clone().requires_grad_()
-        out = forward(xi)
-        out.backward(torch.linspace(-1, 1, out.numel(), dtype=dtype).view_as(out))
-        results.append([out.detach(), xi.grad, cab.fc1.weight.grad.clone(), cab.fc2.weight.grad.clone()])
+    results = [_outputs_and_gradients(forward, cab, x) for forward in (cab, official)]
     for got, want in zip(*results):
         torch.testing.assert_close(got, want)
 
