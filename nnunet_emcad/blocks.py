@@ -185,10 +185,10 @@ class MSDC(nn.Module):
 
 class MSCB(nn.Module):
     """Multi-scale convolution block: expand (1x1), MSDC, combine, channel shuffle, project (1x1), residual add.
-    The shuffle is folded into the projection's weight (the same outputs and gradients, one copy fewer).
 
     ``add=True`` sums the MSDC branches, ``add=False`` concatenates them. The residual add is the official
-    stride-1 path; the decoder always uses ``in_channels == out_channels``.
+    stride-1 path; the decoder always uses ``in_channels == out_channels``. The shuffle is folded into the
+    projection's weight: the same outputs and gradients, without a shuffled copy of the features.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel_sizes: Sequence[KernelT] = (1, 3, 5),
