@@ -239,8 +239,8 @@ class CAB(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled = torch.cat([x.mean(dim=_spatial_dims(x), keepdim=True), spatial_max(x)])
-        avg_out, max_out = self.fc2(self.activation(self.fc1(pooled))).chunk(2)
-        return torch.sigmoid(avg_out + max_out)
+        # back to (average, max) x batch, then their sum (unflatten, not chunk: ONNX keeps the batch dynamic)
+        return torch.sigmoid(self.fc2(self.activation(self.fc1(pooled))).unflatten(0, (2, -1)).sum(0))
 
 
 class SAB(nn.Module):
