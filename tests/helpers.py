@@ -1,9 +1,11 @@
-"""Test helpers: official-format state dicts made from our networks (the inverse of the checkpoint import)."""
+"""Test helpers: official-format state dicts made from our networks (the inverse of the checkpoint import), and
+outputs with gradients for comparing two ways of computing the same thing."""
 import math
 import re
-from typing import Dict
+from typing import Callable, Dict, List
 
 import torch
+from torch import nn
 
 _TO_OFFICIAL = (
     (re.compile(r'^encoder\.stem\.'), 'conv.'),
@@ -57,3 +59,14 @@ def fingerprint_features() -> list:
     shapes = [(1, 64, 56, 56), (1, 128, 28, 28), (1, 320, 14, 14), (1, 512, 7, 7)]
     return [10 * torch.sin(0.013 * torch.arange(math.prod(s), dtype=torch.float64).reshape(s) + 0.5 * k)
             for k, s in enumerate(shapes, start=1)]
+
+
+def outputs_and_gradients(forward: Callable, module: nn.Module, x: torch.Tensor) -> List[torch.Tensor]:
+    """``forward(x)``'s output(s), and the gradients of ``x`` and of ``module``'s parameters, for a fixed upstream
+    gradient on every output."""
+    module.zero_grad()
+    xi = x.clone().requires_grad_()
+    out = forward(xi)
+    outs = list(out) if isinstance(out, (list, tuple)) else [out]
+    torch.autograd.backward(outs, [torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o) for o in outs])
+    return [o.detach() for o in outs] + [xi.grad] + [p.grad.clone() for p in module.parameters()]

@@ -8,6 +8,7 @@ from torch import nn
 from nnunet_emcad.blocks import (CAB, EUCB, LGAG, MSCB, MSDC, SAB, DepthwiseSumConv2d, DepthwiseSumConv3d,
                                  channel_shuffle, make_activation, spatial_max)
 from nnunet_emcad.emcad import EMCADDecoder
+from helpers import outputs_and_gradients
 
 
 def _randomise_bn(module: nn.Module) -> None:
@@ -66,15 +67,6 @@ def test_mscb_matches_its_definition(add):
     assert len(block.pconv2) == 2  # conv + BN, no activation
 
 
-def _outputs_and_gradients(forward, module: nn.Module, x: torch.Tensor) -> list:
-    """``forward(x)``, and the gradients of ``x`` and of ``module``'s parameters for a fixed upstream gradient."""
-    module.zero_grad()
-    xi = x.clone().requires_grad_()
-    out = forward(xi)
-    out.backward(torch.linspace(-1, 1, out.numel(), dtype=x.dtype).view_as(out))
-    return [out.detach(), xi.grad] + [p.grad.clone() for p in module.parameters()]
-
-
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 @pytest.mark.parametrize('dims', [2, 3])
 @pytest.mark.parametrize('add', [True, False])
@@ -93,7 +85,7 @@ def test_mscb_with_the_shuffle_in_its_weight_equals_shuffling_the_features_in_ou
         combined = sum(branches) if add else torch.cat(branches, 1)
         return x + block.pconv2(channel_shuffle(combined, block.shuffle_groups))
 
-    results = [_outputs_and_gradients(forward, block, x) for forward in (block, definition)]
+    results = [outputs_and_gradients(forward, block, x) for forward in (block, definition)]
     assert block.shuffle_groups == 12 and block.combined_channels == (24 if add else 72)  # a real shuffle
     # float32: the weight gradient sums the same products in another order
     tolerance = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else {}
@@ -148,7 +140,7 @@ def test_cab_batching_its_two_paths_equals_the_official_two_calls_in_outputs_and
         pools = (x.mean(dim=tuple(range(2, x.dim())), keepdim=True), spatial_max(x))
         return torch.sigmoid(sum(cab.fc2(cab.activation(cab.fc1(p))) for p in pools))
 
-    results = [_outputs_and_gradients(forward, cab, x) for forward in (cab, official)]
+    results = [outputs_and_gradients(forward, cab, x) for forward in (cab, official)]
     for got, want in zip(*results):
         torch.testing.assert_close(got, want)
 

@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from nnunet_emcad.counting import saved_activation_bytes
 from nnunet_emcad.emcad import create_emcad_pvt, stages_up_to_stride
 from nnunet_emcad.plans import create_emcad_unet, decoded_first_stage, first_stage_at_stride
+from helpers import outputs_and_gradients
 
 ACDC_2D_ARCH = {  # what nnU-Net 2.8 plans for Dataset027_ACDC 2d (patch 256x224)
     'n_stages': 6, 'features_per_stage': [32, 64, 128, 256, 512, 512],
@@ -134,13 +135,6 @@ def test_coarser_decoders_save_fewer_activation_bytes_for_backward():
     assert saved[1, False] > saved[4, True] > saved[4, False] > 0
 
 
-def _outputs_and_gradients(net, x):
-    xi = x.clone().requires_grad_()
-    outs = net(xi)
-    sum((o * torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o)).sum() for o in outs).backward()
-    return [o.detach() for o in outs] + [xi.grad] + [p.grad for p in net.parameters()]
-
-
 def test_recomputed_decoder_stages_give_the_same_outputs_and_gradients_and_keep_less():
     torch.manual_seed(0)
     arch = dict(ACDC_2D_ARCH, n_stages=4, strides=ACDC_2D_ARCH['strides'][:4], kernel_sizes=[[3, 3]] * 4,
@@ -152,7 +146,7 @@ def test_recomputed_decoder_stages_give_the_same_outputs_and_gradients_and_keep_
     recomputed.load_state_dict(kept.state_dict())
     assert recomputed.decoder.recompute_stages == 2 and kept.decoder.recompute_stages == 0
     x = torch.randn(2, 1, 32, 32)
-    for a, b in zip(_outputs_and_gradients(kept, x), _outputs_and_gradients(recomputed, x)):
+    for a, b in zip(outputs_and_gradients(kept, kept, x), outputs_and_gradients(recomputed, recomputed, x)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     # the stride-1 stage alone keeps, among others, MSCB's three branches at twice its width (2 x 8 channels)
     branches = x.shape[0] * 3 * 2 * 8 * 32 * 32 * x.element_size()
@@ -171,9 +165,9 @@ def test_recomputed_pvt_stages_give_the_same_outputs_and_gradients_and_keep_less
     assert recomputed.encoder.recompute_stages == recomputed.decoder.recompute_stages == 2  # strides 4 and 8
     x = torch.randn(2, 1, 64, 64)
     torch.manual_seed(1)
-    expected = _outputs_and_gradients(kept, x)
+    expected = outputs_and_gradients(kept, kept, x)
     torch.manual_seed(1)
-    for a, b in zip(expected, _outputs_and_gradients(recomputed, x)):
+    for a, b in zip(expected, outputs_and_gradients(recomputed, recomputed, x)):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     # the encoder's first stage alone keeps, among others, its two blocks' MLP hidden features (8 x 32 channels
     # at 16x16); the decoder's, MSCB's three branches at twice its width (2 x 32 channels)
