@@ -57,6 +57,14 @@ def make_activation(name: str, inplace: bool = True) -> nn.Module:
     raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
 
 
+def require_no_running_stats(module: nn.Module, fix: str) -> None:
+    """Refuse to run parts of ``module`` again in backward when one of its norms keeps running statistics
+    (a second forward pass would update them twice); ``fix`` ends the message."""
+    if any(getattr(m, 'track_running_stats', False) for m in module.modules()):
+        raise ValueError(f"recompute_stages needs norms without running statistics (running the stages again "
+                         f"would update BatchNorm's running statistics twice); {fix}")
+
+
 def channel_shuffle(x: torch.Tensor, groups: int) -> torch.Tensor:
     """ShuffleNet's channel shuffle: split the channels into ``groups`` groups and interleave them."""
     b, c = x.shape[:2]

@@ -15,7 +15,8 @@ from torch import nn
 from torch.nn.modules.conv import _ConvNd
 from torch.utils.checkpoint import checkpoint
 
-from nnunet_emcad.blocks import CAB, EUCB, LGAG, MSCB, SAB, NormFactory, along_axes, init_emcad_weights
+from nnunet_emcad.blocks import (CAB, EUCB, LGAG, MSCB, SAB, NormFactory, along_axes, init_emcad_weights,
+                                 require_no_running_stats)
 from nnunet_emcad.checkpoints import check_state_dict, load_pvt_v2_weights
 
 # (stage-1 width, blocks per stage) of each PVTv2 variant, as timm and the original PVT code define them.
@@ -107,10 +108,9 @@ class EMCADDecoder(nn.Module):
             part.apply(init_emcad_weights)
         self.seg_layers = nn.ModuleList([conv_op(channels[i], num_classes, 1)
                                          for i in range(self.first_output_stage, n)])
-        if recompute_stages and any(getattr(m, 'track_running_stats', False) for m in self.modules()):
-            raise ValueError("recompute_stages needs norms without running statistics (running the stages again "
-                             "would update BatchNorm's running statistics twice); use instance norm (norm_op, or "
-                             "decoder_norm='plan' from plans) or recompute nothing (recompute_stages, or recompute_stride from plans, 0)")
+        if recompute_stages:
+            require_no_running_stats(self, "use instance norm (norm_op, or decoder_norm='plan' from plans) or "
+                                           "recompute nothing (recompute_stages, or recompute_stride from plans, 0)")
 
     def _attend(self, d: torch.Tensor, stage: int) -> torch.Tensor:
         d = self.cab[stage - self.first_stage](d) * d
@@ -260,12 +260,13 @@ def describe_weights(state_dict: Mapping[str, torch.Tensor]) -> str:
 def create_emcad_pvt(variant: str = 'pvt_v2_b2', num_classes: int = 9, in_channels: int = 3,
                      grey_stem: Optional[bool] = None, pretrained: Union[None, str, Dict[str, torch.Tensor]] = None,
                      deep_supervision: bool = True, upsample_outputs: str = 'first', drop_path_rate: float = 0.1,
-                     recompute_stride: int = 0, **decoder_kwargs) -> EMCADNet:
-    """EMCAD over a timm PVTv2 encoder (the paper's models are b0 and b2). The encoder and decoder stages at
-    strides up to ``recompute_stride`` run again in backward (``PVTv2Encoder``'s and ``EMCADDecoder``'s
-    ``recompute_stages``; 0: none); ``decoder_kwargs`` go to ``EMCADDecoder``."""
+                     recompute_stride: int = 0, recompute_encoder: bool = False, **decoder_kwargs) -> EMCADNet:
+    """EMCAD over a timm PVTv2 encoder (the paper's models are b0 and b2). The decoder stages at strides up to
+    ``recompute_stride`` run again in backward (``EMCADDecoder``'s ``recompute_stages``; 0: none), with
+    ``recompute_encoder`` the encoder's too (``PVTv2Encoder``'s); ``decoder_kwargs`` go to ``EMCADDecoder``."""
     recompute_stages = stages_up_to_stride(PVT_V2_STRIDES, recompute_stride)
-    encoder = PVTv2Encoder(variant, in_channels, grey_stem, pretrained, drop_path_rate, recompute_stages)
+    encoder = PVTv2Encoder(variant, in_channels, grey_stem, pretrained, drop_path_rate,
+                           recompute_stages if recompute_encoder else 0)
     return EMCADNet(encoder, num_classes, deep_supervision, upsample_outputs, recompute_stages=recompute_stages,
                     **decoder_kwargs)
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from nnunet_emcad.blocks import NormFactory
 from nnunet_emcad.emcad import EMCADNet, stages_up_to_stride, total_strides
+from nnunet_emcad.encoders import RECOMPUTED
 
 REQUIRES_IMPORT = ('conv_op', 'norm_op', 'dropout_op', 'nonlin')
 """The ``arch_kwargs`` that plans files hold as import strings (their ``_kw_requires_import``)."""
@@ -47,28 +48,34 @@ def configuration_encoder_kind(configuration_manager: ConfigurationManager) -> s
     return 'residual' if 'Residual' in configuration_manager.network_arch_class_name else 'plain'
 
 
-def build_nnunet_encoder(arch_kwargs: Mapping, input_channels: int, kind: str = 'plain') -> nn.Module:
-    """nnU-Net's ``PlainConvEncoder`` or ``ResidualEncoder`` from resolved ``arch_kwargs``.
+def build_nnunet_encoder(arch_kwargs: Mapping, input_channels: int, kind: str = 'plain',
+                         recompute_stages: int = 0) -> nn.Module:
+    """nnU-Net's ``PlainConvEncoder`` or ``ResidualEncoder`` from resolved ``arch_kwargs``, whose first
+    ``recompute_stages`` stages run again in backward (``nnunet_emcad.encoders``; 0: nnU-Net's class as it is).
 
     Plain plans give ``n_conv_per_stage``, ResEnc plans ``n_blocks_per_stage``; a residual encoder built from
     plain plans takes the ResEnc planners' blocks per stage.
     """
     kw = arch_kwargs
     n_stages = kw['n_stages']
-    common = dict(input_channels=input_channels, n_stages=n_stages, features_per_stage=kw['features_per_stage'],
-                  conv_op=kw['conv_op'], kernel_sizes=kw['kernel_sizes'], strides=kw['strides'],
-                  conv_bias=kw.get('conv_bias', False), norm_op=kw.get('norm_op'),
-                  norm_op_kwargs=kw.get('norm_op_kwargs'), dropout_op=kw.get('dropout_op'),
-                  dropout_op_kwargs=kw.get('dropout_op_kwargs'), nonlin=kw.get('nonlin'),
-                  nonlin_kwargs=kw.get('nonlin_kwargs'), return_skips=True)
     if kind == 'plain':
-        n_convs = kw.get('n_conv_per_stage', kw.get('n_blocks_per_stage'))
-        return PlainConvEncoder(n_conv_per_stage=n_convs, nonlin_first=kw.get('nonlin_first', False), **common)
-    if kind == 'residual':
-        n_blocks = kw.get('n_blocks_per_stage', RESENC_BLOCKS_PER_STAGE[:n_stages])
-        extra = {k: kw[k] for k in ('block', 'bottleneck_channels', 'stem_channels') if kw.get(k) is not None}
-        return ResidualEncoder(n_blocks_per_stage=n_blocks, **common, **extra)
-    raise ValueError(f"unknown nnU-Net encoder kind {kind!r}; choose 'plain' or 'residual'")
+        encoder_class = PlainConvEncoder
+        own = dict(n_conv_per_stage=kw.get('n_conv_per_stage', kw.get('n_blocks_per_stage')),
+                   nonlin_first=kw.get('nonlin_first', False))
+    elif kind == 'residual':
+        encoder_class = ResidualEncoder
+        own = dict(n_blocks_per_stage=kw.get('n_blocks_per_stage', RESENC_BLOCKS_PER_STAGE[:n_stages]),
+                   **{k: kw[k] for k in ('block', 'bottleneck_channels', 'stem_channels') if kw.get(k) is not None})
+    else:
+        raise ValueError(f"unknown nnU-Net encoder kind {kind!r}; choose 'plain' or 'residual'")
+    if recompute_stages:
+        encoder_class, own = RECOMPUTED[encoder_class], dict(own, recompute_stages=recompute_stages)
+    return encoder_class(
+        input_channels=input_channels, n_stages=n_stages, features_per_stage=kw['features_per_stage'],
+        conv_op=kw['conv_op'], kernel_sizes=kw['kernel_sizes'], strides=kw['strides'],
+        conv_bias=kw.get('conv_bias', False), norm_op=kw.get('norm_op'), norm_op_kwargs=kw.get('norm_op_kwargs'),
+        dropout_op=kw.get('dropout_op'), dropout_op_kwargs=kw.get('dropout_op_kwargs'), nonlin=kw.get('nonlin'),
+        nonlin_kwargs=kw.get('nonlin_kwargs'), return_skips=True, **own)
 
 
 def first_stage_at_stride(strides: Sequence, stride: int) -> int:
@@ -92,7 +99,7 @@ def plan_norm(arch_kwargs: Mapping) -> NormFactory:
 def create_emcad_unet(arch_kwargs: Mapping, input_channels: int, num_classes: int, encoder: str = 'plain',
                       deep_supervision: bool = True, arch_kwargs_req_import: Sequence[str] = REQUIRES_IMPORT,
                       decoder_norm: str = 'batch', decoder_stride: int = 1, recompute_stride: int = 0,
-                      **decoder_kwargs) -> EMCADNet:
+                      recompute_encoder: bool = False, **decoder_kwargs) -> EMCADNet:
     """EMCAD over nnU-Net's own encoder, self-configured by a plans configuration's ``arch_kwargs``.
 
     One head per decoded stage: outputs come at strides ``cumprod(strides)``, highest resolution first.
@@ -100,17 +107,18 @@ def create_emcad_unet(arch_kwargs: Mapping, input_channels: int, num_classes: in
     stage at stride 4, as the paper decodes a PVT; at least the two deepest stages are decoded); see
     ``EMCADDecoder``'s ``first_stage`` and ``light_stages``. The decoder stages at strides up to
     ``recompute_stride`` run again in backward instead of keeping their activations (``EMCADDecoder``'s
-    ``recompute_stages``; 0: none).
+    ``recompute_stages``; 0: none), with ``recompute_encoder`` the encoder's too (``nnunet_emcad.encoders``).
     ``decoder_norm='batch'`` keeps the official BatchNorm in the decoder blocks; ``'plan'`` uses the plan's
     norm (instance norm in nnU-Net's plans), whose statistics do not depend on the batch.
     """
     if decoder_norm not in ('batch', 'plan'):
         raise ValueError(f"decoder_norm must be 'batch' or 'plan', got {decoder_norm!r}")
     kw = resolve_arch_kwargs(arch_kwargs, arch_kwargs_req_import)
-    enc = build_nnunet_encoder(kw, input_channels, encoder)
+    recompute_stages = stages_up_to_stride(kw['strides'], recompute_stride)
+    enc = build_nnunet_encoder(kw, input_channels, encoder, recompute_stages if recompute_encoder else 0)
     decoder_kwargs.setdefault('axes', [[k > 1 for k in ks] for ks in kw['kernel_sizes']])
     decoder_kwargs['first_stage'] = decoded_first_stage(kw['strides'], decoder_stride)
-    decoder_kwargs['recompute_stages'] = stages_up_to_stride(kw['strides'], recompute_stride)
+    decoder_kwargs['recompute_stages'] = recompute_stages
     if decoder_norm == 'plan':
         decoder_kwargs['norm_op'] = plan_norm(kw)
     return EMCADNet(enc, num_classes, deep_supervision, 'first', **decoder_kwargs)

@@ -112,7 +112,8 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
 
     The decoder stages at strides 1, 2 and 4 run again in backward instead of keeping their activations
     (``recompute_stride``): the same outputs and gradients for a fraction of the training memory, which the
-    cost reports compare with stock nnU-Net's; ``nnUNetTrainerEMCAD_NoRecompute`` keeps them.
+    cost reports compare with stock nnU-Net's; ``nnUNetTrainerEMCAD_NoRecompute`` keeps them. The encoder's
+    stages keep theirs, as in stock nnU-Net (``recompute_encoder`` runs them again too).
     """
 
     encoder_kind: Optional[str] = None  # 'plain' or 'residual'; None follows the plans' architecture class
@@ -120,6 +121,7 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
     decoder_stride = 1  # the finest stride decoded with EMCAD's full stages (plans.create_emcad_unet)
     light_stages = False  # stages finer than decoder_stride decoded by EUCB and LGAG alone (else left out)
     recompute_stride = 4  # decoder stages at strides up to this run again in backward (plans.create_emcad_unet)
+    recompute_encoder = False  # the encoder's stages up to recompute_stride too
     max_skipped_steps = 20  # steps in a row the GradScaler may skip for non-finite gradients before the run stops
     skipped_steps = 0
 
@@ -140,7 +142,8 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
         return for_nnunet(create_emcad_unet(configuration_arch_kwargs(configuration_manager), num_input_channels,
                                             num_output_channels, kind, enable_deep_supervision, decoder_norm='plan',
                                             decoder_stride=cls.decoder_stride, light_stages=cls.light_stages,
-                                            recompute_stride=cls.recompute_stride))
+                                            recompute_stride=cls.recompute_stride,
+                                            recompute_encoder=cls.recompute_encoder))
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """nnU-Net's loading (``--c``, ``--val``), after checking that a file is a checkpoint at all."""
@@ -197,9 +200,12 @@ class nnUNetTrainerEMCAD_NoRecompute(nnUNetTrainerEMCAD):
 
 class nnUNetTrainerEMCAD_ResEnc(nnUNetTrainerEMCAD):
     """EMCAD over nnU-Net's residual encoder, from ResEnc plans (``-p nnUNetResEncUNetMPlans`` / ``L``) or, with
-    the default plans, with the ResEnc planners' blocks per stage. Self-configuring, trained from scratch."""
+    the default plans, with the ResEnc planners' blocks per stage. Self-configuring, trained from scratch.
+    The encoder's stages at strides 1, 2 and 4 run again in backward too (their activations are most of its
+    training memory)."""
 
     encoder_kind = 'residual'
+    recompute_encoder = True
 
 
 class nnUNetTrainerEMCAD_Stride4(nnUNetTrainerEMCAD):
@@ -231,9 +237,11 @@ class nnUNetTrainerEMCAD3D(nnUNetTrainerEMCAD):
 
 
 class nnUNetTrainerEMCAD3D_ResEnc(nnUNetTrainerEMCAD3D):
-    """3D EMCAD over nnU-Net's residual encoder (ResEnc plans, or the default plans with ResEnc M's blocks)."""
+    """3D EMCAD over nnU-Net's residual encoder (ResEnc plans, or the default plans with ResEnc M's blocks);
+    its encoder's stages at strides up to 4 run again in backward too, as in ``nnUNetTrainerEMCAD_ResEnc``."""
 
     encoder_kind = 'residual'
+    recompute_encoder = True
 
 
 class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
@@ -242,8 +250,8 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
 
     The decoder normalises with the plan's norm, as in ``nnUNetTrainerEMCAD`` (the reason is there); the
     encoder keeps timm's LayerNorms and the official grey-scale stem. The encoder's and the decoder's stages at
-    stride 4 run again in backward (``recompute_stride``, as in ``nnUNetTrainerEMCAD``; the encoder's through
-    timm's gradient checkpointing).
+    stride 4 run again in backward (``recompute_stride`` and ``recompute_encoder``; the encoder's through timm's
+    gradient checkpointing).
 
     ImageNet weights: set ``nnUNet_EMCAD_PVT_WEIGHTS`` to a checkpoint file, or to a folder holding
     ``pvt_v2_b2.pth`` (timm or original PVT format); they are loaded strictly when training starts. Unset, the
@@ -254,6 +262,7 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
 
     pvt_variant = 'pvt_v2_b2'
     upsample_outputs = 'first'
+    recompute_encoder = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -294,7 +303,8 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
                                            deep_supervision=enable_deep_supervision,
                                            upsample_outputs=cls.upsample_outputs,
                                            norm_op=plan_norm(configuration_arch_kwargs(configuration_manager)),
-                                           recompute_stride=cls.recompute_stride))
+                                           recompute_stride=cls.recompute_stride,
+                                           recompute_encoder=cls.recompute_encoder))
 
     def initialize(self) -> None:
         was_initialized = self.was_initialized

@@ -19,6 +19,9 @@ ACDC_2D_ARCH = {  # what nnU-Net 2.8 plans for Dataset027_ACDC 2d (patch 256x224
     'dropout_op': None, 'dropout_op_kwargs': None, 'nonlin': 'torch.nn.LeakyReLU', 'nonlin_kwargs': {'inplace': True},
 }
 
+SMALL_2D_ARCH = dict(ACDC_2D_ARCH, n_stages=4, strides=ACDC_2D_ARCH['strides'][:4], kernel_sizes=[[3, 3]] * 4,
+                     features_per_stage=[8, 16, 32, 64], n_conv_per_stage=[2] * 4, n_conv_per_stage_decoder=[2] * 3)
+
 
 def _check_outputs(net, in_channels, num_classes, patch, batch=1):
     x = torch.randn(batch, in_channels, *patch)
@@ -137,8 +140,7 @@ def test_coarser_decoders_save_fewer_activation_bytes_for_backward():
 
 def test_recomputed_decoder_stages_give_the_same_outputs_and_gradients_and_keep_less():
     torch.manual_seed(0)
-    arch = dict(ACDC_2D_ARCH, n_stages=4, strides=ACDC_2D_ARCH['strides'][:4], kernel_sizes=[[3, 3]] * 4,
-                features_per_stage=[8, 16, 32, 64], n_conv_per_stage=[2] * 4, n_conv_per_stage_decoder=[2] * 3)
+    arch = SMALL_2D_ARCH
     kept = create_emcad_unet(arch, 1, 4, decoder_norm='plan').train()
     for p in kept.parameters():
         p.data.uniform_(-0.5, 0.5)
@@ -160,7 +162,7 @@ def test_recomputed_pvt_stages_give_the_same_outputs_and_gradients_and_keep_less
     # drop path on: the recomputed blocks must draw the same random numbers again
     kept = create_emcad_pvt('pvt_v2_b0', 3, 1, norm_op=torch.nn.InstanceNorm2d, drop_path_rate=0.3).train()
     recomputed = create_emcad_pvt('pvt_v2_b0', 3, 1, norm_op=torch.nn.InstanceNorm2d, drop_path_rate=0.3,
-                                  recompute_stride=8).train()
+                                  recompute_stride=8, recompute_encoder=True).train()
     recomputed.load_state_dict(kept.state_dict())
     assert recomputed.encoder.recompute_stages == recomputed.decoder.recompute_stages == 2  # strides 4 and 8
     x = torch.randn(2, 1, 64, 64)
@@ -177,6 +179,33 @@ def test_recomputed_pvt_stages_give_the_same_outputs_and_gradients_and_keep_less
     assert saved_activation_bytes(kept, x) - saved_activation_bytes(recomputed, x) > hidden + branches
 
 
+@pytest.mark.parametrize('encoder', ['plain', 'residual'])
+def test_recomputed_nnunet_encoder_stages_give_the_same_outputs_and_gradients_and_keep_less(encoder):
+    torch.manual_seed(0)
+    # dropout on: the recomputed stages must draw the same random numbers again
+    arch = dict(SMALL_2D_ARCH, dropout_op='torch.nn.Dropout2d', dropout_op_kwargs={'p': 0.3})
+    kept = create_emcad_unet(arch, 1, 4, encoder, decoder_norm='plan', recompute_stride=2).train()
+    for p in kept.parameters():
+        p.data.uniform_(-0.5, 0.5)
+    recomputed = create_emcad_unet(arch, 1, 4, encoder, decoder_norm='plan', recompute_stride=2,
+                                   recompute_encoder=True).train()
+    recomputed.load_state_dict(kept.state_dict())
+    assert recomputed.encoder.recompute_stages == recomputed.decoder.recompute_stages == 2
+    # nnU-Net's own class when nothing is recomputed, a subclass of it otherwise
+    assert isinstance(recomputed.encoder, type(kept.encoder)) and type(recomputed.encoder) is not type(kept.encoder)
+    x = torch.randn(2, 1, 32, 32)
+    torch.manual_seed(1)
+    expected = outputs_and_gradients(kept, kept, x)
+    torch.manual_seed(1)
+    for a, b in zip(expected, outputs_and_gradients(recomputed, recomputed, x)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # the stride-1 stage alone keeps, among others, its two convolutions' outputs (8 channels at 32x32)
+    convs = x.shape[0] * 2 * 8 * 32 * 32 * x.element_size()
+    assert saved_activation_bytes(kept.encoder, x) - saved_activation_bytes(recomputed.encoder, x) > convs
+    with torch.no_grad():
+        torch.testing.assert_close(recomputed.eval()(x)[0], kept.eval()(x)[0], rtol=0, atol=0)
+
+
 def test_recompute_stride_counts_the_stages_along_the_most_strided_axis():
     assert [stages_up_to_stride(ACDC_2D_ARCH['strides'], s) for s in (0, 1, 2, 3, 4, 64)] == [0, 1, 2, 2, 3, 6]
     anisotropic = [[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2]]
@@ -186,6 +215,12 @@ def test_recompute_stride_counts_the_stages_along_the_most_strided_axis():
 def test_recomputing_decoder_stages_refuses_batchnorm_running_statistics():
     with pytest.raises(ValueError, match='recompute_stages needs norms without running statistics'):
         create_emcad_unet(ACDC_2D_ARCH, 1, 4, recompute_stride=1)
+
+
+def test_recomputing_encoder_stages_refuses_a_plan_with_batchnorm_running_statistics():
+    arch = dict(ACDC_2D_ARCH, norm_op='torch.nn.BatchNorm2d')
+    with pytest.raises(ValueError, match='recompute_stages needs norms without .* a plan whose norm_op keeps none'):
+        create_emcad_unet(arch, 1, 4, recompute_stride=1, recompute_encoder=True)
 
 
 def test_decoder_norm_choice():

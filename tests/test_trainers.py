@@ -232,23 +232,26 @@ def test_decoders_use_the_plans_instance_norm(cls):
     assert all(m.affine for m in decoder.modules() if isinstance(m, torch.nn.InstanceNorm2d))
 
 
-@pytest.mark.parametrize('cls, recomputed', [(T.nnUNetTrainerEMCAD, 3), (T.nnUNetTrainerEMCAD_NoRecompute, 0),
-                                             (T.nnUNetTrainerEMCAD_Stride4, 3), (T.nnUNetTrainerEMCAD3D, 3),
-                                             (T.nnUNetTrainerEMCAD_PVTb2, 1), (T.nnUNetTrainerEMCAD_PVTb0, 0)],
-                         ids=lambda v: getattr(v, '__name__', str(v)))
-def test_trainers_run_the_stages_up_to_stride_4_again_in_backward_unless_told_not_to(cls, recomputed):
+@pytest.mark.parametrize('cls, recomputed, encoder_recomputed', [
+    (T.nnUNetTrainerEMCAD, 3, 0), (T.nnUNetTrainerEMCAD_NoRecompute, 0, 0), (T.nnUNetTrainerEMCAD_Stride4, 3, 0),
+    (T.nnUNetTrainerEMCAD_ResEnc, 3, 3), (T.nnUNetTrainerEMCAD3D, 3, 0), (T.nnUNetTrainerEMCAD3D_ResEnc, 3, 3),
+    (T.nnUNetTrainerEMCAD_PVTb2, 1, 1), (T.nnUNetTrainerEMCAD_PVTb0, 0, 0)],
+    ids=lambda v: getattr(v, '__name__', str(v)))
+def test_trainers_run_the_stages_up_to_stride_4_again_in_backward_unless_told_not_to(cls, recomputed,
+                                                                                    encoder_recomputed):
     plans = make_3d_plans(anisotropic=True) if cls.dimensions == 3 else make_plans(5, [64, 64])
     configuration = '3d_fullres' if cls.dimensions == 3 else '2d'
     network = build(cls, plans, configuration).network
-    # the stages at strides 1, 2 and 4 (Stride4 decodes only the one at 4); EMCAD-B2: its first, at stride 4,
-    # in the encoder too; EMCAD-B0, the CPU trainer, none
+    # the decoder's stages at strides 1, 2 and 4 (Stride4 decodes only the one at 4), the residual encoders'
+    # too; EMCAD-B2: its first, at stride 4, in the encoder too; EMCAD-B0, the CPU trainer, none
     assert network.decoder.recompute_stages == recomputed
+    assert getattr(network.encoder, 'recompute_stages', 0) == encoder_recomputed
     if hasattr(network.encoder, 'body'):
         stages = [getattr(network.encoder.body, f'stages_{i}') for i in range(4)]  # timm's, in its feature wrapper
-        assert [s.grad_checkpointing for s in stages] == [i < recomputed for i in range(4)]
+        assert [s.grad_checkpointing for s in stages] == [i < encoder_recomputed for i in range(4)]
     keeping = type(f'{cls.__name__}Keeping', (cls,), {'recompute_stride': 0})
     kept = build(keeping, plans, configuration).network
-    assert kept.decoder.recompute_stages == 0
+    assert kept.decoder.recompute_stages == getattr(kept.encoder, 'recompute_stages', 0) == 0
     # the same weights: checkpoints move between the two
     assert {k: v.shape for k, v in network.state_dict().items()} == {k: v.shape for k, v in kept.state_dict().items()}
 
