@@ -6,6 +6,7 @@ each block holds the same parameters, in the same order and under the same sub-m
 as its official counterpart (``lib/decoders.py`` of the EMCAD repository), which keeps checkpoint import a
 matter of renaming the decoder-level containers.
 """
+from functools import reduce
 from math import gcd
 from typing import Callable, Optional, Sequence, Tuple, Type, Union
 
@@ -223,7 +224,7 @@ class MSCB(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         branches = self.msdc(self.pconv1(x))
-        combined = sum(branches) if self.add else torch.cat(branches, dim=1)
+        combined = reduce(torch.add, branches) if self.add else torch.cat(branches, dim=1)
         # pconv2 of the shuffled channels, read through pconv2's weight: shuffling a 1x1 convolution's input
         # channels in g groups is shuffling its weight's in c / g groups, so no shuffled copy of the features
         conv, norm = self.pconv2
