@@ -79,12 +79,20 @@ def _counts(spec: dict, net, channels: int, patch: List[int]) -> dict:
 
 
 def _latency(spec: dict, net, x) -> Dict[str, float]:
-    """Median inference latency at batch 1: fp32 on the CPU; AMP with and without torch.compile on CUDA."""
+    """Median inference latency at batch 1: fp32 on the CPU, there also under torch.compile when the spec asks
+    (with the first compiled call's seconds); AMP with and without torch.compile on CUDA."""
     import torch
 
     with torch.no_grad():
         if x.device.type == 'cpu':
-            return {'fp32': _median_ms(lambda: net(x), spec['warmup'], spec['repeats'], False)}
+            latency = {'fp32': _median_ms(lambda: net(x), spec['warmup'], spec['repeats'], False)}
+            if spec['cpu_compile']:
+                compiled = torch.compile(net)
+                start = time.perf_counter()
+                compiled(x)
+                latency['fp32_compile_s'] = time.perf_counter() - start
+                latency['fp32_compiled'] = _median_ms(lambda: compiled(x), spec['warmup'], spec['repeats'], False)
+            return latency
         with torch.autocast('cuda', dtype=torch.float16):
             compiled = torch.compile(net)
             return {'amp': _median_ms(lambda: net(x), spec['warmup'], spec['repeats'], True),
@@ -191,6 +199,19 @@ def report(rows: List[dict], fidelity: List[dict], args: argparse.Namespace, inf
         lines += [f"| {r['name']} | {r['latency_ms']['amp']:.2f} ms | {r['latency_ms']['amp_compiled']:.2f} ms | "
                   f"{r['cuda_train_step_ms']:.0f} ms | {r['peak_cuda_train_mb']:.0f} MB |"
                   for r in rows if 'amp' in r['latency_ms']]
+    if any('fp32_compiled' in r['latency_ms'] for r in rows):
+        lines += ['', "CPU inference under torch.compile (inductor), as `nnUNet_compile=1 nnUNetv2_predict` runs it: "
+                  "latency at batch 1 (float32), the first call's compile time, and speed against stock nnU-Net "
+                  "compiled and eager.", '',
+                  '| trainer | eager | compiled | compile time | speed vs stock compiled | speed vs stock eager |',
+                  '|---|---:|---:|---:|---:|---:|']
+        for r in rows:
+            lat = r['latency_ms']
+            base = stock['latency_ms'] if stock is not None else {}
+            lines.append(f"| {r['name']} | {lat['fp32']:.0f} ms | {lat['fp32_compiled']:.0f} ms | "
+                         f"{lat['fp32_compile_s']:.0f} s | "
+                         f"{base.get('fp32_compiled', float('nan')) / lat['fp32_compiled']:.2f}x | "
+                         f"{base.get('fp32', float('nan')) / lat['fp32_compiled']:.2f}x |")
     if stock is not None:
         lines += ['', f"## Goals against stock nnU-Net ({stock['network']})", '',
                   f"| trainer | decoder params vs stock (goal <= {GOAL_DECODER_PARAMS:.0%}) | decoder MACs vs stock "
@@ -229,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--train-batch', type=int, default=8)
     parser.add_argument('--train-repeats', type=int, default=3)
     parser.add_argument('--device', choices=['cpu', 'cuda', 'auto'], default='auto')
+    parser.add_argument('--cpu-compile', action='store_true',
+                        help='also measure CPU inference under torch.compile (inductor compiles each network '
+                             'with the C++ compiler: tens of seconds per network on 2 cores)')
     parser.add_argument('--glibc-malloc-defaults', action='store_true',
                         help="measure a 2D configuration under glibc malloc's own defaults instead of "
                              "nnunet_emcad.scripts.MALLOC_SETTINGS (which nnU-Net's commands get from this "
@@ -268,6 +292,7 @@ def main(argv=None) -> int:
         for device in devices:
             spec = dict(name=name, trainer=trainer, plans=plans_file, configuration=args.configuration,
                         threads=args.threads, warmup=args.warmup, repeats=args.repeats, device=device,
+                        cpu_compile=args.cpu_compile,
                         train_batch=args.train_batch, train_repeats=args.train_repeats)
             print(f"measuring {name} on {device} ...", flush=True)
             try:

@@ -74,6 +74,14 @@ def test_cost_report_shows_the_cuda_measurements_when_a_gpu_measured_them():
     assert '| nnUNetTrainerEMCAD | 1.50 ms | 1.25 ms | 20 ms | 300 MB |' in text
     assert '| nnUNetTrainerEMCAD | 25.0% (missed) | 25.0% (missed) | 4.00x (met) | 0.25x | 25% (met) |' in text
     assert '| 0.40 s | 200 MiB | 1000 MB |' in text and '| 0.10 s | 50 MiB | 1000 MB |' in text
+    assert 'under torch.compile (inductor)' not in text  # measured only with --cpu-compile
+    compiled = [row('nnUNetTrainer', 4), row('nnUNetTrainerEMCAD', 1)]
+    for r, (ms, seconds) in zip(compiled, ((30.0, 20.0), (15.0, 35.0))):
+        r['latency_ms'].update(fp32_compiled=ms, fp32_compile_s=seconds)
+    text = report(compiled, [], args, info)
+    assert 'CPU inference under torch.compile (inductor), as `nnUNet_compile=1 nnUNetv2_predict` runs it' in text
+    assert '| nnUNetTrainer | 40 ms | 30 ms | 20 s | 1.00x | 1.33x |' in text
+    assert '| nnUNetTrainerEMCAD | 10 ms | 15 ms | 35 s | 2.00x | 2.67x |' in text
     help_text = subprocess.run([sys.executable, os.path.join(BENCHMARKS, 'cost.py'), '--help'],
                                capture_output=True, text=True).stdout
     assert 'Cost at a plan' in help_text and '--train-batch' in help_text

@@ -9,6 +9,7 @@ import subprocess
 import time
 
 import pytest
+import SimpleITK as sitk
 import timm
 import torch
 
@@ -51,6 +52,20 @@ def test_train_predict_evaluate_with_stock_commands(planned):
          os.path.join(out, 'dataset.json'), '-pfile', os.path.join(out, 'plans.json')], env, log)
     dice = _dice(os.path.join(out, 'summary.json'))
     assert dice['1'] > 0.8 and dice['2'] > 0.7, dice  # an untrained network scores near 0 on both
+
+
+def test_compiled_prediction_on_a_cpu_writes_the_segmentations_eager_prediction_wrote(planned):
+    # as the README advises for CPU prediction: nnU-Net compiles the network (torch.compile, inductor)
+    root, env, log = planned
+    raw = os.path.join(env['nnUNet_raw'], 'Dataset901_Tiny')
+    eager, compiled = os.path.join(root, 'predictions'), os.path.join(root, 'predictions_compiled')
+    output = run(['nnUNetv2_predict', '-i', os.path.join(raw, 'imagesTs'), '-o', compiled, '-d', '901', '-c', '2d',
+                  '-f', '0', '-tr', 'nnUNetTrainerEMCAD_smoke', '-device', 'cpu', '-npp', '1', '-nps', '1'],
+                 dict(env, nnUNet_compile='1'), log)
+    assert 'Using torch.compile' in output
+    for case in ('caseTs000.png', 'caseTs001.png', 'caseTs002.png'):
+        want, got = (sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, case))) for folder in (eager, compiled))
+        assert (got == want).mean() > 0.999, case  # float rounding may flip a boundary pixel, no more
 
 
 def test_validation_rerun_with_val_flag(planned):
