@@ -1,6 +1,7 @@
-"""Test helpers: official-format state dicts made from our networks (the inverse of the checkpoint import), and
-outputs with gradients for comparing two ways of computing the same thing."""
+"""Test helpers: official-format state dicts made from our networks (the inverse of the checkpoint import),
+outputs with gradients for comparing two ways of computing the same thing, and the README's sections."""
 import math
+import os
 import re
 from typing import Callable, Dict, List
 
@@ -70,3 +71,22 @@ def outputs_and_gradients(forward: Callable, module: nn.Module, x: torch.Tensor)
     outs = list(out) if isinstance(out, (list, tuple)) else [out]
     torch.autograd.backward(outs, [torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o) for o in outs])
     return [o.detach() for o in outs] + [xi.grad] + [p.grad.clone() for p in module.parameters()]
+
+
+README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'README.md')
+
+
+def readme_text() -> str:
+    """The README, whole."""
+    with open(README) as f:
+        return f.read()
+
+
+def readme_section(heading: str) -> str:
+    """The README's text under ``heading`` (e.g. '### Predicting on a CPU'), up to the next heading of level 2 or 3."""
+    return re.split(r'\n#{2,3} ', readme_text().split(f'\n{heading}\n', 1)[1], maxsplit=1)[0]
+
+
+def code_block(text: str, language: str) -> str:
+    """The first ``language`` code block in ``text``."""
+    return re.search(rf'```{language}\n(.*?)```', text, re.S).group(1)

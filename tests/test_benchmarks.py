@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from helpers import readme_text
 from nnunet_emcad.benchmarking import malloc_note
 from nnunet_emcad.scripts import nnunet_env
 from test_trainers import DATASET_JSON, make_plans
@@ -180,9 +181,8 @@ def test_accuracy_report_says_how_glibc_malloc_was_set_in_its_runs():
 
 
 def test_gpu_check_runs_end_to_end_as_a_cpu_dry_run_with_the_readmes_trainers(tmp_path):
-    with open(os.path.join(os.path.dirname(BENCHMARKS), 'README.md')) as f:
-        # the README's way to price recomputing on the GPU
-        trainers = re.search(r'`--trainers ([\w\s]+)` prices recomputing', f.read()).group(1).split()
+    # the README's way to price recomputing on the GPU
+    trainers = re.search(r'`--trainers ([\w\s]+)` prices recomputing', readme_text()).group(1).split()
     plans_dir = tmp_path / 'Dataset999_Plans'
     plans_dir.mkdir()
     (plans_dir / 'nnUNetPlans.json').write_text(json.dumps(make_plans(3, [32, 32])))

@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import time
@@ -13,6 +14,7 @@ import SimpleITK as sitk
 import timm
 import torch
 
+from helpers import code_block, readme_section
 from nnunet_emcad.scripts import nnunet_env
 from tiny_data import assert_onnx_matches_pytorch, copy_planned, export_trained_fold, run
 
@@ -54,14 +56,16 @@ def test_train_predict_evaluate_with_stock_commands(planned):
     assert dice['1'] > 0.8 and dice['2'] > 0.7, dice  # an untrained network scores near 0 on both
 
 
-def test_compiled_prediction_on_a_cpu_writes_the_segmentations_eager_prediction_wrote(planned):
-    # as the README advises for CPU prediction: nnU-Net compiles the network (torch.compile, inductor)
+def test_compiled_prediction_on_a_cpu_runs_as_the_readme_writes_it_and_writes_the_eager_segmentations(planned):
+    # nnU-Net compiles the network (torch.compile, inductor) when nnUNet_compile is set
     root, env, log = planned
     raw = os.path.join(env['nnUNet_raw'], 'Dataset901_Tiny')
     eager, compiled = os.path.join(root, 'predictions'), os.path.join(root, 'predictions_compiled')
-    output = run(['nnUNetv2_predict', '-i', os.path.join(raw, 'imagesTs'), '-o', compiled, '-d', '901', '-c', '2d',
-                  '-f', '0', '-tr', 'nnUNetTrainerEMCAD_smoke', '-device', 'cpu', '-npp', '1', '-nps', '1'],
-                 dict(env, nnUNet_compile='1'), log)
+    setting, *command = shlex.split(code_block(readme_section('### Predicting on a CPU'), 'bash'))
+    assert setting == 'nnUNet_compile=1' and command[0] == 'nnUNetv2_predict'
+    ours = {'IN': os.path.join(raw, 'imagesTs'), 'OUT': compiled, '27': '901',
+            'nnUNetTrainerEMCAD': 'nnUNetTrainerEMCAD_smoke'}
+    output = run([ours.get(word, word) for word in command], dict(env, nnUNet_compile='1'), log)
     assert 'Using torch.compile' in output
     for case in ('caseTs000.png', 'caseTs001.png', 'caseTs002.png'):
         want, got = (sitk.GetArrayFromImage(sitk.ReadImage(os.path.join(folder, case))) for folder in (eager, compiled))

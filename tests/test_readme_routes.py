@@ -5,21 +5,9 @@ import re
 import subprocess
 import sys
 
+from helpers import code_block, readme_section
 from nnunet_emcad.demo_data import make_synthetic_dataset
 from nnunet_emcad.scripts import MALLOC_SETTINGS
-
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'README.md')
-
-
-def _section(heading: str) -> str:
-    with open(README) as f:
-        text = f.read()
-    return re.split(r'\n#{2,3} ', text.split(f'\n{heading}\n', 1)[1], maxsplit=1)[0]
-
-
-def _block(section: str, language: str) -> str:
-    return re.search(rf'```{language}\n(.*?)```', section, re.S).group(1)
-
 
 def _user_env(home) -> dict:
     """A fresh shell of a user whose home is ``home``: no nnU-Net settings, this interpreter's scripts on PATH."""
@@ -30,7 +18,7 @@ def _user_env(home) -> dict:
 
 def test_the_cpu_route_runs_as_written_on_generated_images(tmp_path):
     """Generated images stand in for ACDC under its name: the commands run unchanged."""
-    script = _block(_section('### On a CPU: a first model in minutes'), 'bash')
+    script = code_block(readme_section('### On a CPU: a first model in minutes'), 'bash')
     make_synthetic_dataset(str(tmp_path / 'nnUNet_raw'), 27, n_train=10, n_test=3, name='ACDC')
     proc = subprocess.run(['bash', '-e', '-c', script], env=_user_env(tmp_path), cwd=tmp_path, capture_output=True,
                           text=True, timeout=1500, stdin=subprocess.DEVNULL)
@@ -45,14 +33,14 @@ def test_the_cpu_route_runs_as_written_on_generated_images(tmp_path):
 
 
 def test_the_cpu_routes_malloc_line_sets_what_the_projects_own_commands_get():
-    script = _block(_section('### On a CPU: a first model in minutes'), 'bash')
+    script = code_block(readme_section('### On a CPU: a first model in minutes'), 'bash')
     line = next(line for line in script.splitlines() if 'MALLOC_' in line)
     assert dict(re.findall(r'(MALLOC_\w+)=(\d+)', line)) == MALLOC_SETTINGS
 
 
 def test_your_own_schedule_from_the_readme_is_found_next_to_the_plugins_trainers(tmp_path):
-    section = _section('### On a CPU: a first model in minutes')
-    code = _block(section, 'python')
+    section = readme_section('### On a CPU: a first model in minutes')
+    code = code_block(section, 'python')
     path = os.path.expanduser(code.splitlines()[0].lstrip('# ').replace('~', str(tmp_path)))
     os.makedirs(os.path.dirname(path))
     with open(path, 'w') as f:

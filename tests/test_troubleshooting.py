@@ -11,7 +11,7 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from helpers import official_state_dict
+from helpers import official_state_dict, readme_text
 from nnunet_emcad.emcad import create_emcad_pvt
 from nnunet_emcad.plans import create_emcad_unet
 from nnunet_emcad.scripts import nnunet_env
@@ -20,7 +20,6 @@ from test_trainers import DATASET_JSON, make_plans
 from tiny_data import copy_planned
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-README = os.path.join(os.path.dirname(TESTS), 'README.md')
 BIN = os.path.dirname(sys.executable)
 PLANNED = 'Dataset999_Plans'  # the data set name make_plans writes
 DAMAGED = bytes([0xff]) * 4096  # bytes that are no checkpoint (a disk error, a wrong file)
@@ -29,9 +28,7 @@ RAN = []  # the console scripts the current test ran
 
 def readme_rows() -> list:
     """(message, command) of each row of the README's troubleshooting table."""
-    with open(README) as f:
-        text = f.read()
-    table = text.split('## Troubleshooting', 1)[1].split('\n\n| you see', 1)[1].split('\n\n', 1)[0]
+    table = readme_text().split('## Troubleshooting', 1)[1].split('\n\n| you see', 1)[1].split('\n\n', 1)[0]
     rows = []
     for line in table.splitlines()[2:]:
         cells = [c.strip() for c in line.strip('|').split(' | ')]
