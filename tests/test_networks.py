@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from nnunet_emcad.counting import saved_activation_bytes
 from nnunet_emcad.emcad import create_emcad_pvt, stages_up_to_stride
 from nnunet_emcad.plans import create_emcad_unet, decoded_first_stage, first_stage_at_stride
-from helpers import outputs_and_gradients
+from helpers import assert_same_outputs_and_gradients
 
 ACDC_2D_ARCH = {  # what nnU-Net 2.8 plans for Dataset027_ACDC 2d (patch 256x224)
     'n_stages': 6, 'features_per_stage': [32, 64, 128, 256, 512, 512],
@@ -148,8 +148,7 @@ def test_recomputed_decoder_stages_give_the_same_outputs_and_gradients_and_keep_
     recomputed.load_state_dict(kept.state_dict())
     assert recomputed.decoder.recompute_stages == 2 and kept.decoder.recompute_stages == 0
     x = torch.randn(2, 1, 32, 32)
-    for a, b in zip(outputs_and_gradients(kept, kept, x), outputs_and_gradients(recomputed, recomputed, x)):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_same_outputs_and_gradients(kept, recomputed, x)
     # the stride-1 stage alone keeps, among others, MSCB's three branches at twice its width (2 x 8 channels)
     branches = x.shape[0] * 3 * 2 * 8 * 32 * 32 * x.element_size()
     assert saved_activation_bytes(kept, x) - saved_activation_bytes(recomputed, x) > branches
@@ -166,11 +165,7 @@ def test_recomputed_pvt_stages_give_the_same_outputs_and_gradients_and_keep_less
     recomputed.load_state_dict(kept.state_dict())
     assert recomputed.encoder.recompute_stages == recomputed.decoder.recompute_stages == 2  # strides 4 and 8
     x = torch.randn(2, 1, 64, 64)
-    torch.manual_seed(1)
-    expected = outputs_and_gradients(kept, kept, x)
-    torch.manual_seed(1)
-    for a, b in zip(expected, outputs_and_gradients(recomputed, recomputed, x)):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_same_outputs_and_gradients(kept, recomputed, x)
     # the encoder's first stage alone keeps, among others, its two blocks' MLP hidden features (8 x 32 channels
     # at 16x16); the decoder's, MSCB's three branches at twice its width (2 x 32 channels)
     hidden = 2 * x.shape[0] * 8 * 32 * 16 * 16 * x.element_size()
@@ -194,11 +189,7 @@ def test_recomputed_nnunet_encoder_stages_give_the_same_outputs_and_gradients_an
     # nnU-Net's own class when nothing is recomputed, a subclass of it otherwise
     assert isinstance(recomputed.encoder, type(kept.encoder)) and type(recomputed.encoder) is not type(kept.encoder)
     x = torch.randn(2, 1, 32, 32)
-    torch.manual_seed(1)
-    expected = outputs_and_gradients(kept, kept, x)
-    torch.manual_seed(1)
-    for a, b in zip(expected, outputs_and_gradients(recomputed, recomputed, x)):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert_same_outputs_and_gradients(kept, recomputed, x)
     # the stride-1 stage alone keeps, among others, its two convolutions' outputs (8 channels at 32x32)
     convs = x.shape[0] * 2 * 8 * 32 * 32 * x.element_size()
     assert saved_activation_bytes(kept.encoder, x) - saved_activation_bytes(recomputed.encoder, x) > convs
