@@ -73,7 +73,6 @@ def outputs_and_gradients(forward: Callable, module: nn.Module, x: torch.Tensor)
     return [o.detach() for o in outs] + [xi.grad] + [p.grad.clone() for p in module.parameters()]
 
 
-
 def assert_same_outputs_and_gradients(expected: nn.Module, got: nn.Module, x: torch.Tensor) -> None:
     """``got`` gives exactly ``expected``'s outputs and gradients on ``x``, each run from the same random state
     (dropout and drop path draw the same numbers)."""
@@ -82,6 +81,7 @@ def assert_same_outputs_and_gradients(expected: nn.Module, got: nn.Module, x: to
     torch.manual_seed(1)
     for a, b in zip(want, outputs_and_gradients(got, got, x)):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
 
 README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'README.md')
 
