@@ -212,9 +212,9 @@ def report(rows: List[dict], fidelity: List[dict], args: argparse.Namespace, inf
                   "runs reuse it), and speed against stock nnU-Net compiled and eager.", '',
                   '| trainer | eager | compiled | compile time | speed vs stock compiled | speed vs stock eager |',
                   '|---|---:|---:|---:|---:|---:|']
+        base = stock['latency_ms'] if stock is not None else {}
         for r in rows:
             lat = r['latency_ms']
-            base = stock['latency_ms'] if stock is not None else {}
             lines.append(f"| {r['name']} | {lat['fp32']:.0f} ms | {lat['fp32_compiled']:.0f} ms | "
                          f"{lat['fp32_compile_s']:.0f} s | "
                          f"{base.get('fp32_compiled', float('nan')) / lat['fp32_compiled']:.2f}x | "

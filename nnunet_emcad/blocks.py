@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
+from torch.utils.checkpoint import checkpoint
 
 from dynamic_network_architectures.building_blocks.helper import get_matching_batchnorm
 
@@ -56,6 +57,13 @@ def make_activation(name: str, inplace: bool = True) -> nn.Module:
     if name == 'hswish':
         return nn.Hardswish(inplace)
     raise ValueError(f"unknown activation {name!r}; choose one of {', '.join(ACTIVATIONS)}")
+
+
+def run_stage(fn: Callable[..., torch.Tensor], *args, recompute: bool) -> torch.Tensor:
+    """``fn(*args)``; with ``recompute``, keeping only the inputs for backward and running ``fn`` again there
+    (``torch.utils.checkpoint``, non-reentrant: the random state is replayed, so outputs and gradients are the
+    same)."""
+    return checkpoint(fn, *args, use_reentrant=False) if recompute else fn(*args)
 
 
 def require_no_running_stats(module: nn.Module, fix: str) -> None:

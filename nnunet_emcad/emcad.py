@@ -13,10 +13,9 @@ import torch.nn.functional as F
 from timm.models import FeatureListNet
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
-from torch.utils.checkpoint import checkpoint
 
 from nnunet_emcad.blocks import (CAB, EUCB, LGAG, MSCB, SAB, NormFactory, along_axes, init_emcad_weights,
-                                 require_no_running_stats)
+                                 require_no_running_stats, run_stage)
 from nnunet_emcad.checkpoints import check_state_dict, load_pvt_v2_weights
 
 # (stage-1 width, blocks per stage) of each PVTv2 variant, as timm and the original PVT code define them.
@@ -128,10 +127,8 @@ class EMCADDecoder(nn.Module):
         features = [d]
         recompute = self.training and torch.is_grad_enabled()
         for stage in range(len(skips) - 2, self.first_output_stage - 1, -1):
-            if recompute and stage < self.recompute_stages:
-                d = checkpoint(self._decode_stage, d, skips[stage], stage, use_reentrant=False)
-            else:
-                d = self._decode_stage(d, skips[stage], stage)
+            d = run_stage(self._decode_stage, d, skips[stage], stage,
+                          recompute=recompute and stage < self.recompute_stages)
             features.append(d)
         features.reverse()
         if not self.deep_supervision:

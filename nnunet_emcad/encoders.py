@@ -9,14 +9,13 @@ from typing import List, Union
 import torch
 from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
 from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
-from torch.utils.checkpoint import checkpoint
 
-from nnunet_emcad.blocks import require_no_running_stats
+from nnunet_emcad.blocks import require_no_running_stats, run_stage
 
 
 class _RecomputedStages:
     """The shallowest ``recompute_stages`` stages (the first with the stem, where there is one) keep only their
-    input for backward and run again there (``torch.utils.checkpoint``, non-reentrant, random state replayed)."""
+    input for backward and run again there (``blocks.run_stage``)."""
 
     def __init__(self, *args, recompute_stages: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -25,7 +24,7 @@ class _RecomputedStages:
             require_no_running_stats(self, "use a plan whose norm_op keeps none (nnU-Net's default plans: instance "
                                            "norm), or recompute no encoder stage")
 
-    def _run_stage(self, x: torch.Tensor, stage: int) -> torch.Tensor:
+    def _forward_stage(self, x: torch.Tensor, stage: int) -> torch.Tensor:
         if stage == 0 and getattr(self, 'stem', None) is not None:
             x = self.stem(x)
         return self.stages[stage](x)
@@ -35,10 +34,7 @@ class _RecomputedStages:
             return super().forward(x)
         skips = []
         for stage in range(len(self.stages)):
-            if stage < self.recompute_stages:
-                x = checkpoint(self._run_stage, x, stage, use_reentrant=False)
-            else:
-                x = self._run_stage(x, stage)
+            x = run_stage(self._forward_stage, x, stage, recompute=stage < self.recompute_stages)
             skips.append(x)
         return skips if self.return_skips else skips[-1]
 
