@@ -41,6 +41,35 @@ def _norm(norm_op: NormFactory, conv_op: Type[_ConvNd]) -> Callable[[int], nn.Mo
     return norm_op if norm_op is not None else get_matching_batchnorm(conv_op)
 
 
+class _InstanceNormThroughGroupNormOnCPU:
+    """Instance norm that runs, on the CPU, through torch's group-norm kernel with one group per channel.
+
+    One group per channel is instance norm's normalisation (per sample and channel over the spatial dims, the
+    same ``eps``, weight and bias, the same parameters), and group norm's CPU kernel is several times faster
+    than ``instance_norm``'s route through batch norm, in forward and backward. Elsewhere the norm's own
+    forward: on CUDA autocast would run group norm in float32 (instance norm keeps float16), and with
+    running statistics or unbatched input only instance norm applies.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != 'cpu' or self.track_running_stats or x.dim() == self._get_no_batch_dim():
+            return super().forward(x)
+        return F.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
+
+
+class InstanceNorm2dCPU(_InstanceNormThroughGroupNormOnCPU, nn.InstanceNorm2d):
+    """``nn.InstanceNorm2d`` (same parameters) whose CPU forward takes group norm's faster kernel."""
+
+
+class InstanceNorm3dCPU(_InstanceNormThroughGroupNormOnCPU, nn.InstanceNorm3d):
+    """``nn.InstanceNorm3d`` (same parameters) whose CPU forward takes group norm's faster kernel."""
+
+
+def fast_cpu_norm(norm_op: Type[nn.Module]) -> Type[nn.Module]:
+    """``InstanceNorm2dCPU``/``3dCPU`` for torch's instance norms, otherwise ``norm_op`` itself."""
+    return {nn.InstanceNorm2d: InstanceNorm2dCPU, nn.InstanceNorm3d: InstanceNorm3dCPU}.get(norm_op, norm_op)
+
+
 def make_activation(name: str, inplace: bool = True) -> nn.Module:
     """The activation layers the official code can choose by name (leaky slope and PReLU init 0.2)."""
     name = name.lower()
@@ -158,15 +187,25 @@ def _spatial_dims(x: torch.Tensor) -> Tuple[int, ...]:
     return tuple(range(2, x.ndim))
 
 
-def spatial_max(x: torch.Tensor) -> torch.Tensor:
-    """The maximum over the spatial dims, kept as size-1 dims, as the official ``AdaptiveMaxPool2d(1)`` takes it.
+def max_along(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """The maximum of ``x`` along ``dim``, kept as a size-1 dim.
 
-    Like ``torch.max(x, dim)`` (SAB), its backward routes the gradient through the argmax. ``amax`` gives the
-    same values, but its backward finds the maximum again by comparing the input with the stored result: under
-    float16/bfloat16 autocast, inductor (``torch.compile``) can keep a fused input in higher precision than
-    the stored result, the comparison then matches nothing, and every gradient becomes 0/0 = NaN.
+    Where a gradient is needed, ``torch.max``'s: its backward routes the gradient through the argmax. ``amax``
+    gives the same values, but its backward finds the maximum again by comparing the input with the stored
+    result: under float16/bfloat16 autocast, inductor (``torch.compile``) can keep a fused input in higher
+    precision than the stored result, the comparison then matches nothing, and every gradient becomes
+    0/0 = NaN. Without a gradient, ``amax``: the same values without the indices, which on the CPU cost far
+    more than the maximum itself.
     """
-    return x.flatten(2).max(dim=2).values.reshape(x.shape[:2] + (1,) * (x.ndim - 2))
+    if torch.is_grad_enabled() and x.requires_grad:
+        return torch.max(x, dim=dim, keepdim=True).values
+    return x.amax(dim=dim, keepdim=True)
+
+
+def spatial_max(x: torch.Tensor) -> torch.Tensor:
+    """The maximum over the spatial dims, kept as size-1 dims, as the official ``AdaptiveMaxPool2d(1)`` takes it
+    (``max_along``: its gradient through the argmax)."""
+    return max_along(x.flatten(2), 2).reshape(x.shape[:2] + (1,) * (x.ndim - 2))
 
 
 class MSDC(nn.Module):
@@ -271,7 +310,7 @@ class SAB(nn.Module):
         self.conv = depthwise_sum_conv_op(conv_op)(2, 1, kernel_size, padding=same_padding(kernel_size), bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pooled = torch.cat([x.mean(dim=1, keepdim=True), torch.max(x, dim=1, keepdim=True).values], dim=1)
+        pooled = torch.cat([x.mean(dim=1, keepdim=True), max_along(x, 1)], dim=1)
         return torch.sigmoid(self.conv(pooled))
 
 

@@ -13,7 +13,7 @@ from dynamic_network_architectures.building_blocks.residual_encoders import Resi
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
-from nnunet_emcad.blocks import NormFactory
+from nnunet_emcad.blocks import NormFactory, fast_cpu_norm
 from nnunet_emcad.emcad import EMCADNet, stages_up_to_stride, total_strides
 from nnunet_emcad.encoders import RECOMPUTED
 
@@ -92,8 +92,10 @@ def decoded_first_stage(strides: Sequence, decoder_stride: int) -> int:
 
 
 def plan_norm(arch_kwargs: Mapping) -> NormFactory:
-    """The plan's normalisation (``norm_op`` with ``norm_op_kwargs``, resolved) as a factory of the channel count."""
-    return partial(arch_kwargs['norm_op'], **(arch_kwargs.get('norm_op_kwargs') or {}))
+    """The plan's normalisation (``norm_op`` with ``norm_op_kwargs``, resolved) as a factory of the channel count,
+    for the decoder: instance norm as ``blocks.fast_cpu_norm``'s subclass (the same normalisation and parameters,
+    a faster CPU kernel). The encoder keeps the plan's class, as stock nnU-Net builds it."""
+    return partial(fast_cpu_norm(arch_kwargs['norm_op']), **(arch_kwargs.get('norm_op_kwargs') or {}))
 
 
 def create_emcad_unet(arch_kwargs: Mapping, input_channels: int, num_classes: int, encoder: str = 'plain',

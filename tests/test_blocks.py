@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from nnunet_emcad.blocks import (CAB, EUCB, LGAG, MSCB, MSDC, SAB, DepthwiseSumConv2d, DepthwiseSumConv3d,
-                                 channel_shuffle, make_activation, spatial_max)
+                                 InstanceNorm2dCPU, InstanceNorm3dCPU, channel_shuffle, fast_cpu_norm,
+                                 make_activation, max_along, spatial_max)
 from nnunet_emcad.emcad import EMCADDecoder
 from helpers import outputs_and_gradients
 
@@ -165,6 +166,57 @@ def test_sab_pools_mean_then_max():
     x.requires_grad_()
     sab(x).sum().backward()
     assert ((x.grad != 0).sum(1) == 1).all()  # the max's gradient goes to one channel per pixel, as torch.max
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('shape', [(2, 6, 5, 7), (2, 6, 3, 5, 4)])
+def test_max_without_gradients_takes_the_same_values_as_with_them(shape, dtype):
+    x = torch.randn(*shape, dtype=dtype)
+    x[0, 0].fill_(1.5)  # ties
+    for dim in (1, 2):
+        with torch.no_grad():
+            values = max_along(x, dim)
+        torch.testing.assert_close(values, torch.max(x, dim, keepdim=True).values, rtol=0, atol=0)
+        torch.testing.assert_close(values, max_along(x.clone().requires_grad_(), dim).detach(), rtol=0, atol=0)
+    sab = SAB(conv_op=nn.Conv2d if len(shape) == 4 else nn.Conv3d).to(dtype)
+    with torch.no_grad():
+        pooled, attention = spatial_max(x), sab(x)
+    torch.testing.assert_close(pooled, spatial_max(x.clone().requires_grad_()).detach(), rtol=0, atol=0)
+    torch.testing.assert_close(attention, sab(x.clone().requires_grad_()).detach(), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('affine', [True, False])
+@pytest.mark.parametrize('dims', [2, 3])
+def test_instance_norm_through_the_group_norm_kernel_equals_instance_norm_in_outputs_and_gradients(dims, affine,
+                                                                                                  dtype):
+    torch.manual_seed(0)
+    torch_norm, ours = (nn.InstanceNorm2d, InstanceNorm2dCPU) if dims == 2 else (nn.InstanceNorm3d, InstanceNorm3dCPU)
+    assert fast_cpu_norm(torch_norm) is ours and fast_cpu_norm(nn.BatchNorm2d) is nn.BatchNorm2d
+    want, got = torch_norm(6, affine=affine).to(dtype), ours(6, affine=affine).to(dtype)
+    if affine:
+        want.weight.data.uniform_(0.5, 1.5)
+        want.bias.data.uniform_(-1, 1)
+    got.load_state_dict(want.state_dict())
+    assert list(got.state_dict()) == list(want.state_dict()) and isinstance(got, torch_norm)
+    x = 3 * torch.randn(2, 6, *((9, 7) if dims == 2 else (5, 6, 4)), dtype=dtype) + 2
+    results = [outputs_and_gradients(norm, norm, x) for norm in (want, got)]
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a)
+    with torch.profiler.profile() as profile:
+        got(x)
+    assert {e.key for e in profile.key_averages()} >= {'aten::native_group_norm'}
+
+
+def test_instance_norm_with_running_statistics_keeps_instance_norms_forward():
+    torch.manual_seed(0)
+    want, got = nn.InstanceNorm2d(4, track_running_stats=True), InstanceNorm2dCPU(4, track_running_stats=True)
+    x = torch.randn(3, 4, 6, 6)
+    torch.testing.assert_close(got(x), want(x), rtol=0, atol=0)  # training: updates the running statistics
+    torch.testing.assert_close(got.running_mean, want.running_mean, rtol=0, atol=0)
+    want.eval(), got.eval()
+    torch.testing.assert_close(got(x), want(x), rtol=0, atol=0)  # eval: normalises with them
+    torch.testing.assert_close(InstanceNorm2dCPU(4)(x[0]), nn.InstanceNorm2d(4)(x[0]), rtol=0, atol=0)  # unbatched
 
 
 def test_lgag_gates_the_skip():
