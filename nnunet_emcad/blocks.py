@@ -65,9 +65,12 @@ class InstanceNorm3dCPU(_InstanceNormThroughGroupNormOnCPU, nn.InstanceNorm3d):
     """``nn.InstanceNorm3d`` (same parameters) whose CPU forward takes group norm's faster kernel."""
 
 
+CPU_INSTANCE_NORMS = {nn.InstanceNorm2d: InstanceNorm2dCPU, nn.InstanceNorm3d: InstanceNorm3dCPU}
+
+
 def fast_cpu_norm(norm_op: Type[nn.Module]) -> Type[nn.Module]:
     """``InstanceNorm2dCPU``/``3dCPU`` for torch's instance norms, otherwise ``norm_op`` itself."""
-    return {nn.InstanceNorm2d: InstanceNorm2dCPU, nn.InstanceNorm3d: InstanceNorm3dCPU}.get(norm_op, norm_op)
+    return CPU_INSTANCE_NORMS.get(norm_op, norm_op)
 
 
 def make_activation(name: str, inplace: bool = True) -> nn.Module:

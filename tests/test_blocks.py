@@ -214,7 +214,8 @@ def test_instance_norm_with_running_statistics_keeps_instance_norms_forward():
     x = torch.randn(3, 4, 6, 6)
     torch.testing.assert_close(got(x), want(x), rtol=0, atol=0)  # training: updates the running statistics
     torch.testing.assert_close(got.running_mean, want.running_mean, rtol=0, atol=0)
-    want.eval(), got.eval()
+    want.eval()
+    got.eval()
     torch.testing.assert_close(got(x), want(x), rtol=0, atol=0)  # eval: normalises with them
     torch.testing.assert_close(InstanceNorm2dCPU(4)(x[0]), nn.InstanceNorm2d(4)(x[0]), rtol=0, atol=0)  # unbatched
 
