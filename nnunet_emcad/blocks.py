@@ -144,6 +144,51 @@ def grouped_conv_op(conv_op: Type[_ConvNd]) -> Type[_ConvNd]:
     return GroupedConv3d if conv_op is nn.Conv3d else conv_op
 
 
+class _ChannelScale:
+    """Runs a depth-wise convolution whose kernel is a single tap (1x1, 1x1x1) as what it is: every channel
+    times its own weight, plus its bias.
+
+    The parameters stay the conv's own, so checkpoints load unchanged. Why: on the CPU oneDNN runs such a conv
+    like any depth-wise conv, with a change to its blocked layout and back around it, several times the cost
+    of the product; on the GPU the product is an elementwise op that inductor fuses with the norm after it.
+    It computes in the dtype the convolution would: autocast's (float16, bfloat16) where autocast is on.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if not (self.groups == self.in_channels == self.out_channels and set(self.kernel_size) == {1}
+                and set(self.stride) == {1} and not any(self.padding)):
+            raise ValueError(f"{type(self).__name__} is a depth-wise conv with a single-tap kernel, stride 1 and no "
+                             f"padding; got {self.in_channels}->{self.out_channels} channels in {self.groups} "
+                             f"groups, kernel {self.kernel_size}, stride {self.stride}, padding {self.padding}; "
+                             f"use a plain convolution for those")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device = x.device.type
+        autocast = (x.dtype != torch.float64 and torch.amp.is_autocast_available(device)
+                    and torch.is_autocast_enabled(device))
+        dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
+        per_channel = (-1,) + (1,) * len(self.kernel_size)
+        out = x.to(dtype) * self.weight.to(dtype).view(per_channel)
+        return out if self.bias is None else out + self.bias.to(dtype).view(per_channel)
+
+
+class ChannelScaleConv2d(_ChannelScale, nn.Conv2d):
+    """A depth-wise ``nn.Conv2d`` with a 1x1 kernel, computed as a per-channel product (same parameters)."""
+
+
+class ChannelScaleConv3d(_ChannelScale, nn.Conv3d):
+    """A depth-wise ``nn.Conv3d`` with a 1x1x1 kernel, computed as a per-channel product (same parameters)."""
+
+
+def depthwise_conv_op(conv_op: Type[_ConvNd], kernel_size: KernelT) -> Type[_ConvNd]:
+    """The conv type for a depth-wise conv with ``kernel_size``: ``ChannelScaleConv2d``/``3d`` for a single-tap
+    kernel, otherwise ``grouped_conv_op(conv_op)``."""
+    if set(kernel_size if isinstance(kernel_size, (tuple, list)) else (kernel_size,)) == {1}:
+        return ChannelScaleConv3d if issubclass(conv_op, nn.Conv3d) else ChannelScaleConv2d
+    return grouped_conv_op(conv_op)
+
+
 class _DepthwiseThenSum:
     """Runs a convolution with one output channel per group as a depth-wise conv and a sum over each group.
 
@@ -215,7 +260,8 @@ class MSDC(nn.Module):
     """Multi-scale depth-wise convolution: one depth-wise conv + BN + activation branch per kernel size.
 
     In parallel mode every branch reads the block input; in sequential mode each branch's output is added to
-    the input of the next. Returns the list of branch outputs.
+    the input of the next. Returns the list of branch outputs. The 1x1 branch's conv is a per-channel product
+    (``ChannelScaleConv2d``/``3d``, same parameters).
     """
 
     def __init__(self, channels: int, kernel_sizes: Sequence[KernelT] = (1, 3, 5), activation: str = 'relu6',
@@ -225,7 +271,8 @@ class MSDC(nn.Module):
         self.dw_parallel = dw_parallel
         self.dwconvs = nn.ModuleList([
             nn.Sequential(
-                grouped_conv_op(conv_op)(channels, channels, k, 1, same_padding(k), groups=channels, bias=False),
+                depthwise_conv_op(conv_op, k)(channels, channels, k, 1, same_padding(k), groups=channels,
+                                              bias=False),
                 norm_op(channels),
                 make_activation(activation),
             )

@@ -5,9 +5,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_emcad.blocks import (CAB, EUCB, LGAG, MSCB, MSDC, SAB, DepthwiseSumConv2d, DepthwiseSumConv3d,
-                                 InstanceNorm2dCPU, InstanceNorm3dCPU, channel_shuffle, fast_cpu_norm,
-                                 make_activation, max_along, spatial_max)
+from nnunet_emcad.blocks import (CAB, EUCB, LGAG, MSCB, MSDC, SAB, ChannelScaleConv2d, ChannelScaleConv3d,
+                                 DepthwiseSumConv2d, DepthwiseSumConv3d, GroupedConv3d, InstanceNorm2dCPU,
+                                 InstanceNorm3dCPU, channel_shuffle, fast_cpu_norm, make_activation, max_along,
+                                 spatial_max)
 from nnunet_emcad.emcad import EMCADDecoder
 from helpers import outputs_and_gradients
 
@@ -264,6 +265,63 @@ def test_depthwise_sum_conv_refuses_more_than_one_output_channel_per_group():
         DepthwiseSumConv2d(8, 8, 3, padding=1, groups=4)
     with pytest.raises(ValueError, match='zero padding'):
         DepthwiseSumConv2d(8, 4, 3, padding=1, groups=4, padding_mode='reflect')
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+@pytest.mark.parametrize('dims', [2, 3])
+@pytest.mark.parametrize('bias', [False, True])
+@pytest.mark.parametrize('batched', [True, False])
+def test_channel_scale_conv_equals_the_single_tap_depthwise_conv_in_outputs_and_gradients(dims, dtype, bias, batched):
+    torch.manual_seed(0)
+    conv_type, rewritten_type = (nn.Conv2d, ChannelScaleConv2d) if dims == 2 else (nn.Conv3d, ChannelScaleConv3d)
+    conv = conv_type(6, 6, 1, groups=6, bias=bias).to(dtype)
+    rewritten = rewritten_type(6, 6, 1, groups=6, bias=bias).to(dtype)
+    assert [(n, p.shape) for n, p in rewritten.named_parameters()] == \
+        [(n, p.shape) for n, p in conv.named_parameters()]
+    rewritten.load_state_dict(conv.state_dict())
+    size = (11, 9) if dims == 2 else (5, 7, 6)
+    x = torch.randn(*(2,) * batched, 6, *size, dtype=dtype)
+    x_conv, x_rewritten = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out_conv, out_rewritten = conv(x_conv), rewritten(x_rewritten)
+    torch.testing.assert_close(out_rewritten, out_conv)
+    upstream = torch.randn_like(out_conv)
+    out_conv.backward(upstream)
+    out_rewritten.backward(upstream)
+    torch.testing.assert_close(x_rewritten.grad, x_conv.grad)
+    for (name, p_rewritten), p_conv in zip(rewritten.named_parameters(), conv.parameters()):
+        torch.testing.assert_close(p_rewritten.grad, p_conv.grad, msg=name)
+
+
+def test_channel_scale_conv_keeps_the_dtype_a_convolution_gives_under_autocast():
+    conv, rewritten = nn.Conv2d(4, 4, 1, groups=4), ChannelScaleConv2d(4, 4, 1, groups=4)
+    rewritten.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 4, 8, 8)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out_conv, out_rewritten = conv(x), rewritten(x)
+    assert out_rewritten.dtype == out_conv.dtype == torch.bfloat16
+    torch.testing.assert_close(out_rewritten, out_conv, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize('kwargs, mistake', [(dict(in_channels=4, out_channels=4, kernel_size=3, padding=1, groups=4),
+                                              'kernel'),
+                                             (dict(in_channels=4, out_channels=8, kernel_size=1, groups=4),
+                                              '4->8 channels'),
+                                             (dict(in_channels=4, out_channels=4, kernel_size=1, groups=2),
+                                              'in 2 groups'),
+                                             (dict(in_channels=4, out_channels=4, kernel_size=1, stride=2, groups=4),
+                                              'stride')])
+def test_channel_scale_conv_refuses_anything_but_a_single_tap_depthwise_conv(kwargs, mistake):
+    with pytest.raises(ValueError, match='single-tap kernel') as error:
+        ChannelScaleConv2d(**kwargs)
+    assert mistake in str(error.value)
+
+
+@pytest.mark.parametrize('conv_op, scale_type, grouped_type', [(nn.Conv2d, ChannelScaleConv2d, nn.Conv2d),
+                                                                (nn.Conv3d, ChannelScaleConv3d, GroupedConv3d)])
+def test_msdc_runs_its_single_tap_branch_as_a_channel_scale(conv_op, scale_type, grouped_type):
+    kernels = (1, 3, 5) if conv_op is nn.Conv2d else ((1, 1, 1), (1, 3, 3), 5)
+    msdc = MSDC(8, kernels, conv_op=conv_op)
+    assert [type(b[0]) for b in msdc.dwconvs] == [scale_type, grouped_type, grouped_type]
 
 
 def test_lgag_and_sab_run_their_grouped_convs_as_depthwise_then_sum():
