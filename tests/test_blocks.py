@@ -5,10 +5,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnunet_emcad import blocks
 from nnunet_emcad.blocks import (CAB, EUCB, LGAG, MSCB, MSDC, SAB, ChannelScaleConv2d, ChannelScaleConv3d,
                                  DepthwiseSumConv2d, DepthwiseSumConv3d, GroupedConv3d, InstanceNorm2dCPU,
-                                 InstanceNorm3dCPU, channel_shuffle, fast_cpu_norm, make_activation, max_along,
-                                 spatial_max)
+                                 InstanceNorm3dCPU, channel_shuffle, channels_last_for_cpu_inference, fast_cpu_norm,
+                                 make_activation, max_along, spatial_max)
 from nnunet_emcad.emcad import EMCADDecoder
 from helpers import outputs_and_gradients
 
@@ -329,6 +330,50 @@ def test_lgag_and_sab_run_their_grouped_convs_as_depthwise_then_sum():
     assert isinstance(LGAG(32, kernel_size=3, conv_op=nn.Conv3d).W_x[0], DepthwiseSumConv3d)
     assert type(LGAG(32, kernel_size=1).W_x[0]) is nn.Conv2d
     assert isinstance(SAB(conv_op=nn.Conv3d).conv, DepthwiseSumConv3d)
+
+
+def _layout_seen(x: torch.Tensor, grad: bool = False) -> bool:
+    """Whether ``channels_last_for_cpu_inference`` hands its function ``x`` channels-last (and returns the
+    function's result in the default layout)."""
+    seen = []
+
+    def record(t: torch.Tensor) -> torch.Tensor:
+        seen.append(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous())
+        return t * 2
+
+    with torch.set_grad_enabled(grad):
+        out = channels_last_for_cpu_inference(record, x)
+    assert out.is_contiguous() and torch.equal(out, x * 2)
+    return seen[0]
+
+
+def test_blocks_run_channels_last_only_in_cpu_inference_on_large_2d_maps():
+    assert _layout_seen(torch.randn(1, 4, 32, 32))
+    assert not _layout_seen(torch.randn(1, 4, 32, 32), grad=True)
+    assert not _layout_seen(torch.randn(1, 4, 32, 31)), 'below CHANNELS_LAST_MIN_PIXELS'
+    assert not _layout_seen(torch.randn(1, 4, 32, 32, dtype=torch.float64))
+    assert not _layout_seen(torch.randn(1, 4, 4, 16, 16))
+
+
+@pytest.mark.parametrize('make, channels', [(lambda: MSCB(8, 8), 8), (lambda: EUCB(8, 4), 8),
+                                            (lambda: MSCB(8, 8, norm_op=InstanceNorm2dCPU), 8)],
+                         ids=['mscb', 'eucb', 'mscb-instance-norm'])
+def test_mscb_and_eucb_give_the_same_outputs_channels_last_in_cpu_inference(make, channels, monkeypatch):
+    torch.manual_seed(0)
+    block = make().eval()
+    _randomise_bn(block)
+    depthwise = next(m for m in block.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
+    layouts = []
+    depthwise.register_forward_pre_hook(
+        lambda m, args: layouts.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    x = torch.randn(2, channels, 40, 36)
+    with torch.inference_mode():
+        channels_last = block(x)
+        monkeypatch.setattr(blocks, 'CHANNELS_LAST_MIN_PIXELS', 10 ** 9)
+        default = block(x)
+    assert layouts == [True, False]
+    assert channels_last.is_contiguous() and default.is_contiguous()
+    torch.testing.assert_close(channels_last, default)
 
 
 def test_eucb_upsamples_by_the_stride():
