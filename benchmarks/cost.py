@@ -92,6 +92,24 @@ def _latency(spec: dict, net, x) -> Dict[str, float]:
                     'amp_compiled': _median_ms(lambda: compiled(x), spec['warmup'] + 2, spec['repeats'], True)}
 
 
+def _paired_cpu_latency(spec: dict, net, stock_net, x) -> Dict[str, float]:
+    """Median CPU latencies at batch 1 of ``net`` and stock's network, run in turn in this process (3 x repeats
+    each, the order swapped every round), so that drifts in the machine's speed hit both alike."""
+    import torch
+
+    times: Dict[str, List[float]] = {'fp32_paired': [], 'stock_fp32_paired': []}
+    pair = [('fp32_paired', net), ('stock_fp32_paired', stock_net)]
+    with torch.no_grad():
+        for _, network in pair * spec['warmup']:
+            network(x)
+        for i in range(3 * spec['repeats']):
+            for key, network in pair if i % 2 else pair[::-1]:
+                t0 = time.perf_counter()
+                network(x)
+                times[key].append((time.perf_counter() - t0) * 1000)
+    return {key: statistics.median(values) for key, values in times.items()}
+
+
 def _cpu_compiled_latency(spec: dict, net, x) -> Dict[str, float]:
     """Median CPU inference latency at batch 1 under torch.compile (fp32), and the first call's seconds."""
     import torch
@@ -142,14 +160,18 @@ def measure(spec: dict) -> dict:
                                             trainer.dataset_json)
     classes = trainer.label_manager.num_segmentation_heads
 
-    def build(deep_supervision: bool):
-        return trainer.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, channels,
-                                                  classes, deep_supervision)
+    def build(deep_supervision: bool, of=trainer):
+        return of.build_network_architecture(of.plans_manager, of.configuration_manager, channels, classes,
+                                             deep_supervision)
 
     net = build(False).eval()
     result = _counts(spec, net, channels, patch)
     net = net.to(device)
     result['latency_ms'] = _latency(spec, net, torch.randn(1, channels, *patch, device=device))
+    if device.type == 'cpu':
+        stock_net = build(False, _trainer(dict(spec, trainer=STOCK, plans=spec['stock_plans']))).eval()
+        result['latency_ms'].update(_paired_cpu_latency(spec, net, stock_net, torch.randn(1, channels, *patch)))
+        del stock_net
     result['peak_rss_after_inference_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     step, result['train_batch'] = _training_step(spec, trainer, build, channels, classes, patch, device)
@@ -181,7 +203,9 @@ def report(rows: List[dict], fidelity: List[dict], args: argparse.Namespace, inf
              f"{args.configuration})", '',
              f"Machine: {info['cpu']}, {info['cores']} cores, GPU: {info['gpu']}; torch {info['torch']}; "
              f"{args.threads} CPU threads; {args.malloc}. Latency: batch 1, median of {args.repeats} runs after "
-             f"{args.warmup} warm-up runs. Training step: batch {args.train_batch}, the trainer's own loss (deep "
+             f"{args.warmup} warm-up runs; in turn with stock: the network and stock nnU-Net's (on these plans) "
+             f"run alternately in one process, median of {3 * args.repeats} runs each, so that drifts in the "
+             f"machine's speed hit both alike. Training step: batch {args.train_batch}, the trainer's own loss (deep "
              f"supervision on) and optimiser, median of {args.train_repeats}. MACs = multiply-adds = FLOPs / 2 "
              f"(torch.utils.flop_counter). Saved activations: bytes the forward pass of training (train mode, deep "
              f"supervision on, float32) keeps for backward, per sample, each storage once, parameters left out "
@@ -223,19 +247,22 @@ def report(rows: List[dict], fidelity: List[dict], args: argparse.Namespace, inf
         lines += ['', f"## Goals against stock nnU-Net ({stock['network']})", '',
                   f"| trainer | decoder params vs stock (goal <= {GOAL_DECODER_PARAMS:.0%}) | decoder MACs vs stock "
                   f"(goal <= {GOAL_DECODER_MACS:.0%}) | CPU inference speed-up (goal >= {GOAL_SPEEDUP:.0f}x) | "
-                  f"CPU train step vs stock | saved activations vs stock (goal <= {GOAL_SAVED:.0%}) |",
-                  '|---|---:|---:|---:|---:|---:|']
+                  f"CPU inference speed-up, in turn with stock | CPU train step vs stock | saved activations vs "
+                  f"stock (goal <= {GOAL_SAVED:.0%}) |",
+                  '|---|---:|---:|---:|---:|---:|---:|']
         for r in rows:
             if r is stock:
                 continue
             dp = r['params']['decoder'] / stock['params']['decoder']
             dm = r['macs']['decoder'] / stock['macs']['decoder']
             sp = stock['latency_ms'].get('fp32', float('nan')) / r['latency_ms'].get('fp32', float('nan'))
+            paired = r['latency_ms'].get('stock_fp32_paired', float('nan')) / r['latency_ms'].get('fp32_paired',
+                                                                                                  float('nan'))
             st = r['train_step_ms'] / stock['train_step_ms']
             sa = r['saved_mib_per_sample'] / stock['saved_mib_per_sample']
             lines.append(f"| {r['name']} | {dp:.1%} ({verdict(dp <= GOAL_DECODER_PARAMS)}) | "
                          f"{dm:.1%} ({verdict(dm <= GOAL_DECODER_MACS)}) | "
-                         f"{sp:.2f}x ({verdict(sp >= GOAL_SPEEDUP)}) | {st:.2f}x | "
+                         f"{sp:.2f}x ({verdict(sp >= GOAL_SPEEDUP)}) | {paired:.2f}x | {st:.2f}x | "
                          f"{sa:.0%} ({verdict(sa <= GOAL_SAVED)}) |")
     lines += ['', '## Fidelity: our EMCAD decoders at 224x224 (3 channels, 9 classes) next to the paper', '',
               *paper_table(fidelity)]
@@ -298,7 +325,8 @@ def main(argv=None) -> int:
         row = None
         for device in devices:
             spec = dict(name=name, trainer=trainer, plans=plans_file, configuration=args.configuration,
-                        threads=args.threads, warmup=args.warmup, repeats=args.repeats, device=device,
+                        stock_plans=args.plans, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
+                        device=device,
                         cpu_compile=args.cpu_compile,
                         train_batch=args.train_batch, train_repeats=args.train_repeats)
             print(f"measuring {name} on {device} ...", flush=True)

@@ -37,10 +37,15 @@ def test_cost_benchmark_on_a_tiny_plan(tmp_path):
         assert row['params']['total'] == sum(row['params'][k] for k in ('encoder', 'decoder', 'heads'))
         assert row['flops']['total'] >= row['flops']['encoder'] + row['flops']['decoder'] > 0
         assert row['latency_ms']['fp32'] > 0 and row['train_step_ms'] > 0 and row['saved_mib_per_sample'] > 0
+        assert row['latency_ms']['fp32_paired'] > 0 and row['latency_ms']['stock_fp32_paired'] > 0
     assert rows['nnUNetTrainerEMCAD']['params']['encoder'] == rows['nnUNetTrainer']['params']['encoder']
     assert rows['nnUNetTrainerEMCAD']['macs']['decoder'] < rows['nnUNetTrainer']['macs']['decoder']
     report = (tmp_path / 'results' / 'cost.md').read_text()
     assert 'Goals against stock nnU-Net' in report and 'EMCAD-B2' in report
+    b0 = rows['nnUNetTrainerEMCAD_PVTb0']['latency_ms']
+    in_turn = f"{b0['stock_fp32_paired'] / b0['fp32_paired']:.2f}x"
+    assert any(line.startswith('| nnUNetTrainerEMCAD_PVTb0 |') and f'| {in_turn} |' in line
+               for line in report.splitlines()), in_turn
     assert f"CPU threads; glibc malloc keeps freed memory (MALLOC_MMAP_THRESHOLD_={2 ** 31}" in report
     assert result['settings']['malloc'].startswith('glibc malloc keeps freed memory')
     from benchmarks.cost import build_parser
@@ -61,7 +66,8 @@ def test_cost_report_shows_the_cuda_measurements_when_a_gpu_measured_them():
         return {'name': name, 'trainer': name, 'network': 'Net', 'patch_size': [64, 64],
                 'params': dict(parts, total=15 * scale), 'macs': dict(parts, total=15 * scale),
                 'flops': {k: 2 * v for k, v in dict(parts, total=15 * scale).items()},
-                'latency_ms': {'fp32': 10.0 * scale, 'amp': 1.5 * scale, 'amp_compiled': 1.25 * scale},
+                'latency_ms': {'fp32': 10.0 * scale, 'amp': 1.5 * scale, 'amp_compiled': 1.25 * scale,
+                               'fp32_paired': 12.0 * scale, 'stock_fp32_paired': 36.0},
                 'train_step_ms': 100.0 * scale, 'cuda_train_step_ms': 20.0 * scale, 'saved_mib_per_sample': 50.0 * scale,
                 'peak_cuda_train_mb': 300.0 * scale, 'peak_rss_after_train_step_mb': 1000.0}
 
@@ -73,7 +79,7 @@ def test_cost_report_shows_the_cuda_measurements_when_a_gpu_measured_them():
     assert 'On Some GPU: latency at batch 1 under AMP' in text
     assert '| nnUNetTrainer | 6.00 ms | 5.00 ms | 80 ms | 1200 MB |' in text
     assert '| nnUNetTrainerEMCAD | 1.50 ms | 1.25 ms | 20 ms | 300 MB |' in text
-    assert '| nnUNetTrainerEMCAD | 25.0% (missed) | 25.0% (missed) | 4.00x (met) | 0.25x | 25% (met) |' in text
+    assert '| nnUNetTrainerEMCAD | 25.0% (missed) | 25.0% (missed) | 4.00x (met) | 3.00x | 0.25x | 25% (met) |' in text
     assert '| 0.40 s | 200 MiB | 1000 MB |' in text and '| 0.10 s | 50 MiB | 1000 MB |' in text
     assert 'under torch.compile (inductor)' not in text  # measured only with --cpu-compile
     compiled = [row('nnUNetTrainer', 4), row('nnUNetTrainerEMCAD', 1)]
