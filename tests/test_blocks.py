@@ -234,6 +234,16 @@ def test_lgag_gates_the_skip():
     assert LGAG(32, kernel_size=1).W_x[0].groups == 1
 
 
+def _assert_rewrite_of_conv(conv: nn.Module, rewritten: nn.Module, x: torch.Tensor) -> None:
+    """``rewritten`` has ``conv``'s parameters (names and shapes) and, given its weights, the same outputs and
+    gradients (of the input and of every parameter) on ``x``."""
+    assert [(n, p.shape) for n, p in rewritten.named_parameters()] == \
+        [(n, p.shape) for n, p in conv.named_parameters()]
+    rewritten.load_state_dict(conv.state_dict())
+    for got, want in zip(outputs_and_gradients(rewritten, rewritten, x), outputs_and_gradients(conv, conv, x)):
+        torch.testing.assert_close(got, want)
+
+
 @pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
 @pytest.mark.parametrize('dims', [2, 3])
 @pytest.mark.parametrize('in_channels, out_channels, bias, kernel', [(16, 8, True, 3), (2, 1, False, 7)],
@@ -243,22 +253,10 @@ def test_depthwise_sum_conv_equals_the_grouped_conv_in_outputs_and_gradients(dim
     torch.manual_seed(0)
     grouped_type, rewritten_type = (nn.Conv2d, DepthwiseSumConv2d) if dims == 2 else (nn.Conv3d, DepthwiseSumConv3d)
     args = (in_channels, out_channels, kernel, 1, kernel // 2)
-    grouped = grouped_type(*args, groups=out_channels, bias=bias).to(dtype)
-    rewritten = rewritten_type(*args, groups=out_channels, bias=bias).to(dtype)
-    assert [(n, p.shape) for n, p in rewritten.named_parameters()] == \
-        [(n, p.shape) for n, p in grouped.named_parameters()]
-    rewritten.load_state_dict(grouped.state_dict())
     size = (11, 9) if dims == 2 else (5, 7, 6)
-    x = torch.randn(2, in_channels, *size, dtype=dtype)
-    x_grouped, x_rewritten = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_grouped, out_rewritten = grouped(x_grouped), rewritten(x_rewritten)
-    torch.testing.assert_close(out_rewritten, out_grouped)
-    upstream = torch.randn_like(out_grouped)
-    out_grouped.backward(upstream)
-    out_rewritten.backward(upstream)
-    torch.testing.assert_close(x_rewritten.grad, x_grouped.grad)
-    for (name, p_rewritten), p_grouped in zip(rewritten.named_parameters(), grouped.parameters()):
-        torch.testing.assert_close(p_rewritten.grad, p_grouped.grad, msg=name)
+    _assert_rewrite_of_conv(grouped_type(*args, groups=out_channels, bias=bias).to(dtype),
+                            rewritten_type(*args, groups=out_channels, bias=bias).to(dtype),
+                            torch.randn(2, in_channels, *size, dtype=dtype))
 
 
 def test_depthwise_sum_conv_refuses_more_than_one_output_channel_per_group():
@@ -275,22 +273,10 @@ def test_depthwise_sum_conv_refuses_more_than_one_output_channel_per_group():
 def test_channel_scale_conv_equals_the_single_tap_depthwise_conv_in_outputs_and_gradients(dims, dtype, bias, batched):
     torch.manual_seed(0)
     conv_type, rewritten_type = (nn.Conv2d, ChannelScaleConv2d) if dims == 2 else (nn.Conv3d, ChannelScaleConv3d)
-    conv = conv_type(6, 6, 1, groups=6, bias=bias).to(dtype)
-    rewritten = rewritten_type(6, 6, 1, groups=6, bias=bias).to(dtype)
-    assert [(n, p.shape) for n, p in rewritten.named_parameters()] == \
-        [(n, p.shape) for n, p in conv.named_parameters()]
-    rewritten.load_state_dict(conv.state_dict())
     size = (11, 9) if dims == 2 else (5, 7, 6)
-    x = torch.randn(*(2,) * batched, 6, *size, dtype=dtype)
-    x_conv, x_rewritten = x.clone().requires_grad_(), x.clone().requires_grad_()
-    out_conv, out_rewritten = conv(x_conv), rewritten(x_rewritten)
-    torch.testing.assert_close(out_rewritten, out_conv)
-    upstream = torch.randn_like(out_conv)
-    out_conv.backward(upstream)
-    out_rewritten.backward(upstream)
-    torch.testing.assert_close(x_rewritten.grad, x_conv.grad)
-    for (name, p_rewritten), p_conv in zip(rewritten.named_parameters(), conv.parameters()):
-        torch.testing.assert_close(p_rewritten.grad, p_conv.grad, msg=name)
+    _assert_rewrite_of_conv(conv_type(6, 6, 1, groups=6, bias=bias).to(dtype),
+                            rewritten_type(6, 6, 1, groups=6, bias=bias).to(dtype),
+                            torch.randn(*(2,) * batched, 6, *size, dtype=dtype))
 
 
 def test_channel_scale_conv_keeps_the_dtype_a_convolution_gives_under_autocast():
