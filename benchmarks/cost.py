@@ -1,11 +1,12 @@
 """Cost at a plan's own patch: stock nnU-Net against every EMCAD trainer, each built by its trainer.
 
 Per network and part (encoder / decoder / heads): parameters, multiply-adds and FLOPs (torch.utils.flop_counter,
-FLOPs = 2 x multiply-adds), inference latency at batch 1 (median after warm-up, fixed thread count), one
-training step (forward, the trainer's own loss with deep supervision, backward, the trainer's own optimiser)
-at a stated batch size, the activation bytes per sample a training forward pass keeps for backward, and peak
-memory. Every network is measured in its own process. On CUDA (when present)
-latency uses CUDA events under AMP, with and without torch.compile; the CPU is measured always.
+FLOPs = 2 x multiply-adds), inference latency at batch 1 (median after warm-up, fixed thread count; on the CPU
+also in turn with stock nnU-Net's network in the same process, which keeps drifts of the machine's speed out of
+the ratio), one training step (forward, the trainer's own loss with deep supervision, backward, the trainer's
+own optimiser) at a stated batch size, the activation bytes per sample a training forward pass keeps for
+backward, and peak memory. Every network is measured in its own process. On CUDA (when present) latency uses
+CUDA events under AMP, with and without torch.compile; the CPU is measured always.
 Writes benchmarks/results/<name>.json and .md.
 
 Default plans: nnU-Net's own 2D plans for ../shared/data/Dataset027_ACDC (planned once into benchmarks/.cache).
@@ -326,9 +327,8 @@ def main(argv=None) -> int:
         for device in devices:
             spec = dict(name=name, trainer=trainer, plans=plans_file, configuration=args.configuration,
                         stock_plans=args.plans, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
-                        device=device,
-                        cpu_compile=args.cpu_compile,
-                        train_batch=args.train_batch, train_repeats=args.train_repeats)
+                        device=device, cpu_compile=args.cpu_compile, train_batch=args.train_batch,
+                        train_repeats=args.train_repeats)
             print(f"measuring {name} on {device} ...", flush=True)
             # an empty inductor cache for each network: compile times are those of a first compiled run
             with tempfile.TemporaryDirectory(prefix='inductor-cache-') as cache:
