@@ -170,7 +170,9 @@ def measure(spec: dict) -> dict:
     net = net.to(device)
     result['latency_ms'] = _latency(spec, net, torch.randn(1, channels, *patch, device=device))
     if device.type == 'cpu':
-        stock_net = build(False, _trainer(dict(spec, trainer=STOCK, plans=spec['stock_plans']))).eval()
+        is_stock = spec['trainer'] == STOCK and spec['plans'] == spec['stock_plans']
+        stock_net = net if is_stock else build(False, _trainer(dict(spec, trainer=STOCK,
+                                                                    plans=spec['stock_plans']))).eval()
         result['latency_ms'].update(_paired_cpu_latency(spec, net, stock_net, torch.randn(1, channels, *patch)))
         del stock_net
     result['peak_rss_after_inference_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
