@@ -78,7 +78,9 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 @pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason="the settings are glibc malloc's")
 def test_under_the_malloc_settings_training_steps_reuse_freed_memory_instead_of_faulting_pages_in(tmp_path):
     """What makes CPU training steps faster: under glibc's defaults each step's large tensors are mapped afresh
-    and their pages faulted in (one fault per 4 KiB page); under ``MALLOC_SETTINGS`` freed memory is reused."""
+    and their pages faulted in (one fault per 4 KiB page); under ``MALLOC_SETTINGS`` freed memory is reused. How much
+    is reused depends on the machine (none of the three steps' pages faulted here, one 32 MiB tensor per step did on
+    the CI machine), so the test asks for a fourth of the faults at most."""
     faults = {}
     for settings in ('defaults', 'tuned'):
         env = {k: v for k, v in os.environ.items() if k not in MALLOC_SETTINGS}
@@ -88,4 +90,4 @@ def test_under_the_malloc_settings_training_steps_reuse_freed_memory_instead_of_
                               timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         faults[settings] = int(proc.stdout.split()[-1])
-    assert faults['defaults'] > 100000 and faults['tuned'] < 20000, faults
+    assert faults['defaults'] > 100000 and faults['tuned'] * 4 < faults['defaults'], faults
