@@ -17,7 +17,8 @@ a minute on an H200; the whole default run is not timed yet); it leaves out nnUN
 recomputing costs: nnUNetTrainerEMCAD without it), nnUNetTrainerEMCAD_ResEnc, nnUNetTrainerEMCAD_Stride4Light,
 nnUNetTrainerEMCAD_PVTb2, nnUNetTrainerEMCAD_PVTb2_MUTATION, nnUNetTrainerEMCAD3D, nnUNetTrainerEMCAD3D_ResEnc and
 stock 3D: name them with --trainers (TRAINER or TRAINER:CONFIGURATION).
-Writes benchmarks/results/<name>.json and .md (default name gpu).
+Writes benchmarks/results/<name>.json and .md (default name gpu) after every trainer, so that a run stopped at a
+time limit keeps the trainers it finished (the report names those still to come).
 """
 import argparse
 import json
@@ -249,6 +250,16 @@ def report(rows: List[dict], settings: dict, info: Dict[str, str]) -> str:
     return '\n'.join(lines)
 
 
+def save(rows: List[dict], settings: dict, info: Dict[str, str]) -> None:
+    """Write the JSON and the report of the trainers measured so far; the report names those still to come."""
+    failed = ''.join(f"\n{r['trainer']} ({r['configuration']}) failed to run:\n\n```\n{r['error'][-1500:]}\n```\n"
+                     for r in rows if 'error' in r)
+    pending = settings['trainers'][len(rows):]
+    to_come = f"\nNot measured yet when this was written: {', '.join(pending)}.\n" if pending else ''
+    write_results(settings['name'], {'machine': info, 'settings': settings, 'runs': rows},
+                  report([r for r in rows if 'error' not in r], settings, info) + failed + to_come, settings['out'])
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The check's command-line options."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -276,6 +287,9 @@ def main(argv=None) -> int:
     scratch = tempfile.mkdtemp(prefix='gpu_check_')
     env = dict(os.environ, nnUNet_preprocessed=os.path.join(scratch, 'preprocessed'),
                nnUNet_results=os.path.join(scratch, 'results'))
+    settings = dict(vars(args), plans=plans, command=command)
+    settings.pop('worker')
+    info = machine()
     rows = []
     for trainer, configuration in parse_trainers(args.trainers):
         row = {'trainer': trainer, 'configuration': configuration}
@@ -294,19 +308,12 @@ def main(argv=None) -> int:
             print(f"  failed:\n{row[failed[0]]['error']}", flush=True)
             row['verdict'] = {'trains': False, 'loss_deviation': float('nan'), 'follows_eager': False}
             row['error'] = row[failed[0]]['error']
-            rows.append(row)
-            continue
-        row['verdict'] = training_verdict(row['eager'], row['compiled'])
-        print(f"  trains: {row['verdict']['trains']}, loss deviation {row['verdict']['loss_deviation']:.2%}, "
-              f"step {row['eager']['step_ms']:.0f} / {row['compiled']['step_ms']:.0f} ms", flush=True)
+        else:
+            row['verdict'] = training_verdict(row['eager'], row['compiled'])
+            print(f"  trains: {row['verdict']['trains']}, loss deviation {row['verdict']['loss_deviation']:.2%}, "
+                  f"step {row['eager']['step_ms']:.0f} / {row['compiled']['step_ms']:.0f} ms", flush=True)
         rows.append(row)
-    settings = dict(vars(args), plans=plans, command=command)
-    settings.pop('worker')
-    measured = [r for r in rows if 'error' not in r]
-    write_results(args.name, {'machine': machine(), 'settings': settings, 'runs': rows},
-                  report(measured, settings, machine()) + ''.join(
-                      f"\n{r['trainer']} ({r['configuration']}) failed to run:\n\n```\n{r['error'][-1500:]}\n```\n"
-                      for r in rows if 'error' in r), args.out)
+        save(rows, settings, info)  # after every trainer: a run stopped at a time limit keeps what it finished
     return 0 if all(r['verdict']['trains'] for r in rows) else 1
 
 

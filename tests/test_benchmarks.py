@@ -238,6 +238,25 @@ def test_gpu_check_report_compares_with_stock_and_names_trainers_that_do_not_tra
     assert 'Compiled trainers that do not train: nnUNetTrainerEMCAD.' in text and 'NVIDIA H200' in text
 
 
+def test_gpu_check_writes_its_report_after_every_trainer_naming_those_still_to_come(tmp_path):
+    from benchmarks.gpu_check import save, training_verdict
+
+    eager = _gpu_run([1.47, 1.37], 0, 70.0, 5000.0, False, False)
+    compiled = _gpu_run([1.47, 1.36], 0, 35.0, 5000.0, True, False)
+    rows = [{'trainer': 'nnUNetTrainer', 'configuration': '2d', 'eager': eager, 'compiled': compiled,
+             'verdict': training_verdict(eager, compiled)}]
+    settings = {'plans': 'nnUNetPlans.json', 'device': 'cuda', 'steps': 2, 'amp_dtype': 'float16',
+                'command': 'python benchmarks/gpu_check.py', 'name': 'gpu', 'out': str(tmp_path),
+                'trainers': ['nnUNetTrainer', 'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_PVTb0']}
+    save(rows, settings, {'gpu': 'NVIDIA H200', 'torch': '2.11.0'})
+    text = (tmp_path / 'gpu.md').read_text()
+    assert '| nnUNetTrainer | 2d |' in text
+    assert 'Not measured yet when this was written: nnUNetTrainerEMCAD, nnUNetTrainerEMCAD_PVTb0.' in text
+    assert [r['trainer'] for r in json.loads((tmp_path / 'gpu.json').read_text())['runs']] == ['nnUNetTrainer']
+    save(rows + [dict(rows[0], trainer=t) for t in settings['trainers'][1:]], settings, {'gpu': 'H200', 'torch': ''})
+    assert 'Not measured yet' not in (tmp_path / 'gpu.md').read_text()
+
+
 def test_gpu_check_help_says_what_it_measures():
     proc = subprocess.run([sys.executable, os.path.join(BENCHMARKS, 'gpu_check.py'), '--help'],
                           capture_output=True, text=True, timeout=120)
