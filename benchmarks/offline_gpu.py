@@ -66,13 +66,18 @@ def dependencies(root: str = PROJECT, machine_has: tuple = MACHINE_HAS) -> Dict[
         name = pending.pop()
         if name in found or name in stop:
             continue
-        found[name] = importlib.metadata.version(name)
         pending += [canonical(requirement.name) for requirement in _requirements(name)]
+        found[name] = importlib.metadata.version(name)
     return found
 
 
 def _requirements(name: str) -> List[Requirement]:
-    requirements = [Requirement(text) for text in importlib.metadata.requires(name) or []]
+    try:
+        texts = importlib.metadata.requires(name) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise SystemExit(f"{name} is not installed here: pack in the project's environment (bash bootstrap.sh "
+                         f"test --co -q sets it up in .venv)") from None
+    requirements = [Requirement(text) for text in texts]
     return [r for r in requirements if r.marker is None or r.marker.evaluate({'extra': ''})]
 
 
