@@ -28,7 +28,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from packaging.requirements import Requirement
 
@@ -45,7 +45,7 @@ LEFT_OUT = ('simpleitk', 'imagecodecs')
 """Left out although missing there: SimpleITK has a stand-in, tifffile runs without imagecodecs."""
 PLATFORMS = ('manylinux_2_28_x86_64', 'manylinux_2_17_x86_64', 'manylinux2014_x86_64')
 CARRY_LIMIT_MB = 64
-"""What the device tool carries to the machine, in MiB."""
+"""What the borrowed GPU machine's runner carries along with the checkout, in MiB."""
 SIMPLEITK_STAND_IN = ('"""Stand-in for SimpleITK on a machine without it: nnU-Net imports SimpleITK at module level, '
                       'and the GPU check\nreads no images (benchmarks/offline_gpu.py)."""\n')
 
@@ -55,7 +55,7 @@ def canonical(name: str) -> str:
     return re.sub(r'[-_.]+', '-', name).lower()
 
 
-def dependencies(root: str = PROJECT, machine_has: tuple = MACHINE_HAS) -> Dict[str, str]:
+def dependencies(root: str = PROJECT, machine_has: Tuple[str, ...] = MACHINE_HAS) -> Dict[str, str]:
     """Canonical name -> installed version of every distribution ``root`` requires here, transitively (no extras;
     markers as this interpreter evaluates them), less ``machine_has`` and what those require, less ``LEFT_OUT``,
     and less backports of standard-library modules (``argparse``: on the path, its wheel would shadow Python's)."""
@@ -126,7 +126,7 @@ def pack(bundle: str, plans: str, python_version: str) -> None:
     size = sum(os.path.getsize(os.path.join(top, name)) for top, _, names in os.walk(bundle) for name in names)
     print(f"packed {len(wheels)} wheels and {plans_dir} into {bundle} ({size / 2 ** 20:.1f} MiB)")
     if size > CARRY_LIMIT_MB * 2 ** 20:
-        raise SystemExit(f"the bundle is larger than the {CARRY_LIMIT_MB} MiB the device tool carries: add the "
+        raise SystemExit(f"the bundle is larger than the {CARRY_LIMIT_MB} MiB the GPU machine's runner carries: add the "
                          f"largest distributions the machine has to MACHINE_HAS")
     where = os.path.abspath(bundle)
     if where.startswith(SOURCE_ROOT + os.sep):
@@ -160,6 +160,10 @@ def install(wheels: List[str], site: str) -> None:
 def run(bundle: str, site: str, check_args: List[str]) -> int:
     """Install what this machine lacks from the bundle into ``site``, then run the GPU check on the bundle's plans;
     its exit code."""
+    plans = glob.glob(os.path.join(bundle, 'plans', '*', 'nnUNetPlans.json'))
+    if not plans:
+        raise SystemExit(f"no bundle at {bundle}: run python -m benchmarks.offline_gpu pack where PyPI is "
+                         f"reachable, and bring its folder along")
     wheels = missing_wheels(os.path.join(bundle, 'wheels'))
     if wheels:
         print(f"installing {len(wheels)} missing distributions into {site}: "
@@ -172,9 +176,8 @@ def run(bundle: str, site: str, check_args: List[str]) -> int:
         paths.insert(0, os.path.join(bundle, 'stand_ins'))
     register_trainer_dir()  # what the package's .pth does at start-up where it is installed
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(paths + [p for p in [os.environ.get('PYTHONPATH')] if p]))
-    plans = glob.glob(os.path.join(bundle, 'plans', '*', 'nnUNetPlans.json'))[0]
     out = os.environ.get('OUT') or RESULTS
-    return subprocess.call([sys.executable, os.path.join(BENCHMARKS, 'gpu_check.py'), '--plans', plans,
+    return subprocess.call([sys.executable, os.path.join(BENCHMARKS, 'gpu_check.py'), '--plans', plans[0],
                             '--out', out, *check_args], env=env)
 
 

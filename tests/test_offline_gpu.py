@@ -71,3 +71,10 @@ def test_run_installs_only_what_the_machine_lacks_and_runs_the_gpu_check_on_the_
     assert result['settings']['plans'] == os.path.join(bundle, 'plans', 'Dataset999_Plans', 'nnUNetPlans.json')
     assert [r['trainer'] for r in result['runs']] == ['nnUNetTrainerEMCAD']
     assert result['runs'][0]['verdict']['trains']
+
+
+def test_run_without_a_bundle_says_how_to_make_one(tmp_path):
+    proc = _offline_gpu('--bundle', str(tmp_path / 'absent'), 'run')
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (f"no bundle at {tmp_path / 'absent'}: run python -m benchmarks.offline_gpu pack "
+                                   f"where PyPI is reachable, and bring its folder along")
