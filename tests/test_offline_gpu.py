@@ -61,7 +61,7 @@ def test_run_installs_only_what_the_machine_lacks_and_runs_the_gpu_check_on_the_
     subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '--no-index', '-q',
                     '-w', os.path.join(bundle, 'wheels'), str(tmp_path / 'probe')], check=True)
     site = tmp_path / 'site'
-    proc = _offline_gpu('--bundle', bundle, 'run', '--site', str(site), '--trainers', 'nnUNetTrainerEMCAD',
+    proc = _offline_gpu('--bundle', bundle, 'run', '--site', str(site), '--trainers', 'nnUNetTrainer',
                         '--steps', '2', '--batch-size', '1', '--device', 'cpu', '--backend', 'aot_eager',
                         env=dict(os.environ, OUT=str(tmp_path / 'out')))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -69,7 +69,7 @@ def test_run_installs_only_what_the_machine_lacks_and_runs_the_gpu_check_on_the_
     assert sorted(p.name for p in site.iterdir() if not p.name.endswith('-info')) == ['offline_gpu_probe.py']
     result = json.loads((tmp_path / 'out' / 'gpu.json').read_text())
     assert result['settings']['plans'] == os.path.join(bundle, 'plans', 'Dataset999_Plans', 'nnUNetPlans.json')
-    assert [r['trainer'] for r in result['runs']] == ['nnUNetTrainerEMCAD']
+    assert [r['trainer'] for r in result['runs']] == ['nnUNetTrainer']
     assert result['runs'][0]['verdict']['trains']
 
 
