@@ -1,5 +1,5 @@
 """The GPU check packed for an offline CUDA machine without nnU-Net: the bundle holds what that machine lacks and
-fits what the device tool carries; run there, it installs what is missing and runs the check."""
+fits what the GPU machine's runner carries; run there, it installs what is missing and runs the check."""
 import glob
 import json
 import os
