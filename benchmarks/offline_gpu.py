@@ -113,7 +113,9 @@ def _pip(*args: str) -> None:
 
 def pack(bundle: str, plans: str, python_version: str) -> None:
     """Write the bundle: ``wheels/``, ``plans/<dataset>/`` (the plans file and dataset.json beside it) and
-    ``stand_ins/SimpleITK``."""
+    ``stand_ins/SimpleITK``; an earlier bundle there is replaced, any other folder with files is left alone."""
+    if os.path.isdir(bundle) and os.listdir(bundle) and not os.path.isdir(os.path.join(bundle, 'wheels')):
+        raise SystemExit(f"{bundle} holds files but no packed bundle: name a new or empty folder with --bundle")
     shutil.rmtree(bundle, ignore_errors=True)
     wheels = download_wheels(dependencies(), os.path.join(bundle, 'wheels'), python_version)
     plans_dir = os.path.join(bundle, 'plans', os.path.basename(os.path.dirname(os.path.abspath(plans))))

@@ -78,3 +78,11 @@ def test_run_without_a_bundle_says_how_to_make_one(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip() == (f"no bundle at {tmp_path / 'absent'}: run python -m benchmarks.offline_gpu pack "
                                    f"where PyPI is reachable, and bring its folder along")
+
+
+def test_pack_leaves_a_folder_alone_that_holds_something_else(tmp_path):
+    (tmp_path / 'notes.txt').write_text('mine')
+    proc = _offline_gpu('--bundle', str(tmp_path), 'pack', '--plans', str(tmp_path / 'nnUNetPlans.json'))
+    assert proc.returncode == 1 and (tmp_path / 'notes.txt').read_text() == 'mine'
+    assert proc.stderr.strip() == (f"{tmp_path} holds files but no packed bundle: name a new or empty folder "
+                                   f"with --bundle")
