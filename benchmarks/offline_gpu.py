@@ -23,7 +23,6 @@ import glob
 import importlib.metadata
 import importlib.util
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -31,6 +30,7 @@ import tempfile
 from typing import Dict, List, Tuple
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name, parse_wheel_filename
 
 from nnunet_emcad._startup import register_trainer_dir
 from nnunet_emcad.benchmarking import CACHE, RESULTS, acdc_plans
@@ -50,23 +50,18 @@ SIMPLEITK_STAND_IN = ('"""Stand-in for SimpleITK on a machine without it: nnU-Ne
                       'and the GPU check\nreads no images (benchmarks/offline_gpu.py)."""\n')
 
 
-def canonical(name: str) -> str:
-    """A distribution's name as PEP 503 compares them."""
-    return re.sub(r'[-_.]+', '-', name).lower()
-
-
 def dependencies(root: str = PROJECT, machine_has: Tuple[str, ...] = MACHINE_HAS) -> Dict[str, str]:
     """Canonical name -> installed version of every distribution ``root`` requires here, transitively (no extras;
     markers as this interpreter evaluates them), less ``machine_has`` and what those require, less ``LEFT_OUT``,
     and less backports of standard-library modules (``argparse``: on the path, its wheel would shadow Python's)."""
-    stop = {canonical(name) for name in machine_has + LEFT_OUT + tuple(sys.stdlib_module_names)}
+    stop = {canonicalize_name(name) for name in machine_has + LEFT_OUT + tuple(sys.stdlib_module_names)}
     found: Dict[str, str] = {}
-    pending = [canonical(requirement.name) for requirement in _requirements(root)]
+    pending = [canonicalize_name(requirement.name) for requirement in _requirements(root)]
     while pending:
         name = pending.pop()
         if name in found or name in stop:
             continue
-        pending += [canonical(requirement.name) for requirement in _requirements(name)]
+        pending += [canonicalize_name(requirement.name) for requirement in _requirements(name)]
         found[name] = importlib.metadata.version(name)
     return found
 
@@ -139,7 +134,7 @@ def pack(bundle: str, plans: str, python_version: str) -> None:
 
 def wheel_distribution(wheel: str) -> str:
     """The canonical distribution name of a wheel file."""
-    return canonical(os.path.basename(wheel).split('-')[0])
+    return parse_wheel_filename(os.path.basename(wheel))[0]
 
 
 def missing_wheels(wheel_dir: str) -> List[str]:
