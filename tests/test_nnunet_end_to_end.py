@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import time
@@ -30,24 +31,42 @@ def planned(tmp_path_factory, tiny_planned):
     return root, env, os.path.join(root, 'log.txt')
 
 
+SMOKE_FOLD = ('Dataset901_Tiny', 'nnUNetTrainerEMCAD_smoke__nnUNetPlans__2d', 'fold_0')
+
+
+@pytest.fixture(scope='module')
+def trained(planned):
+    """nnUNetTrainerEMCAD_smoke's fold 0, trained once by ``nnUNetv2_train`` (with ``--npz``); tests that only
+    read a trained fold (prediction, ``--val``, ONNX, model selection) share it. Returns the fold's folder."""
+    root, env, log = planned
+    assert 'nnUNet_extTrainer' not in env
+    run(['nnUNetv2_train', '901', '2d', '0', '-tr', 'nnUNetTrainerEMCAD_smoke', '-device', 'cpu', '--npz'], env, log)
+    return os.path.join(env['nnUNet_results'], *SMOKE_FOLD)
+
+
+@pytest.fixture(scope='module')
+def predicted(planned, trained):
+    """``nnUNetv2_predict`` of the trained fold on the test images (eagerly); returns the output folder."""
+    root, env, log = planned
+    out = os.path.join(root, 'predictions')
+    run(['nnUNetv2_predict', '-i', os.path.join(env['nnUNet_raw'], 'Dataset901_Tiny', 'imagesTs'), '-o', out, '-d',
+         '901', '-c', '2d', '-f', '0', '-tr', 'nnUNetTrainerEMCAD_smoke', '-device', 'cpu', '-npp', '1', '-nps', '1'],
+        env, log)
+    return out
+
+
 def _dice(summary_file: str) -> dict:
     with open(summary_file) as f:
         summary = json.load(f)
     return {label: metrics['Dice'] for label, metrics in summary['mean'].items()}
 
 
-def test_train_predict_evaluate_with_stock_commands(planned):
+def test_train_predict_evaluate_with_stock_commands(planned, trained, predicted):
     root, env, log = planned
-    assert 'nnUNet_extTrainer' not in env
-    run(['nnUNetv2_train', '901', '2d', '0', '-tr', 'nnUNetTrainerEMCAD_smoke', '-device', 'cpu', '--npz'], env, log)
-    fold = os.path.join(env['nnUNet_results'], 'Dataset901_Tiny', 'nnUNetTrainerEMCAD_smoke__nnUNetPlans__2d',
-                        'fold_0')
-    assert os.path.isfile(os.path.join(fold, 'checkpoint_final.pth'))
-    assert os.path.isfile(os.path.join(fold, 'validation', 'summary.json'))
+    assert os.path.isfile(os.path.join(trained, 'checkpoint_final.pth'))
+    assert os.path.isfile(os.path.join(trained, 'validation', 'summary.json'))
     raw = os.path.join(env['nnUNet_raw'], 'Dataset901_Tiny')
-    out = os.path.join(root, 'predictions')
-    run(['nnUNetv2_predict', '-i', os.path.join(raw, 'imagesTs'), '-o', out, '-d', '901', '-c', '2d', '-f', '0',
-         '-tr', 'nnUNetTrainerEMCAD_smoke', '-device', 'cpu', '-npp', '1', '-nps', '1'], env, log)
+    out = predicted
     assert sorted(f for f in os.listdir(out) if f.endswith('.png')) == ['caseTs000.png', 'caseTs001.png',
                                                                          'caseTs002.png']
     run(['nnUNetv2_evaluate_folder', os.path.join(raw, 'labelsTs'), out, '-djfile',
@@ -56,11 +75,12 @@ def test_train_predict_evaluate_with_stock_commands(planned):
     assert dice['1'] > 0.8 and dice['2'] > 0.7, dice  # an untrained network scores near 0 on both
 
 
-def test_compiled_prediction_on_a_cpu_runs_as_the_readme_writes_it_and_writes_the_eager_segmentations(planned):
+def test_compiled_prediction_on_a_cpu_runs_as_the_readme_writes_it_and_writes_the_eager_segmentations(planned,
+                                                                                                   predicted):
     # nnU-Net compiles the network (torch.compile, inductor) when nnUNet_compile is set
     root, env, log = planned
     raw = os.path.join(env['nnUNet_raw'], 'Dataset901_Tiny')
-    eager, compiled = os.path.join(root, 'predictions'), os.path.join(root, 'predictions_compiled')
+    eager, compiled = predicted, os.path.join(root, 'predictions_compiled')
     setting, *command = shlex.split(code_block(readme_section('### Predicting on a CPU'), 'bash'))
     variable, value = setting.split('=')
     assert variable == 'nnUNet_compile' and command[0] == 'nnUNetv2_predict'
@@ -73,10 +93,9 @@ def test_compiled_prediction_on_a_cpu_runs_as_the_readme_writes_it_and_writes_th
         assert (got == want).mean() > 0.999, case  # float rounding may flip a boundary pixel, no more
 
 
-def test_validation_rerun_with_val_flag(planned):
+def test_validation_rerun_with_val_flag(planned, trained):
     root, env, log = planned
-    fold = os.path.join(env['nnUNet_results'], 'Dataset901_Tiny', 'nnUNetTrainerEMCAD_smoke__nnUNetPlans__2d',
-                        'fold_0')
+    fold = trained
     summary = os.path.join(fold, 'validation', 'summary.json')
     os.remove(summary)
     run(['nnUNetv2_train', '901', '2d', '0', '-tr', 'nnUNetTrainerEMCAD_smoke', '-device', 'cpu', '--val', '--npz'],
@@ -84,7 +103,7 @@ def test_validation_rerun_with_val_flag(planned):
     assert _dice(summary)['1'] > 0.5
 
 
-def test_onnx_export_of_the_trained_fold_matches_pytorch(planned, tmp_path):
+def test_onnx_export_of_the_trained_fold_matches_pytorch(planned, trained, tmp_path):
     import numpy as np
 
     root, env, log = planned
@@ -113,14 +132,18 @@ def test_pvt_trainer_with_imagenet_weights_from_a_local_file(planned, tmp_path):
     assert _dice(os.path.join(fold, 'validation', 'summary.json'))['1'] > 0.3
 
 
-def test_cross_validation_model_selection_and_ensembling_with_stock_nnunet(planned):
+def test_cross_validation_model_selection_and_ensembling_with_stock_nnunet(planned, trained):
+    """Model selection between EMCAD and stock nnU-Net on fold 0 (nnU-Net's choice works the same on one fold as on
+    five), prediction with several folds of EMCAD (a copy of the trained fold stands for fold 1: nnU-Net loads each
+    fold's checkpoint into the one network), and the ensemble of the two trainers' predictions."""
     root, env, log = planned
     env = dict(env, nnUNet_extTrainer=os.path.join(TESTS, 'ext_trainers'))  # stock nnUNetTrainer_smoke
-    for trainer, folds in (('nnUNetTrainerEMCAD_smoke', ['1']), ('nnUNetTrainer_smoke', ['0', '1'])):
-        for fold in folds:
-            run(['nnUNetv2_train', '901', '2d', fold, '-tr', trainer, '-device', 'cpu', '--npz'], env, log)
+    run(['nnUNetv2_train', '901', '2d', '0', '-tr', 'nnUNetTrainer_smoke', '-device', 'cpu', '--npz'], env, log)
+    fold_1 = os.path.join(os.path.dirname(trained), 'fold_1')
+    os.makedirs(fold_1, exist_ok=True)
+    shutil.copy(os.path.join(trained, 'checkpoint_final.pth'), fold_1)
     run(['nnUNetv2_find_best_configuration', '901', '-c', '2d', '-tr', 'nnUNetTrainer_smoke',
-         'nnUNetTrainerEMCAD_smoke', '-f', '0', '1', '-np', '2'], env, log)
+         'nnUNetTrainerEMCAD_smoke', '-f', '0', '-np', '2'], env, log)
     results = os.path.join(env['nnUNet_results'], 'Dataset901_Tiny')
     with open(os.path.join(results, 'inference_information.json')) as f:
         info = json.load(f)
@@ -132,10 +155,10 @@ def test_cross_validation_model_selection_and_ensembling_with_stock_nnunet(plann
 
     raw = os.path.join(env['nnUNet_raw'], 'Dataset901_Tiny')
     predictions = []
-    for trainer in ('nnUNetTrainerEMCAD_smoke', 'nnUNetTrainer_smoke'):
+    for trainer, folds in (('nnUNetTrainerEMCAD_smoke', ['0', '1']), ('nnUNetTrainer_smoke', ['0'])):
         out = os.path.join(root, f'ts_{trainer}')
         run(['nnUNetv2_predict', '-i', os.path.join(raw, 'imagesTs'), '-o', out, '-d', '901', '-c', '2d',
-             '-f', '0', '1', '-tr', trainer, '-device', 'cpu', '-npp', '1', '-nps', '1', '--save_probabilities'],
+             '-f', *folds, '-tr', trainer, '-device', 'cpu', '-npp', '1', '-nps', '1', '--save_probabilities'],
             env, log)
         predictions.append(out)
     ensemble = os.path.join(root, 'ts_ensemble')

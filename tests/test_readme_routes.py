@@ -1,13 +1,23 @@
-"""The README's own-dataset CPU route and its own-schedule recipe, run exactly as the README writes them."""
+"""The README's own-dataset CPU route and its own-schedule recipe, run as the README writes them (the route on a
+shorter schedule of its trainer)."""
 import json
 import os
 import re
 import subprocess
+import runpy
 import sys
 
+import torch
+from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
 from helpers import code_block, readme_section
+from nnunet_emcad import trainers as T
 from nnunet_emcad.demo_data import make_synthetic_dataset
 from nnunet_emcad.scripts import MALLOC_SETTINGS
+from test_trainers import DATASET_JSON, make_plans
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
 
 def _user_env(home) -> dict:
     """A fresh shell of a user whose home is ``home``: no nnU-Net settings, this interpreter's scripts on PATH."""
@@ -16,20 +26,45 @@ def _user_env(home) -> dict:
     return env
 
 
+ROUTE_TRAINER = 'nnUNetTrainerEMCAD_PVTb0_500it'
+STAND_IN = os.path.join(TESTS, 'ext_trainers', 'short_route_trainers.py')  # its trainer on fewer epochs
+
+
 def test_the_cpu_route_runs_as_written_on_generated_images(tmp_path):
-    """Generated images stand in for ACDC under its name: the commands run unchanged."""
+    """Generated images stand in for ACDC under its name: the commands run unchanged but for the trainer, which
+    trains on a fifth of the route trainer's iterations (tests/ext_trainers; the schedule is checked below)."""
     script = code_block(readme_section('### On a CPU: a first model in minutes'), 'bash')
+    assert script.count(ROUTE_TRAINER) == 2  # the training and the prediction
     make_synthetic_dataset(str(tmp_path / 'nnUNet_raw'), 27, n_train=10, n_test=3, name='ACDC')
-    proc = subprocess.run(['bash', '-e', '-c', script], env=_user_env(tmp_path), cwd=tmp_path, capture_output=True,
-                          text=True, timeout=1500, stdin=subprocess.DEVNULL)
+    env = dict(_user_env(tmp_path), nnUNet_extTrainer=os.path.join(TESTS, 'ext_trainers'))
+    proc = subprocess.run(['bash', '-e', '-c', script.replace(ROUTE_TRAINER, 'nnUNetTrainerEMCAD_PVTb0_route')],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1500,
+                          stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    model = 'nnUNetTrainerEMCAD_PVTb0_500it__nnUNetPlans__2d'
+    model = 'nnUNetTrainerEMCAD_PVTb0_route__nnUNetPlans__2d'
     fold = tmp_path / 'nnUNet_results' / 'Dataset027_ACDC' / model / 'fold_0'
     log = next(fold.glob('training_log_*.txt')).read_text()
-    assert re.findall(r': Epoch (\d+)\s*$', log, re.M)[-1] == '19' and (fold / 'progress.png').is_file()
+    epochs = runpy.run_path(STAND_IN)['ROUTE_EPOCHS']
+    assert re.findall(r': Epoch (\d+)\s*$', log, re.M)[-1] == str(epochs - 1) and (fold / 'progress.png').is_file()
     with open(tmp_path / 'acdc_predictions' / 'summary.json') as f:
         summary = json.load(f)
     assert summary['mean']['1']['Dice'] > 0.5, summary['mean']  # an untrained network scores near 0
+
+
+def test_the_cpu_routes_trainer_trains_500_iterations_at_batch_8_and_the_tests_stand_in_differs_only_in_epochs(
+        nnunet_folders):
+    stand_in = runpy.run_path(STAND_IN)
+    short, epochs = stand_in['nnUNetTrainerEMCAD_PVTb0_route'], stand_in['ROUTE_EPOCHS']
+    route = recursive_find_trainer_class_by_name(ROUTE_TRAINER)
+    assert route is T.nnUNetTrainerEMCAD_PVTb0_500it
+    schedules = {}
+    for cls in (route, short):
+        trainer = cls(make_plans(5, [64, 64]), '2d', 0, DATASET_JSON, device=torch.device('cpu'))
+        schedules[cls] = (trainer.num_epochs, trainer.num_iterations_per_epoch,
+                          trainer.configuration_manager.batch_size, trainer.num_val_iterations_per_epoch)
+        assert isinstance(trainer, T.nnUNetTrainerEMCAD_PVTb0)
+    assert schedules[route] == (20, 25, 8, 2) and schedules[route][0] * schedules[route][1] == 500
+    assert schedules[short] == (epochs,) + schedules[route][1:]
 
 
 def test_the_cpu_routes_malloc_line_sets_what_the_projects_own_commands_get():

@@ -69,6 +69,9 @@ def build(cls, plans, configuration='2d'):
 
 EMCAD_TRAINERS = [getattr(T, name) for name in T.__all__ if getattr(T, name).dimensions == 2]
 EMCAD_3D_TRAINERS = [getattr(T, name) for name in T.__all__ if getattr(T, name).dimensions == 3]
+# The trainers that build a network of their own: a short schedule's trainer (short_training.short_schedule) builds
+# its base's (test_short_schedules_change_only_the_schedule)
+NETWORK_TRAINERS = [cls for cls in EMCAD_TRAINERS if 'schedule' not in vars(cls)]
 
 
 def make_3d_plans(anisotropic: bool, residual: bool = False) -> dict:
@@ -83,8 +86,16 @@ def make_3d_plans(anisotropic: bool, residual: bool = False) -> dict:
     return plans
 
 
+def test_short_schedules_change_only_the_schedule():
+    short = [getattr(T, name) for name in T.__all__ if 'schedule' in vars(getattr(T, name))]
+    assert len(short) >= 6
+    for cls in short:
+        assert set(vars(cls)) <= {'__init__', '__qualname__', 'schedule', '__module__', '__doc__'}, cls
+        assert cls.__bases__[0] in NETWORK_TRAINERS + EMCAD_3D_TRAINERS, cls
+
+
 @pytest.mark.parametrize('n_stages', [5, 6, 7, 8])
-@pytest.mark.parametrize('cls', EMCAD_TRAINERS, ids=lambda c: c.__name__)
+@pytest.mark.parametrize('cls', NETWORK_TRAINERS, ids=lambda c: c.__name__)
 def test_deep_supervision_outputs_match_the_loss_scales(cls, n_stages):
     trainer = build(cls, make_plans(n_stages, PATCH_FOR_STAGES[n_stages]))
     patch = trainer.configuration_manager.patch_size
