@@ -5,6 +5,8 @@ import os
 import re
 import subprocess
 import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -23,7 +25,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 BIN = os.path.dirname(sys.executable)
 PLANNED = 'Dataset999_Plans'  # the data set name make_plans writes
 DAMAGED = bytes([0xff]) * 4096  # bytes that are no checkpoint (a disk error, a wrong file)
-RAN = []  # the console scripts the current test ran
+RAN = threading.local()  # .names: the console scripts the current scenario ran, per thread
 
 
 def readme_rows() -> list:
@@ -43,7 +45,7 @@ def as_pattern(message: str) -> str:
 
 def command(args, env, cwd=None) -> str:
     """Run a console script (or Python) as a user would; returns stdout and stderr together (it must fail)."""
-    RAN.append(os.path.basename(args[0]))
+    RAN.names.append(os.path.basename(args[0]))
     proc = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=600,
                           stdin=subprocess.DEVNULL)
     assert proc.returncode != 0, proc.stdout[-2000:]
@@ -262,14 +264,33 @@ def test_every_row_of_the_table_has_a_scenario():
     assert sorted(_scenario_of(message) for message, _ in readme_rows()) == sorted(SCENARIOS)
 
 
-@pytest.mark.parametrize('message,where', readme_rows(), ids=lambda v: v[:40])
-def test_the_readme_message_comes_out_of_the_command_it_names(folders, tmp_path, message, where):
+@pytest.fixture(scope='module')
+def outcomes(folders, tmp_path_factory) -> dict:
+    """Every scenario, run once and two at a time (most of a scenario's time is its command's start-up, which
+    takes one core), each in folders of its own: the scenario's output and the console scripts it ran, or the
+    exception it raised."""
     root, env = folders
-    env = dict(env, nnUNet_results=str(tmp_path / 'results'))
-    RAN.clear()
-    out = SCENARIOS[_scenario_of(message)](root, env, tmp_path)
+    tmps = {key: tmp_path_factory.mktemp('scenario') for key in SCENARIOS}
+
+    def run(key: str):
+        RAN.names = []
+        try:
+            out = SCENARIOS[key](root, dict(env, nnUNet_results=str(tmps[key] / 'results')), tmps[key])
+            return out, RAN.names, None
+        except Exception as e:  # a failed assertion of the scenario's included: its test raises it
+            return None, RAN.names, e
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(SCENARIOS, pool.map(run, SCENARIOS)))
+
+
+@pytest.mark.parametrize('message,where', readme_rows(), ids=lambda v: v[:40])
+def test_the_readme_message_comes_out_of_the_command_it_names(outcomes, message, where):
+    out, ran, error = outcomes[_scenario_of(message)]
+    if error is not None:
+        raise error
     assert re.search(as_pattern(message), out, re.S), f"README promises {message!r}; {where} printed:\n{out[-3000:]}"
     named = {name.split()[0] for name in re.findall(r'`([^`]+)`', where)
              if name.startswith(('nnUNetv2_', 'nnunet-emcad'))} | ({os.path.basename(sys.executable)}
                                                                     if where.startswith('Python') else set())
-    assert named and named <= set(RAN), f"the row names {named}, the test ran {RAN}"
+    assert named and named <= set(ran), f"the row names {named}, the test ran {ran}"
