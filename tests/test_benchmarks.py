@@ -186,6 +186,7 @@ def test_accuracy_report_says_how_glibc_malloc_was_set_in_its_runs():
            f"MALLOC_TRIM_THRESHOLD_={2 ** 31}). Budget:" in text
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_end_to_end_as_a_cpu_dry_run_with_the_readmes_trainers(tmp_path):
     # the README's way to price recomputing on the GPU
     trainers = re.search(r'`--trainers ([\w\s]+)` prices recomputing', readme_text()).group(1).split()

@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from nnunet_emcad import cli
@@ -13,6 +14,7 @@ from nnunet_emcad.demo import prepare_data
 BIN = os.path.dirname(sys.executable)
 
 
+@pytest.mark.slow
 def test_demo_fast_path_trains_predicts_evaluates_and_draws(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith('nnUNet')}  # the demo sets its own folders
     env.update(nnUNet_def_n_proc='2', nnUNet_n_proc_DA='2', OMP_NUM_THREADS='2')

@@ -2,10 +2,13 @@
 import json
 import os
 
+import pytest
+
 from nnunet_emcad.scripts import nnunet_env
 from tiny_data import assert_onnx_matches_pytorch, export_trained_fold, make_3d_dataset, run
 
 
+@pytest.mark.slow
 def test_3d_fullres_train_predict_evaluate_and_export(tmp_path):
     root = str(tmp_path)
     # none of the developer's nnU-Net or nnunet-emcad settings

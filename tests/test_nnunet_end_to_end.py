@@ -20,6 +20,7 @@ from nnunet_emcad.scripts import nnunet_env
 from tiny_data import assert_onnx_matches_pytorch, copy_planned, export_trained_fold, run
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope='module')

@@ -38,6 +38,7 @@ def bundle(tmp_path_factory) -> str:
     return str(root / 'bundle')
 
 
+@pytest.mark.slow
 def test_the_bundle_holds_wheels_for_the_gpu_machines_python_of_what_that_machine_lacks(bundle):
     wheels = [os.path.basename(w) for w in glob.glob(os.path.join(bundle, 'wheels', '*.whl'))]
     names = {w.split('-')[0].lower().replace('_', '-') for w in wheels}
@@ -53,6 +54,7 @@ def test_the_bundle_holds_wheels_for_the_gpu_machines_python_of_what_that_machin
     assert os.path.isfile(os.path.join(bundle, 'stand_ins', 'SimpleITK', '__init__.py'))
 
 
+@pytest.mark.slow
 def test_run_installs_only_what_the_machine_lacks_and_runs_the_gpu_check_on_the_bundles_plans(bundle, tmp_path):
     # a distribution this environment lacks, as a wheel in the bundle beside those of distributions it has
     (tmp_path / 'probe').mkdir()

@@ -3,14 +3,16 @@ shorter schedule of its trainer)."""
 import json
 import os
 import re
-import subprocess
 import runpy
+import shlex
+import subprocess
 import sys
 
+import pytest
 import torch
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-from helpers import code_block, readme_section
+from helpers import code_block, readme_section, readme_text
 from nnunet_emcad import trainers as T
 from nnunet_emcad.demo_data import make_synthetic_dataset
 from nnunet_emcad.scripts import MALLOC_SETTINGS
@@ -30,6 +32,7 @@ ROUTE_TRAINER = 'nnUNetTrainerEMCAD_PVTb0_500it'
 STAND_IN = os.path.join(TESTS, 'ext_trainers', 'short_route_trainers.py')  # its trainer on fewer epochs
 
 
+@pytest.mark.slow
 def test_the_cpu_route_runs_as_written_on_generated_images(tmp_path):
     """Generated images stand in for ACDC under its name: the commands run unchanged but for the trainer, which
     trains on a fifth of the route trainer's iterations (tests/ext_trainers; the schedule is checked below)."""
@@ -88,3 +91,19 @@ def test_your_own_schedule_from_the_readme_is_found_next_to_the_plugins_trainers
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == 'nnUNetTrainerEMCAD_PVTb0 nnunet_emcad.trainers'
+
+
+def test_the_quick_check_from_the_readme_leaves_out_the_slow_tests_and_only_them():
+    command = re.search(r'`bash bootstrap\.sh test ([^`]+)`', readme_text()).group(1)
+
+    def collected(*args: str) -> set:
+        proc = subprocess.run([sys.executable, '-m', 'pytest', '--collect-only', '-q', *args],
+                              cwd=os.path.dirname(TESTS), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return {line for line in proc.stdout.splitlines() if '::' in line}
+
+    quick, slow = collected(*shlex.split(command)), collected('-m', 'slow')
+    assert not quick & slow and 'tests/test_readme_routes.py::' + sys._getframe().f_code.co_name in quick
+    assert {name.split('::')[0] for name in slow} >= {'tests/test_nnunet_end_to_end.py', 'tests/test_nnunet_3d.py'}
+    assert not [name for name in quick if name.startswith(('tests/test_nnunet_end_to_end.py::',
+                                                           'tests/test_nnunet_3d.py::'))]

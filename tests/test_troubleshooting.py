@@ -284,6 +284,7 @@ def outcomes(folders, tmp_path_factory) -> dict:
         return dict(zip(SCENARIOS, pool.map(run, SCENARIOS)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('message,where', readme_rows(), ids=lambda v: v[:40])
 def test_the_readme_message_comes_out_of_the_command_it_names(outcomes, message, where):
     out, ran, error = outcomes[_scenario_of(message)]
