@@ -29,7 +29,8 @@ def _user_env(home) -> dict:
 
 
 ROUTE_TRAINER = 'nnUNetTrainerEMCAD_PVTb0_500it'
-STAND_IN = os.path.join(TESTS, 'ext_trainers', 'short_route_trainers.py')  # its trainer on fewer epochs
+# the route's trainer on fewer epochs, as nnU-Net finds it through nnUNet_extTrainer
+STAND_IN = runpy.run_path(os.path.join(TESTS, 'ext_trainers', 'short_route_trainers.py'))
 
 
 @pytest.mark.slow
@@ -47,7 +48,7 @@ def test_the_cpu_route_runs_as_written_on_generated_images(tmp_path):
     model = 'nnUNetTrainerEMCAD_PVTb0_route__nnUNetPlans__2d'
     fold = tmp_path / 'nnUNet_results' / 'Dataset027_ACDC' / model / 'fold_0'
     log = next(fold.glob('training_log_*.txt')).read_text()
-    epochs = runpy.run_path(STAND_IN)['ROUTE_EPOCHS']
+    epochs = STAND_IN['ROUTE_EPOCHS']
     assert re.findall(r': Epoch (\d+)\s*$', log, re.M)[-1] == str(epochs - 1) and (fold / 'progress.png').is_file()
     with open(tmp_path / 'acdc_predictions' / 'summary.json') as f:
         summary = json.load(f)
@@ -56,8 +57,7 @@ def test_the_cpu_route_runs_as_written_on_generated_images(tmp_path):
 
 def test_the_cpu_routes_trainer_trains_500_iterations_at_batch_8_and_the_tests_stand_in_differs_only_in_epochs(
         nnunet_folders):
-    stand_in = runpy.run_path(STAND_IN)
-    short, epochs = stand_in['nnUNetTrainerEMCAD_PVTb0_route'], stand_in['ROUTE_EPOCHS']
+    short, epochs = STAND_IN['nnUNetTrainerEMCAD_PVTb0_route'], STAND_IN['ROUTE_EPOCHS']
     route = recursive_find_trainer_class_by_name(ROUTE_TRAINER)
     assert route is T.nnUNetTrainerEMCAD_PVTb0_500it
     schedules = {}
@@ -103,7 +103,8 @@ def test_the_quick_check_from_the_readme_leaves_out_the_slow_tests_and_only_them
         return {line for line in proc.stdout.splitlines() if '::' in line}
 
     quick, slow = collected(*shlex.split(command)), collected('-m', 'slow')
-    assert not quick & slow and 'tests/test_readme_routes.py::' + sys._getframe().f_code.co_name in quick
+    this_test = test_the_quick_check_from_the_readme_leaves_out_the_slow_tests_and_only_them.__name__
+    assert not quick & slow and f'tests/test_readme_routes.py::{this_test}' in quick
     assert {name.split('::')[0] for name in slow} >= {'tests/test_nnunet_end_to_end.py', 'tests/test_nnunet_3d.py'}
     assert not [name for name in quick if name.startswith(('tests/test_nnunet_end_to_end.py::',
                                                            'tests/test_nnunet_3d.py::'))]
