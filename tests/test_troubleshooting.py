@@ -5,8 +5,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -25,7 +23,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 BIN = os.path.dirname(sys.executable)
 PLANNED = 'Dataset999_Plans'  # the data set name make_plans writes
 DAMAGED = bytes([0xff]) * 4096  # bytes that are no checkpoint (a disk error, a wrong file)
-RAN = threading.local()  # .names: the console scripts the current scenario ran, per thread
+RAN = []  # the console scripts the current scenario ran
 
 
 def readme_rows() -> list:
@@ -45,7 +43,7 @@ def as_pattern(message: str) -> str:
 
 def command(args, env, cwd=None) -> str:
     """Run a console script (or Python) as a user would; returns stdout and stderr together (it must fail)."""
-    RAN.names.append(os.path.basename(args[0]))
+    RAN.append(os.path.basename(args[0]))
     proc = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=600,
                           stdin=subprocess.DEVNULL)
     assert proc.returncode != 0, proc.stdout[-2000:]
@@ -266,22 +264,21 @@ def test_every_row_of_the_table_has_a_scenario():
 
 @pytest.fixture(scope='module')
 def outcomes(folders, tmp_path_factory) -> dict:
-    """Every scenario, run once and two at a time (most of a scenario's time is its command's start-up, which
-    takes one core), each in folders of its own: the scenario's output and the console scripts it ran, or the
-    exception it raised."""
+    """Every scenario, run once, one after the other, each in folders of its own: the scenario's output and the
+    console scripts it ran, or the exception it raised. (Two at a time in threads once left the diverging
+    training hanging in CI: two nnU-Net trainings at once oversubscribe the cores.)"""
     root, env = folders
     tmps = {key: tmp_path_factory.mktemp('scenario') for key in SCENARIOS}
 
     def run(key: str):
-        RAN.names = []
+        RAN.clear()
         try:
             out = SCENARIOS[key](root, dict(env, nnUNet_results=str(tmps[key] / 'results')), tmps[key])
-            return out, RAN.names, None
+            return out, list(RAN), None
         except Exception as e:  # a failed assertion of the scenario's included: its test raises it
-            return None, RAN.names, e
+            return None, list(RAN), e
 
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(SCENARIOS, pool.map(run, SCENARIOS)))
+    return {key: run(key) for key in SCENARIOS}
 
 
 @pytest.mark.slow
