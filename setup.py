@@ -46,7 +46,8 @@ setup(
         'SimpleITK',
         'acvl-utils',
     ],
-    extras_require={'test': ['pytest', 'hypothesis', 'pydicom', 'onnx', 'onnxscript', 'onnxruntime'],
+    # pytest 9.2's node ids lose pytest-xdist's test groups (pytest-dev/pytest-xdist issue 1386)
+    extras_require={'test': ['pytest<9.2', 'pytest-xdist', 'hypothesis', 'pydicom', 'onnx', 'onnxscript', 'onnxruntime'],
                     'demo': ['pydicom'], 'onnx': ['onnx', 'onnxscript', 'onnxruntime']},
     cmdclass={'build_py': BuildPyWithPth, 'editable_wheel': EditableWheelWithPth},
     entry_points={'console_scripts': ['nnunet-emcad = nnunet_emcad.cli:main']},

@@ -29,7 +29,7 @@ import numpy as np
 from nnunet_emcad.benchmarking import (CACHE, EMCAD_3D_TRAINERS, EMCAD_TRAINERS, RESULTS, STOCK, machine,
                                        malloc_note, reproduce_command, verdict, write_results)
 from nnunet_emcad.counting import count_flops
-from nnunet_emcad.scripts import nnunet_env, run_logged
+from nnunet_emcad.scripts import nnunet_env, plan_command, run_logged
 from nnunet_emcad.short_training import Schedule, write_trainer_module
 from nnunet_emcad.source_tree import shared_data_dir
 
@@ -82,8 +82,7 @@ def prepare(dataset: str, root: str, batch_size: int, log: str, configuration: s
     preprocessed = os.path.join(env['nnUNet_preprocessed'], name)
     if not os.path.isdir(os.path.join(preprocessed, f'nnUNetPlans_{configuration}')):
         print(f"planning and preprocessing {name} (once; log: {log})", flush=True)
-        run_logged(['nnUNetv2_plan_and_preprocess', '-d', str(dataset_id), '-c', configuration,
-                    '-np', env['nnUNet_def_n_proc']], env, log)
+        run_logged(plan_command(dataset_id, configuration, env), env, log)
     splits = os.path.join(SHARED_DATA, name, 'splits_final.json')
     if os.path.isfile(splits):
         shutil.copy(splits, os.path.join(preprocessed, 'splits_final.json'))

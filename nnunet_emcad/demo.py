@@ -17,7 +17,7 @@ import numpy as np
 
 from nnunet_emcad.demo_data import (ACDC_SOURCE, PYCERR_SOURCE, SYNTHETIC_SOURCE, acdc_subset,
                                     convert_rtstruct_dataset, fetch_pycerr_dicom, make_synthetic_dataset)
-from nnunet_emcad.scripts import nnunet_env, run_logged
+from nnunet_emcad.scripts import nnunet_env, plan_command, run_logged
 from nnunet_emcad.short_training import PROGRESS_PREFIX, Schedule, write_trainer_module
 from nnunet_emcad.source_tree import shared_data_dir
 
@@ -172,8 +172,7 @@ def overlay_png(dataset_folder: str, prediction_folder: str, out_file: str, max_
 def plan_and_preprocess(dataset: str, dataset_id: str, env: Dict[str, str], log: str) -> None:
     """``nnUNetv2_plan_and_preprocess`` for 2d, unless an earlier run of the demo did it."""
     if not os.path.isfile(os.path.join(env['nnUNet_preprocessed'], dataset, 'nnUNetPlans.json')):
-        run_logged(['nnUNetv2_plan_and_preprocess', '-d', dataset_id, '-c', '2d', '-np', env['nnUNet_def_n_proc']],
-                   env, log)
+        run_logged(plan_command(dataset_id, '2d', env), env, log)
 
 
 def predict(images: str, predictions: str, dataset_id: str, trainer: str, device: str, env: Dict[str, str],

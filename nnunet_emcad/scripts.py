@@ -27,6 +27,15 @@ def with_malloc_settings(env: Dict[str, str], configuration: str = '2d') -> Dict
     return {**MALLOC_SETTINGS, **env} if configuration == '2d' else dict(env)
 
 
+def plan_command(dataset_id: str, configuration: str, env: Dict[str, str], *extra: str) -> List[str]:
+    """``nnUNetv2_plan_and_preprocess`` for one configuration with ``env``'s ``nnUNet_def_n_proc`` worker
+    processes for the fingerprint (``-npfp``; nnU-Net's default is 8 whatever the cores, each worker starting a
+    Python of its own) and for preprocessing (``-np``)."""
+    workers = env['nnUNet_def_n_proc']
+    return ['nnUNetv2_plan_and_preprocess', '-d', str(dataset_id), '-c', configuration, '-np', workers,
+            '-npfp', workers, *extra]
+
+
 class CommandFailed(RuntimeError):
     """A console script exited non-zero or ran past its time limit; the message ends with its output's tail."""
 

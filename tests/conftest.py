@@ -1,7 +1,9 @@
+import fcntl
 import os
 import warnings
 
 import pytest
+import torch
 
 from nnunet_emcad.source_tree import shared_data_dir
 from tiny_data import plan_tiny_dataset
@@ -28,7 +30,33 @@ def nnunet_folders(tmp_path, monkeypatch):
     monkeypatch.delenv('nnUNet_EMCAD_PVT_WEIGHTS', raising=False)
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (pytest.ini) runs two workers whatever the core count: nnU-Net's CPU trainings and predictions
+    each use every core (it sets torch's threads to the core count), so more workers would only oversubscribe;
+    two overlap one's start-up, imports and waits with the other's computing."""
+    return 2
+
+
+def pytest_configure(config) -> None:
+    """In an xdist worker: this process's torch on its share of the cores, and OpenMP threads in the commands
+    the tests run that sleep instead of spinning while they wait (two nnU-Net trainings at once, each spinning on
+    every core, ran slower together than one after the other: benchmarks/results/test_durations.md)."""
+    if os.environ.get('PYTEST_XDIST_WORKER'):
+        os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+
+
 @pytest.fixture(scope='session')
 def tiny_planned(tmp_path_factory) -> str:
-    """Dataset901_Tiny planned and preprocessed by nnU-Net once per session; tests take copies (``copy_planned``)."""
-    return plan_tiny_dataset(str(tmp_path_factory.mktemp('tiny_planned')))
+    """Dataset901_Tiny planned and preprocessed by nnU-Net once per test run (the first xdist worker to ask plans
+    it, the others wait for it); tests take copies (``copy_planned``)."""
+    if not os.environ.get('PYTEST_XDIST_WORKER'):
+        return plan_tiny_dataset(str(tmp_path_factory.mktemp('tiny_planned')))
+    root = tmp_path_factory.getbasetemp().parent / 'tiny_planned'  # the run's folder, above each worker's own
+    with open(f'{root}.lock', 'w') as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / 'planned').exists():
+            root.mkdir(exist_ok=True)
+            plan_tiny_dataset(str(root))
+            (root / 'planned').touch()
+    return str(root)

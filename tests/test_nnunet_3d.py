@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from nnunet_emcad.scripts import nnunet_env
+from nnunet_emcad.scripts import nnunet_env, plan_command
 from tiny_data import assert_onnx_matches_pytorch, export_trained_fold, make_3d_dataset, run
 
 
@@ -15,7 +15,7 @@ def test_3d_fullres_train_predict_evaluate_and_export(tmp_path):
     env = nnunet_env(root, package_settings=False, configuration='3d_fullres')
     make_3d_dataset(env['nnUNet_raw'])
     log = os.path.join(root, 'log.txt')
-    run(['nnUNetv2_plan_and_preprocess', '-d', '902', '-c', '3d_fullres', '-np', '2'], env, log)
+    run(plan_command('902', '3d_fullres', env), env, log)
     with open(os.path.join(env['nnUNet_preprocessed'], 'Dataset902_Tiny3D', 'nnUNetPlans.json')) as f:
         arch = json.load(f)['configurations']['3d_fullres']['architecture']['arch_kwargs']
     assert [1, 3, 3] in arch['kernel_sizes'], arch['kernel_sizes']  # nnU-Net planned it anisotropic

@@ -23,7 +23,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def planned(tmp_path_factory, tiny_planned):
     """Dataset901_Tiny, planned and preprocessed for 2d, in nnU-Net folders of this module's own."""
     root = str(tmp_path_factory.mktemp('nnunet'))
@@ -35,17 +35,18 @@ def planned(tmp_path_factory, tiny_planned):
 SMOKE_FOLD = ('Dataset901_Tiny', 'nnUNetTrainerEMCAD_smoke__nnUNetPlans__2d', 'fold_0')
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def trained(planned):
     """nnUNetTrainerEMCAD_smoke's fold 0, trained once by ``nnUNetv2_train`` (with ``--npz``); tests that only
-    read a trained fold (prediction, ``--val``, ONNX, model selection) share it. Returns the fold's folder."""
+    read a trained fold (prediction, ``--val``, ONNX, model selection) share it, in one xdist worker (their group
+    ``trained_fold``). Returns the fold's folder."""
     root, env, log = planned
     assert 'nnUNet_extTrainer' not in env
     run(['nnUNetv2_train', '901', '2d', '0', '-tr', 'nnUNetTrainerEMCAD_smoke', '-device', 'cpu', '--npz'], env, log)
     return os.path.join(env['nnUNet_results'], *SMOKE_FOLD)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def predicted(planned, trained):
     """``nnUNetv2_predict`` of the trained fold on the test images (eagerly); returns the output folder."""
     root, env, log = planned
@@ -62,6 +63,7 @@ def _dice(summary_file: str) -> dict:
     return {label: metrics['Dice'] for label, metrics in summary['mean'].items()}
 
 
+@pytest.mark.xdist_group('trained_fold')
 def test_train_predict_evaluate_with_stock_commands(planned, trained, predicted):
     root, env, log = planned
     assert os.path.isfile(os.path.join(trained, 'checkpoint_final.pth'))
@@ -76,6 +78,7 @@ def test_train_predict_evaluate_with_stock_commands(planned, trained, predicted)
     assert dice['1'] > 0.8 and dice['2'] > 0.7, dice  # an untrained network scores near 0 on both
 
 
+@pytest.mark.xdist_group('trained_fold')
 def test_compiled_prediction_on_a_cpu_runs_as_the_readme_writes_it_and_writes_the_eager_segmentations(planned,
                                                                                                    predicted):
     # nnU-Net compiles the network (torch.compile, inductor) when nnUNet_compile is set
@@ -94,6 +97,7 @@ def test_compiled_prediction_on_a_cpu_runs_as_the_readme_writes_it_and_writes_th
         assert (got == want).mean() > 0.999, case  # float rounding may flip a boundary pixel, no more
 
 
+@pytest.mark.xdist_group('trained_fold')
 def test_validation_rerun_with_val_flag(planned, trained):
     root, env, log = planned
     fold = trained
@@ -104,6 +108,7 @@ def test_validation_rerun_with_val_flag(planned, trained):
     assert _dice(summary)['1'] > 0.5
 
 
+@pytest.mark.xdist_group('trained_fold')
 def test_onnx_export_of_the_trained_fold_matches_pytorch(planned, trained, tmp_path):
     import numpy as np
 
@@ -133,6 +138,7 @@ def test_pvt_trainer_with_imagenet_weights_from_a_local_file(planned, tmp_path):
     assert _dice(os.path.join(fold, 'validation', 'summary.json'))['1'] > 0.3
 
 
+@pytest.mark.xdist_group('trained_fold')
 def test_cross_validation_model_selection_and_ensembling_with_stock_nnunet(planned, trained):
     """Model selection between EMCAD and stock nnU-Net on fold 0 (nnU-Net's choice works the same on one fold as on
     five), prediction with several folds of EMCAD (a copy of the trained fold stands for fold 1: nnU-Net loads each

@@ -20,7 +20,7 @@ def _offline_gpu(*args: str, **kwargs) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=900, **kwargs)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def bundle(tmp_path_factory) -> str:
     """A bundle packed by the real command, from a tiny plan; skips where PyPI is unreachable."""
     root = tmp_path_factory.mktemp('offline_gpu')
@@ -39,6 +39,7 @@ def bundle(tmp_path_factory) -> str:
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group('offline_gpu_bundle')
 def test_the_bundle_holds_wheels_for_the_gpu_machines_python_of_what_that_machine_lacks(bundle):
     wheels = [os.path.basename(w) for w in glob.glob(os.path.join(bundle, 'wheels', '*.whl'))]
     names = {w.split('-')[0].lower().replace('_', '-') for w in wheels}
@@ -55,6 +56,7 @@ def test_the_bundle_holds_wheels_for_the_gpu_machines_python_of_what_that_machin
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group('offline_gpu_bundle')
 def test_run_installs_only_what_the_machine_lacks_and_runs_the_gpu_check_on_the_bundles_plans(bundle, tmp_path):
     # a distribution this environment lacks, as a wheel in the bundle beside those of distributions it has
     (tmp_path / 'probe').mkdir()

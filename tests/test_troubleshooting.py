@@ -50,7 +50,7 @@ def command(args, env, cwd=None) -> str:
     return proc.stdout + proc.stderr
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def folders(tmp_path_factory, tiny_planned):
     """nnU-Net's folders with Dataset999_Plans planned by hand (2d and 3d_fullres) and Dataset901_Tiny planned
     and preprocessed by nnU-Net; the environment a user's shell would have for them."""
@@ -262,31 +262,13 @@ def test_every_row_of_the_table_has_a_scenario():
     assert sorted(_scenario_of(message) for message, _ in readme_rows()) == sorted(SCENARIOS)
 
 
-@pytest.fixture(scope='module')
-def outcomes(folders, tmp_path_factory) -> dict:
-    """Every scenario, run once, one after the other, each in folders of its own: the scenario's output and the
-    console scripts it ran, or the exception it raised. (Two at a time in threads once left the diverging
-    training hanging in CI: two nnU-Net trainings at once oversubscribe the cores.)"""
-    root, env = folders
-    tmps = {key: tmp_path_factory.mktemp('scenario') for key in SCENARIOS}
-
-    def run(key: str):
-        RAN.clear()
-        try:
-            out = SCENARIOS[key](root, dict(env, nnUNet_results=str(tmps[key] / 'results')), tmps[key])
-            return out, list(RAN), None
-        except Exception as e:  # a failed assertion of the scenario's included: its test raises it
-            return None, list(RAN), e
-
-    return {key: run(key) for key in SCENARIOS}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize('message,where', readme_rows(), ids=lambda v: v[:40])
-def test_the_readme_message_comes_out_of_the_command_it_names(outcomes, message, where):
-    out, ran, error = outcomes[_scenario_of(message)]
-    if error is not None:
-        raise error
+def test_the_readme_message_comes_out_of_the_command_it_names(folders, tmp_path, message, where):
+    root, env = folders
+    RAN.clear()
+    out = SCENARIOS[_scenario_of(message)](root, dict(env, nnUNet_results=str(tmp_path / 'results')), tmp_path)
+    ran = list(RAN)
     assert re.search(as_pattern(message), out, re.S), f"README promises {message!r}; {where} printed:\n{out[-3000:]}"
     named = {name.split()[0] for name in re.findall(r'`([^`]+)`', where)
              if name.startswith(('nnUNetv2_', 'nnunet-emcad'))} | ({os.path.basename(sys.executable)}

@@ -17,8 +17,7 @@ def plan_tiny_dataset(root: str) -> str:
     integrity check), in the folders ``scripts.nnunet_env(root)`` names; returns ``root``."""
     env = scripts.nnunet_env(root, package_settings=False)
     make_dataset(env['nnUNet_raw'])
-    run(['nnUNetv2_plan_and_preprocess', '-d', '901', '-c', '2d', '-np', '2', '--verify_dataset_integrity'],
-        env, os.path.join(root, 'log.txt'))
+    run(scripts.plan_command('901', '2d', env, '--verify_dataset_integrity'), env, os.path.join(root, 'log.txt'))
     return root
 
 
