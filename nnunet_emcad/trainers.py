@@ -343,8 +343,9 @@ class nnUNetTrainerEMCAD_PVTb2_MUTATION(nnUNetTrainerEMCAD_PVTb2):
 
 # Five epochs, for smoke tests of a set-up (like nnU-Net's ``nnUNetTrainer_5epochs``).
 FIVE_EPOCHS = Schedule(epochs=5)
-# 4 epochs of 25 iterations (5 validation iterations): a set-up check in a minute or two on a CPU.
-SMOKE = Schedule(epochs=4, iterations=25, val_iterations=5)
+# 2 epochs of 25 iterations (5 validation iterations): a set-up check in about a minute on a CPU, from one
+# epoch into the next, through checkpoints and validation.
+SMOKE = Schedule(epochs=2, iterations=25, val_iterations=5)
 
 nnUNetTrainerEMCAD_5epochs = short_schedule(nnUNetTrainerEMCAD, FIVE_EPOCHS, 'nnUNetTrainerEMCAD_5epochs')
 nnUNetTrainerEMCAD_PVTb0_5epochs = short_schedule(nnUNetTrainerEMCAD_PVTb0, FIVE_EPOCHS,

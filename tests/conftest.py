@@ -38,12 +38,15 @@ def pytest_xdist_auto_num_workers(config) -> int:
 
 
 def pytest_configure(config) -> None:
-    """In an xdist worker: this process's torch on its share of the cores, and OpenMP threads in the commands
-    the tests run that sleep instead of spinning while they wait (two nnU-Net trainings at once, each spinning on
-    every core, ran slower together than one after the other: benchmarks/results/test_durations.md)."""
+    """In an xdist worker: this process's torch, and nnU-Net's worker processes in the commands the tests run
+    (each of which starts a Python of its own), on the worker's share of the cores; OpenMP threads in those
+    commands that sleep instead of spinning while they wait (two nnU-Net trainings at once, each spinning on every
+    core, ran slower together than one after the other: benchmarks/results/test_durations.md)."""
     if os.environ.get('PYTEST_XDIST_WORKER'):
+        share = str(max(1, (os.cpu_count() or 2) // 2))
+        os.environ.update(nnUNet_def_n_proc=share, nnUNet_n_proc_DA=share)
         os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+        torch.set_num_threads(int(share))
 
 
 @pytest.fixture(scope='session')
