@@ -47,7 +47,8 @@ setup(
         'acvl-utils',
     ],
     # pytest 9.2's node ids lose pytest-xdist's test groups (pytest-dev/pytest-xdist issue 1386)
-    extras_require={'test': ['pytest<9.2', 'pytest-xdist', 'hypothesis', 'pydicom', 'onnx', 'onnxscript', 'onnxruntime'],
+    extras_require={'test': ['pytest<9.2', 'pytest-xdist', 'hypothesis', 'pydicom', 'onnx', 'onnxscript',
+                             'onnxruntime'],
                     'demo': ['pydicom'], 'onnx': ['onnx', 'onnxscript', 'onnxruntime']},
     cmdclass={'build_py': BuildPyWithPth, 'editable_wheel': EditableWheelWithPth},
     entry_points={'console_scripts': ['nnunet-emcad = nnunet_emcad.cli:main']},

@@ -23,7 +23,7 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 BIN = os.path.dirname(sys.executable)
 PLANNED = 'Dataset999_Plans'  # the data set name make_plans writes
 DAMAGED = bytes([0xff]) * 4096  # bytes that are no checkpoint (a disk error, a wrong file)
-RAN = []  # the console scripts the current scenario ran
+RAN = []  # the console scripts the current test ran
 
 
 def readme_rows() -> list:
@@ -266,11 +266,11 @@ def test_every_row_of_the_table_has_a_scenario():
 @pytest.mark.parametrize('message,where', readme_rows(), ids=lambda v: v[:40])
 def test_the_readme_message_comes_out_of_the_command_it_names(folders, tmp_path, message, where):
     root, env = folders
+    env = dict(env, nnUNet_results=str(tmp_path / 'results'))
     RAN.clear()
-    out = SCENARIOS[_scenario_of(message)](root, dict(env, nnUNet_results=str(tmp_path / 'results')), tmp_path)
-    ran = list(RAN)
+    out = SCENARIOS[_scenario_of(message)](root, env, tmp_path)
     assert re.search(as_pattern(message), out, re.S), f"README promises {message!r}; {where} printed:\n{out[-3000:]}"
     named = {name.split()[0] for name in re.findall(r'`([^`]+)`', where)
              if name.startswith(('nnUNetv2_', 'nnunet-emcad'))} | ({os.path.basename(sys.executable)}
                                                                     if where.startswith('Python') else set())
-    assert named and named <= set(ran), f"the row names {named}, the test ran {ran}"
+    assert named and named <= set(RAN), f"the row names {named}, the test ran {RAN}"
