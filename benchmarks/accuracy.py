@@ -7,21 +7,29 @@ HD95 in mm on the same files. Budgets:
   equal iterations  every trainer trains --iterations iterations;
   equal time        every trainer trains for as long as stock nnU-Net's equal-iteration run took on this
                     machine (its measured seconds per iteration decide how many iterations that is).
-Budgets run through generated trainer subclasses (Bench_<trainer>_it<N>) and a plans copy with the batch size
-of --batch-size (nnUNetBenchPlans, reusing the preprocessed data). The full nnU-Net schedule is what a GPU user
-runs instead: nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerEMCAD. --configuration 3d_fullres compares stock
-nnU-Net 3D with the EMCAD 3D trainers (results accuracy_<dataset>_3d_fullres).
-Writes benchmarks/results/accuracy_<dataset>.json (or --name), .md, a Dice-vs-GFLOPs plot and training curves (PNG),
-after every finished run, so an interrupted benchmark keeps what it measured; finished runs are reused.
+Budgets run through generated trainer subclasses (Bench_<trainer>_it<N>, Bench_<trainer>_it<N>_run<k> for the
+k-th run) and a plans copy with the batch size of --batch-size (nnUNetBenchPlans, reusing the preprocessed data).
+--runs N trains every trainer N times under each budget, on the same fold: nnU-Net seeds only its split, so each
+run draws another initialisation, other batches and other augmentations, and every run is scored on the same
+held-out cases. The report gives each trainer's runs, their mean and spread (max - min), and calls a difference to
+stock that is not larger than the larger of the two spreads a tie. The equal-time budget is stock's mean training
+time over its runs. The full nnU-Net schedule is what a GPU user runs instead: nnUNetv2_train DATASET 2d FOLD -tr
+nnUNetTrainerEMCAD. --configuration 3d_fullres compares stock nnU-Net 3D with the EMCAD 3D trainers (results
+accuracy_<dataset>_3d_fullres). --dataset DatasetNNN_Name --raw FOLDER runs it on a data set of your own.
+Each run writes its measurements (benchmark.json in its nnU-Net output folder under --work) when it ends, and a
+later command with the same settings reuses them; a run stopped part-way is run again. The report (benchmarks/
+results/accuracy_<dataset>.json, or --name, .md, a Dice-vs-GFLOPs plot and training curves) is rewritten after
+every finished run, so a stopped benchmark keeps what it measured and the same command finishes it.
 """
 import argparse
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 from unittest import mock
 
 import numpy as np
@@ -38,6 +46,17 @@ SHARED_DATA = shared_data_dir()
 DATASETS = {'acdc': (27, 'Dataset027_ACDC'), 'isbi': (28, 'Dataset028_ISBI2012')}
 TRAINER_MODULES = {STOCK: 'nnunetv2.training.nnUNetTrainer.nnUNetTrainer'}
 BENCH_PLANS = 'nnUNetBenchPlans'
+
+
+def dataset_id_and_name(dataset: str) -> Tuple[int, str]:
+    """nnU-Net's id and folder name of --dataset: acdc, isbi or a DatasetNNN_Name of one's own."""
+    if dataset in DATASETS:
+        return DATASETS[dataset]
+    match = re.fullmatch(r'Dataset(\d{3})_\w+', dataset)
+    if match is None:
+        raise ValueError(f"--dataset {dataset}: give acdc, isbi or an nnU-Net data set's folder name "
+                         f"(DatasetNNN_Name) with --raw")
+    return int(match.group(1)), dataset
 
 
 def _read_json(path: str):
@@ -67,13 +86,16 @@ def prepare_isbi(raw: str) -> None:
 
 
 def prepare(dataset: str, root: str, batch_size: int, log: str, configuration: str = '2d',
-            trainer_dir: Optional[str] = None) -> Dict[str, str]:
-    """Raw data, plans, preprocessed data and the benchmark plans copy; returns the environment."""
-    dataset_id, name = DATASETS[dataset]
-    if dataset == 'acdc':
-        if not os.path.isdir(os.path.join(SHARED_DATA, name)):
-            raise SystemExit(f"{os.path.join(SHARED_DATA, name)} is absent")
-        env = nnunet_env(root, raw=SHARED_DATA, trainer_dir=trainer_dir, configuration=configuration)
+            trainer_dir: Optional[str] = None, raw: Optional[str] = None) -> Dict[str, str]:
+    """Raw data, plans, preprocessed data and the benchmark plans copy; returns the environment.
+
+    ``raw`` is the nnU-Net raw folder of a data set of one's own (``dataset`` its DatasetNNN_Name)."""
+    dataset_id, name = dataset_id_and_name(dataset)
+    if dataset not in DATASETS or dataset == 'acdc':
+        raw = SHARED_DATA if dataset == 'acdc' else raw
+        if not os.path.isdir(os.path.join(raw, name)):
+            raise SystemExit(f"{os.path.join(raw, name)} is absent")
+        env = nnunet_env(root, raw=raw, trainer_dir=trainer_dir, configuration=configuration)
     else:
         if not os.path.isdir(os.path.join(SHARED_DATA, 'ISBI2012_EM')):
             raise SystemExit(f"{os.path.join(SHARED_DATA, 'ISBI2012_EM')} is absent")
@@ -83,7 +105,7 @@ def prepare(dataset: str, root: str, batch_size: int, log: str, configuration: s
     if not os.path.isdir(os.path.join(preprocessed, f'nnUNetPlans_{configuration}')):
         print(f"planning and preprocessing {name} (once; log: {log})", flush=True)
         run_logged(plan_command(dataset_id, configuration, env), env, log)
-    splits = os.path.join(SHARED_DATA, name, 'splits_final.json')
+    splits = os.path.join(env['nnUNet_raw'], name, 'splits_final.json')
     if os.path.isfile(splits):
         shutil.copy(splits, os.path.join(preprocessed, 'splits_final.json'))
     plans = _read_json(os.path.join(preprocessed, 'nnUNetPlans.json'))
@@ -94,18 +116,20 @@ def prepare(dataset: str, root: str, batch_size: int, log: str, configuration: s
     return env
 
 
-def bench_name(trainer: str, iterations: int) -> str:
-    return f'Bench_{trainer}_it{iterations}'
+def bench_name(trainer: str, iterations: int, run: int = 1) -> str:
+    """The generated trainer of ``trainer``'s ``run``-th run (from 1) with a budget of ``iterations``."""
+    return f'Bench_{trainer}_it{iterations}' + (f'_run{run}' if run > 1 else '')
 
 
-def write_trainers(folder: str, budgets: List[tuple], per_epoch: int, val_iterations: int) -> None:
-    """A module of budgeted trainer subclasses, for nnU-Net to find through nnUNet_extTrainer."""
+def write_trainers(folder: str, budgets: List[tuple], per_epoch: int, val_iterations: int, runs: int) -> None:
+    """A module of budgeted trainer subclasses, one per budget and run, for nnU-Net to find through
+    nnUNet_extTrainer."""
     write_trainer_module(os.path.join(folder, 'bench_trainers.py'), 'Generated by benchmarks/accuracy.py: budgeted '
-                         'trainers.', [(bench_name(trainer, iterations), trainer,
+                         'trainers.', [(bench_name(trainer, iterations, run), trainer,
                                         TRAINER_MODULES.get(trainer, 'nnunet_emcad.trainers'),
                                         Schedule(max(1, iterations // per_epoch), per_epoch, None, val_iterations,
                                                  final_validation=False))
-                                       for trainer, iterations in budgets])
+                                       for trainer, iterations in budgets for run in range(1, runs + 1)])
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
@@ -205,21 +229,23 @@ def _scores(env: Dict[str, str], name: str, model: str, predictions: str, log: s
 
 
 def train_and_evaluate(env: Dict[str, str], args: argparse.Namespace, trainer: str, iterations: int,
-                       log: str) -> dict:
-    """Train one budgeted trainer on one fold, time nnUNetv2_predict on its validation cases, evaluate them.
+                       log: str, run: int = 1) -> dict:
+    """Train one budgeted trainer on one fold (its ``run``-th run), time nnUNetv2_predict on its validation
+    cases, evaluate them.
 
-    A run finished earlier with the same settings is reused; one with other settings is deleted and run again.
+    A run finished earlier with the same settings is reused; one with other settings is deleted and run again;
+    one stopped before its final checkpoint is trained again from the start.
     """
-    dataset_id, name = DATASETS[args.dataset]
+    dataset_id, name = dataset_id_and_name(args.dataset)
     configuration, fold, device = args.configuration, args.fold, args.device
-    tr = bench_name(trainer, iterations)
+    tr = bench_name(trainer, iterations, run)
     model = os.path.join(env['nnUNet_results'], name, f'{tr}__{BENCH_PLANS}__{configuration}')
     output = os.path.join(model, f'fold_{fold}')
     finished = _run_folder(output, {k: getattr(args, k) for k in RUN_SETTINGS})
     if finished is not None:
         return finished
     if not os.path.isfile(os.path.join(output, 'checkpoint_final.pth')):
-        print(f"training {tr} (fold {fold}) ...", flush=True)
+        print(f"training {tr} (fold {fold}, run {run}) ...", flush=True)
         run_logged(['nnUNetv2_train', str(dataset_id), configuration, str(fold), '-tr', tr, '-p', BENCH_PLANS,
                     '-device', device], env, log)
     logging = _training_log(output)
@@ -234,7 +260,7 @@ def train_and_evaluate(env: Dict[str, str], args: argparse.Namespace, trainer: s
     run_logged(['nnUNetv2_predict', '-i', inputs, '-o', predictions, '-d', str(dataset_id), '-c', configuration,
                 '-f', str(fold), '-tr', tr, '-p', BENCH_PLANS, '-device', device, '-npp', '1', '-nps', '1'], env, log)
     predict_seconds = time.perf_counter() - start
-    result = {'trainer': trainer, 'bench_trainer': tr, 'iterations': iterations,
+    result = {'trainer': trainer, 'bench_trainer': tr, 'run': run, 'iterations': iterations,
               'epochs': len(epoch_seconds), 'train_seconds': float(sum(epoch_seconds)),
               'seconds_per_iteration': float(sum(epoch_seconds)) / max(1, iterations),
               **_scores(env, name, model, predictions, log),
@@ -252,7 +278,7 @@ def network_gflops(env: Dict[str, str], dataset: str, trainer: str, configuratio
     import torch
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    name = DATASETS[dataset][1]
+    name = dataset_id_and_name(dataset)[1]
     folder = os.path.join(env['nnUNet_preprocessed'], name)
     plans = _read_json(os.path.join(folder, f'{BENCH_PLANS}.json'))
     dataset_json = _read_json(os.path.join(folder, 'dataset.json'))
@@ -279,6 +305,9 @@ def plots(results: List[dict], gflops: Dict[str, float], out_prefix: str) -> Lis
     markers = {'equal_iterations': 'o', 'equal_time': 's'}
 
     def label(r: dict) -> str:
+        """One legend entry per trainer and budget, on its first run."""
+        if r.get('run', 1) > 1:
+            return '_nolegend_'
         return f"{r['trainer'].replace('nnUNetTrainer', '') or 'stock'} ({r['budget'].replace('_', ' ')})"
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -335,23 +364,96 @@ def command_line(args: argparse.Namespace) -> str:
                                        'name': default_name(args.dataset, args.configuration)})
 
 
+def runs_summary(results: List[dict], trainer: str, budget: str) -> Optional[dict]:
+    """A trainer's runs under a budget: their mean Dice each, its mean and spread (max - min), and the mean
+    iterations, training and prediction seconds; None when it has no run there."""
+    runs = sorted((r for r in results if r['trainer'] == trainer and r['budget'] == budget),
+                  key=lambda r: r.get('run', 1))
+    if not runs:
+        return None
+    dice = [r['dice_mean'] for r in runs]
+    return {'runs': len(runs), 'dice_per_run': dice, 'dice': float(np.mean(dice)),
+            'spread': float(max(dice) - min(dice)),
+            **{key: float(np.mean([r[key] for r in runs]))
+               for key in ('iterations', 'train_seconds', 'predict_seconds')}}
+
+
+def versus_stock(mine: dict, stock: dict) -> Tuple[str, str]:
+    """How ``mine`` compares with stock's ``runs_summary``: 'ahead', 'behind', 'tie' (the difference of the means
+    is not larger than the larger of the two spreads) or 'spread unknown' (one run), and the same in words."""
+    difference = 100 * (mine['dice'] - stock['dice'])
+    spread = 100 * max(mine['spread'], stock['spread'])
+    if min(mine['runs'], stock['runs']) < 2:
+        return 'spread unknown', f"{difference:+.1f} points; one run, so its spread is unknown"
+    if abs(difference) <= spread:
+        return 'tie', f"{difference:+.1f} points, inside the {spread:.1f}-point spread: a tie"
+    side = 'ahead' if difference > 0 else 'behind'
+    return side, f"{difference:+.1f} points, beyond the {spread:.1f}-point spread: {side}"
+
+
+def summary_lines(results: List[dict], trainers: List[str]) -> List[str]:
+    """Mean and spread per trainer and budget, against stock, and the goals."""
+    lines = ['', '## Mean and spread over the runs', '',
+             "Spread: max - min of the runs' mean Dice, in points. A difference to stock not larger than the larger "
+             "of the two spreads is a tie.", '',
+             '| trainer | budget | runs | iterations | train time | Dice per run | mean Dice | spread | '
+             'against stock | nnUNetv2_predict |', '|---|---|---:|---:|---:|---|---:|---:|---|---:|']
+    for budget in ('equal_iterations', 'equal_time'):
+        stock = runs_summary(results, STOCK, budget)
+        for trainer in trainers:
+            mine = runs_summary(results, trainer, budget)
+            if mine is None:
+                continue
+            against = '' if trainer == STOCK or stock is None else versus_stock(mine, stock)[1]
+            lines.append(f"| {trainer} | {budget.replace('_', ' ')} | {mine['runs']} | {mine['iterations']:.0f} | "
+                         f"{mine['train_seconds'] / 60:.1f} min | {', '.join(f'{d:.3f}' for d in mine['dice_per_run'])}"
+                         f" | {mine['dice']:.3f} | {100 * mine['spread']:.1f} | {against} | "
+                         f"{mine['predict_seconds']:.0f} s |")
+    stock = runs_summary(results, STOCK, 'equal_iterations')
+    if stock is None:
+        return lines
+    timed_stock = runs_summary(results, STOCK, 'equal_time')
+    lines += ['', '## Goals', '', '| trainer | equal iterations (goal: not behind stock) | '
+              'equal time (goal: ahead of stock) | predict speed-up (goal >= 1.5x) |', '|---|---|---|---:|']
+    for trainer in trainers:
+        mine = runs_summary(results, trainer, 'equal_iterations')
+        if trainer == STOCK or mine is None:
+            continue
+        side, words = versus_stock(mine, stock)
+        cells = [f"{words} ({'not judged' if side == 'spread unknown' else verdict(side != 'behind')})"]
+        timed = runs_summary(results, trainer, 'equal_time')
+        if timed and timed_stock:
+            side, words = versus_stock(timed, timed_stock)
+            cells.append(f"{words} ({'not judged' if side == 'spread unknown' else verdict(side == 'ahead')})")
+        else:
+            cells.append('not run')
+        speed = stock['predict_seconds'] / mine['predict_seconds']
+        lines.append(f"| {trainer} | {' | '.join(cells)} | {speed:.2f}x ({verdict(speed >= 1.5)}) |")
+    return lines
+
+
 def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespace, info: Dict[str, str]) -> str:
     labels = sorted({k for r in results for k in r['dice_per_class']}, key=int)
-    equal_time = "not run (--no-equal-time)" if args.no_equal_time else "stock nnU-Net's training time in that run"
+    equal_time = "not run (--no-equal-time)" if args.no_equal_time else \
+        "stock nnU-Net's mean training time over its runs"
     # runs measured before the malloc settings existed ran under glibc's defaults
     malloc = ' / '.join(sorted({r.get('malloc', malloc_note({})) for r in results}))
-    lines = [f"# Accuracy through the nnU-Net pipeline: {DATASETS[args.dataset][1]} {args.configuration}, "
+    lines = [f"# Accuracy through the nnU-Net pipeline: {dataset_id_and_name(args.dataset)[1]} {args.configuration}, "
              f"fold {args.fold}, {args.iterations} iterations", '',
              f"Machine: {info['cpu']}, {info['cores']} cores, GPU: {info['gpu']}; device {args.device}; {malloc}. "
              f"Budget: batch {args.batch_size}, {args.iterations_per_epoch} iterations per epoch; equal iterations = "
              f"{args.iterations} iterations each; equal time = {equal_time}. "
+             f"Runs: {args.runs} per trainer and budget, all on fold {args.fold} (nnU-Net seeds only its split: each "
+             f"run draws another initialisation, other batches and augmentations; all are scored on the same "
+             f"held-out cases with the final checkpoint). "
              f"This is a short CPU budget, far from nnU-Net's 1000 x 250 iterations: read it as a comparison of "
              f"early training, not as final accuracy.", '', f"Reproduce: `{command_line(args)}`", '',
-             '| trainer | budget | iterations | train time | GFLOPs | ' + ' | '.join(f'Dice {k}' for k in labels)
+             '| trainer | budget | run | iterations | train time | GFLOPs | '
+             + ' | '.join(f'Dice {k}' for k in labels)
              + ' | mean Dice | mean HD95 (scored) | nnUNetv2_predict (val cases) |',
-             '|---|---|---:|---:|---:|' + '---:|' * len(labels) + '---:|---:|---:|']
+             '|---|---|---:|---:|---:|---:|' + '---:|' * len(labels) + '---:|---:|---:|']
     for r in results:
-        lines.append(f"| {r['trainer']} | {r['budget'].replace('_', ' ')} | {r['iterations']} | "
+        lines.append(f"| {r['trainer']} | {r['budget'].replace('_', ' ')} | {r.get('run', 1)} | {r['iterations']} | "
                      f"{r['train_seconds'] / 60:.1f} min | {gflops[r['trainer']]:.1f} | "
                      + ' | '.join(f"{r['dice_per_class'].get(k, float('nan')):.3f}" for k in labels)
                      + f" | {r['dice_mean']:.3f} | {_hd95_cell(r)} | "
@@ -363,30 +465,14 @@ def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespa
               "reference holds the class."]
     if absent:
         lines += ['', f"Not in this run: {', '.join(absent)} (add them with --trainers)."]
-    counted = {r['trainer'] for r in results if r['budget'] == 'equal_iterations'}
-    uncounted = [t for t in args.trainers if t not in counted]
-    if uncounted:
-        lines += ['', f"Equal iterations not measured yet for {', '.join(uncounted)}: the benchmark was stopped (or "
-                  f"is still running); the same command resumes it, reusing the finished runs."]
-    timed = {r['trainer']: r for r in results if r['budget'] == 'equal_time'}
-    unfinished = [] if args.no_equal_time else [t for t in args.trainers if t not in timed]
-    if unfinished:
-        lines += ['', f"Equal time not measured yet for {', '.join(unfinished)}: the benchmark was stopped (or is "
-                  f"still running); the same command resumes it, reusing the finished runs."]
-    stock = next((r for r in results if r['trainer'] == STOCK), None)
-    if stock:
-        lines += ['', '## Goals', '', '| trainer | Dice vs stock, equal iterations (goal >= -0.5 points) | '
-                  'Dice vs stock, equal time (goal > 0) | predict speed-up (goal >= 1.5x) |', '|---|---:|---:|---:|']
-        for trainer in dict.fromkeys(r['trainer'] for r in results if r['trainer'] != STOCK):
-            it = next((r for r in results if r['trainer'] == trainer and r['budget'] == 'equal_iterations'), None)
-            d_it = 100 * (it['dice_mean'] - stock['dice_mean'])
-            speed = stock['predict_seconds'] / it['predict_seconds']
-            time_cell = 'not run'
-            if trainer in timed:
-                d_tm = 100 * (timed[trainer]['dice_mean'] - stock['dice_mean'])
-                time_cell = f"{d_tm:+.1f} ({verdict(d_tm > 0)})"
-            lines.append(f"| {trainer} | {d_it:+.1f} ({verdict(d_it >= -0.5)}) | {time_cell} | "
-                         f"{speed:.2f}x ({verdict(speed >= 1.5)}) |")
+    for budget, skipped in (('equal_iterations', False), ('equal_time', args.no_equal_time)):
+        done = {t: len([r for r in results if r['trainer'] == t and r['budget'] == budget]) for t in args.trainers}
+        missing = [] if skipped else [t for t in args.trainers if done[t] < args.runs]
+        if missing:
+            lines += ['', f"{budget.replace('_', ' ').capitalize()} not measured yet for "
+                      f"{', '.join(f'{t} ({done[t]} of {args.runs} runs)' for t in missing)}: the benchmark was "
+                      f"stopped (or is still running); the same command resumes it, reusing the finished runs."]
+    lines += summary_lines(results, list(dict.fromkeys(r['trainer'] for r in results)))
     lines += ['', f"![Dice against GFLOPs]({args.name}_dice_vs_gflops.png)",
               f"![Training curves]({args.name}_curves.png)", '']
     return '\n'.join(lines)
@@ -395,13 +481,17 @@ def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespa
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's command-line options."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--dataset', choices=sorted(DATASETS), default='acdc')
+    parser.add_argument('--dataset', default='acdc', help="acdc (default), isbi (both from ../shared/data) or the "
+                        "DatasetNNN_Name of a data set of your own in --raw")
+    parser.add_argument('--raw', help='the nnU-Net raw folder holding --dataset DatasetNNN_Name')
     parser.add_argument('--configuration', default='2d', help='2d (default) or 3d_fullres / 3d_lowres')
     parser.add_argument('--trainers', nargs='+', help='default: stock and the EMCAD trainers for the configuration')
     parser.add_argument('--iterations', type=int, default=200, help='equal-iteration budget (default 200)')
     parser.add_argument('--iterations-per-epoch', type=int, default=25)
     parser.add_argument('--val-iterations', type=int, default=5, help="nnU-Net's pseudo-Dice iterations per epoch")
     parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument('--runs', type=int, default=1, help='runs per trainer and budget, on the same fold '
+                        '(default 1; from 2 on the report gives the spread and calls ties)')
     parser.add_argument('--fold', type=int, default=0)
     parser.add_argument('--no-equal-time', action='store_true', help='run the equal-iteration budget only')
     parser.add_argument('--device', default='cpu')
@@ -419,6 +509,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     if args.trainers is None:
         args.trainers = default_trainers(args.configuration)
     args.name = args.name or default_name(args.dataset, args.configuration)
+    try:
+        dataset_id_and_name(args.dataset)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.dataset in DATASETS and args.raw:
+        parser.error(f'--raw is for a data set of your own (--dataset DatasetNNN_Name); {args.dataset} comes from '
+                     f'{SHARED_DATA}')
+    if args.dataset not in DATASETS and not args.raw:
+        parser.error(f'--dataset {args.dataset} needs --raw, the nnU-Net raw folder that holds it')
+    if args.runs < 1:
+        parser.error('--runs must be at least 1')
     if args.iterations % args.iterations_per_epoch:
         parser.error('--iterations must be a multiple of --iterations-per-epoch')
     if STOCK not in args.trainers:
@@ -432,7 +533,7 @@ def main(argv=None) -> int:
     root = os.path.join(args.work, args.dataset)
     log = os.path.join(root, 'commands.log')
     trainer_dir = os.path.join(root, 'trainers')
-    env = prepare(args.dataset, root, args.batch_size, log, args.configuration, trainer_dir)
+    env = prepare(args.dataset, root, args.batch_size, log, args.configuration, trainer_dir, args.raw)
     gflops = {t: network_gflops(env, args.dataset, t, args.configuration) for t in args.trainers}
     info = machine()
     results = []
@@ -444,27 +545,31 @@ def main(argv=None) -> int:
         write_results(args.name, payload, report(results, gflops, args, info), args.out)
 
     budgets = [(t, args.iterations) for t in args.trainers]
-    write_trainers(trainer_dir, budgets, args.iterations_per_epoch, args.val_iterations)
-    for trainer in args.trainers:
-        r = train_and_evaluate(env, args, trainer, args.iterations, log)
-        results.append(dict(r, budget='equal_iterations'))
-        publish()
-    if not args.no_equal_time:
-        stock_seconds = next(r for r in results if r['trainer'] == STOCK)['train_seconds']
-        timed = []
-        for r in list(results):
-            n = int(stock_seconds / r['seconds_per_iteration']) // args.iterations_per_epoch * args.iterations_per_epoch
-            n = max(args.iterations_per_epoch, n)
-            if r['trainer'] == STOCK or n == args.iterations:
-                results.append(dict(r, budget='equal_time'))
-            else:
-                timed.append((r['trainer'], n))
-        publish()
-        write_trainers(trainer_dir, budgets + timed, args.iterations_per_epoch, args.val_iterations)
-        for trainer, n in timed:
-            r = train_and_evaluate(env, args, trainer, n, log)
-            results.append(dict(r, budget='equal_time'))
+    write_trainers(trainer_dir, budgets, args.iterations_per_epoch, args.val_iterations, args.runs)
+    for run in range(1, args.runs + 1):
+        for trainer in args.trainers:
+            r = train_and_evaluate(env, args, trainer, args.iterations, log, run)
+            results.append(dict(r, budget='equal_iterations'))
             publish()
+    if not args.no_equal_time:
+        stock_seconds = runs_summary(results, STOCK, 'equal_iterations')['train_seconds']
+        timed = []
+        for trainer in args.trainers:
+            per_iteration = runs_summary(results, trainer, 'equal_iterations')['train_seconds'] / args.iterations
+            n = int(stock_seconds / per_iteration) // args.iterations_per_epoch * args.iterations_per_epoch
+            n = max(args.iterations_per_epoch, n)
+            if trainer == STOCK or n == args.iterations:
+                results += [dict(r, budget='equal_time') for r in list(results)
+                            if r['trainer'] == trainer and r['budget'] == 'equal_iterations']
+            else:
+                timed.append((trainer, n))
+        publish()
+        write_trainers(trainer_dir, budgets + timed, args.iterations_per_epoch, args.val_iterations, args.runs)
+        for run in range(1, args.runs + 1):
+            for trainer, n in timed:
+                r = train_and_evaluate(env, args, trainer, n, log, run)
+                results.append(dict(r, budget='equal_time'))
+                publish()
     return 0
 
 

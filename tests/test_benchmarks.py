@@ -139,38 +139,88 @@ def test_readme_results_list_every_report_cost_first(tmp_path):
     assert '### accuracy_isbi' in text and '](benchmarks/results/accuracy_isbi.png)' in text
 
 
-@pytest.mark.parametrize('no_equal_time', [False, True])
-def test_accuracy_report_says_which_equal_time_runs_are_missing(no_equal_time):
+def _run(trainer: str, budget: str, dice: float, run: int = 1, predict_seconds: float = 20.0) -> dict:
+    """One run's measurements as the accuracy benchmark records them."""
+    return {'trainer': trainer, 'budget': budget, 'run': run, 'iterations': 50, 'train_seconds': 60.0,
+            'dice_per_class': {'1': dice}, 'dice_mean': dice, 'predict_seconds': predict_seconds,
+            'validation_cases': 4}
+
+
+def _line(text: str, start: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(start))
+
+
+def test_accuracy_report_gives_each_trainers_runs_mean_and_spread_and_calls_a_difference_inside_it_a_tie():
     from benchmarks.accuracy import parse_args, report
 
-    def run(trainer: str, budget: str, dice: float, seconds: float) -> dict:
-        return {'trainer': trainer, 'budget': budget, 'iterations': 50, 'train_seconds': 60.0,
-                'dice_per_class': {'1': dice}, 'dice_mean': dice, 'predict_seconds': seconds, 'validation_cases': 4}
+    dice = {'nnUNetTrainer': (0.60, 0.62), 'nnUNetTrainerEMCAD': (0.61, 0.63),
+            'nnUNetTrainerEMCAD_PVTb0': (0.70, 0.71), 'nnUNetTrainerEMCAD_PVTb2': (0.50, 0.52)}
+    args = parse_args(['--trainers', *dice, '--iterations', '50', '--runs', '2', '--no-equal-time'])
+    results = [_run(t, 'equal_iterations', d[run - 1], run, predict_seconds=30.0 if t == 'nnUNetTrainer' else 10.0)
+               for run in (1, 2) for t, d in dice.items()]
+    text = report(results, dict.fromkeys(dice, 1.0), args, {'cpu': 'CPU', 'cores': '2', 'gpu': 'none'})
+    assert 'Runs: 2 per trainer and budget, all on fold 0' in text
+    assert '| nnUNetTrainerEMCAD_PVTb2 | equal iterations | 2 | 50 |' in text  # the second run's own row
+    stock = _line(text, '| nnUNetTrainer | equal iterations | 2 | 50 | 1.0 min | 0.600, 0.620 | 0.610 | 2.0 |')
+    assert stock.endswith('|  | 30 s |')
+    assert '| 0.610, 0.630 | 0.620 | 2.0 | +1.0 points, inside the 2.0-point spread: a tie | 10 s |' in text
+    assert '| 0.700, 0.710 | 0.705 | 1.0 | +9.5 points, beyond the 2.0-point spread: ahead |' in text
+    assert '| 0.500, 0.520 | 0.510 | 2.0 | -10.0 points, beyond the 2.0-point spread: behind |' in text
+    goals = text.split('## Goals')[1]
+    assert '| nnUNetTrainerEMCAD | +1.0 points, inside the 2.0-point spread: a tie (met) | not run | 3.00x (met) |' \
+        in goals
+    assert _line(goals, '| nnUNetTrainerEMCAD_PVTb2 |').startswith(
+        '| nnUNetTrainerEMCAD_PVTb2 | -10.0 points, beyond the 2.0-point spread: behind (missed) |')
+    assert 'not measured yet' not in text
+
+
+def test_accuracy_report_judges_no_goal_on_one_run_and_wants_equal_time_ahead_beyond_the_spread():
+    from benchmarks.accuracy import parse_args, report
+
+    trainers = ['nnUNetTrainer', 'nnUNetTrainerEMCAD']
+    one = report([_run(t, 'equal_iterations', d) for t, d in zip(trainers, (0.6, 0.5))], dict.fromkeys(trainers, 1.0),
+                 parse_args(['--trainers', *trainers, '--no-equal-time']), {'cpu': 'CPU', 'cores': '2', 'gpu': 'none'})
+    assert '| nnUNetTrainerEMCAD | -10.0 points; one run, so its spread is unknown (not judged) | not run |' in one
+    args = parse_args(['--trainers', *trainers, '--runs', '2'])
+    results = [_run(t, budget, d + 0.01 * run, run) for budget, values in (('equal_iterations', (0.6, 0.7)),
+                                                                             ('equal_time', (0.6, 0.61)))
+               for run in (1, 2) for t, d in zip(trainers, values)]
+    goals = report(results, dict.fromkeys(trainers, 1.0), args, {'cpu': 'CPU', 'cores': '2', 'gpu': 'none'})
+    assert '| nnUNetTrainerEMCAD | +10.0 points, beyond the 1.0-point spread: ahead (met) | ' \
+           '+1.0 points, inside the 1.0-point spread: a tie (missed) | 1.00x (missed) |' in goals.split('## Goals')[1]
+    assert "equal time = stock nnU-Net's mean training time over its runs" in goals
+
+
+@pytest.mark.parametrize('no_equal_time', [False, True])
+def test_accuracy_report_says_which_runs_are_missing(no_equal_time):
+    from benchmarks.accuracy import parse_args, report
 
     trainers = ['nnUNetTrainer', 'nnUNetTrainerEMCAD_PVTb0', 'nnUNetTrainerEMCAD_PVTb2']
-    args = parse_args(['--trainers', *trainers, '--iterations', '50'] + ['--no-equal-time'] * no_equal_time)
-    results = [run(t, 'equal_iterations', d, s) for t, d, s in zip(trainers, (0.6, 0.5, 0.7), (30, 10, 40))]
+    args = parse_args(['--trainers', *trainers, '--iterations', '50', '--runs', '2']
+                      + ['--no-equal-time'] * no_equal_time)
+    results = [_run(t, 'equal_iterations', 0.6, run) for run in (1, 2) for t in trainers] \
+        + [_run('nnUNetTrainer', 'equal_iterations', 0.6, 3)]
+    results = [r for r in results if (r['trainer'], r['run']) != ('nnUNetTrainerEMCAD_PVTb2', 2)]
     if not no_equal_time:
-        results += [run('nnUNetTrainer', 'equal_time', 0.6, 30), run('nnUNetTrainerEMCAD_PVTb0', 'equal_time', 0.8, 10)]
+        results += [_run('nnUNetTrainer', 'equal_time', 0.6, run) for run in (1, 2)]
     text = report(results, dict.fromkeys(trainers, 1.0), args, {'cpu': 'CPU', 'cores': '2', 'gpu': 'none'})
-    assert '| nnUNetTrainerEMCAD_PVTb0 | -10.0 (missed) | ' + ('not run' if no_equal_time else '+20.0 (met)') \
-        + ' | 3.00x (met) |' in text
-    assert '| nnUNetTrainerEMCAD_PVTb2 | +10.0 (met) | not run | 0.75x (missed) |' in text
-    assert ('Equal time not measured yet for nnUNetTrainerEMCAD_PVTb2:' in text) != no_equal_time
+    assert 'Equal iterations not measured yet for nnUNetTrainerEMCAD_PVTb2 (1 of 2 runs): the benchmark was ' \
+           'stopped (or is still running); the same command resumes it' in text
+    assert ('Equal time not measured yet for nnUNetTrainerEMCAD_PVTb0 (0 of 2 runs), nnUNetTrainerEMCAD_PVTb2 '
+            '(0 of 2 runs):' in text) != no_equal_time
     assert ('not run (--no-equal-time)' in text) == no_equal_time
     assert 'device cpu; glibc malloc at its defaults. Budget:' in text  # runs from before the malloc settings
 
 
-def test_accuracy_report_says_which_equal_iteration_runs_are_missing():
+def test_accuracy_report_without_stock_has_no_goals():
     from benchmarks.accuracy import parse_args, report
 
     args = parse_args(['--trainers', 'nnUNetTrainerEMCAD', 'nnUNetTrainer', '--iterations', '50', '--no-equal-time'])
-    emcad = {'trainer': 'nnUNetTrainerEMCAD', 'budget': 'equal_iterations', 'iterations': 50, 'train_seconds': 60.0,
-             'dice_per_class': {'1': 0.7}, 'dice_mean': 0.7, 'predict_seconds': 20.0, 'validation_cases': 4}
-    text = report([emcad], {'nnUNetTrainerEMCAD': 1.0, 'nnUNetTrainer': 2.0}, args,
-                  {'cpu': 'CPU', 'cores': '2', 'gpu': 'none'})
-    assert '| nnUNetTrainerEMCAD | equal iterations | 50 |' in text
-    assert 'Equal iterations not measured yet for nnUNetTrainer: the benchmark was stopped' in text
+    text = report([_run('nnUNetTrainerEMCAD', 'equal_iterations', 0.7)], {'nnUNetTrainerEMCAD': 1.0,
+                                                                         'nnUNetTrainer': 2.0},
+                  args, {'cpu': 'CPU', 'cores': '2', 'gpu': 'none'})
+    assert '| nnUNetTrainerEMCAD | equal iterations | 1 | 50 |' in text
+    assert 'Equal iterations not measured yet for nnUNetTrainer (0 of 1 runs): the benchmark was stopped' in text
     assert '## Goals' not in text  # no stock run to compare with
 
 
@@ -265,3 +315,40 @@ def test_gpu_check_help_says_what_it_measures():
     for promise in ('torch.compile', 'skipped steps', 'peak CUDA memory', 'inference latency', 'leaves out',
                     'Exits 1 when a compiled trainer does not train', 'channels-last'):
         assert promise in ' '.join(proc.stdout.split()), promise
+
+
+@pytest.mark.slow
+def test_accuracy_benchmark_on_tiny_data_reuses_finished_runs_and_trains_a_stopped_one_again(tmp_path, tiny_planned):
+    from tiny_data import copy_planned
+
+    work, out = tmp_path / 'work', tmp_path / 'results'
+    copy_planned(tiny_planned, nnunet_env(str(work / 'Dataset901_Tiny'), raw=str(tmp_path / 'raw')))
+    command = [sys.executable, os.path.join(BENCHMARKS, 'accuracy.py'), '--dataset', 'Dataset901_Tiny', '--raw',
+               str(tmp_path / 'raw'), '--trainers', 'nnUNetTrainer', '--no-equal-time', '--iterations', '2',
+               '--iterations-per-epoch', '1', '--val-iterations', '1', '--batch-size', '2', '--work', str(work),
+               '--out', str(out)]
+    log = work / 'Dataset901_Tiny' / 'commands.log'
+
+    def benchmark(runs: int) -> list:
+        """The benchmark with ``runs`` runs; the nnU-Net trainers it trained."""
+        before = log.read_text() if log.exists() else ''
+        proc = subprocess.run(command + ['--runs', str(runs)], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+        return re.findall(r'nnUNetv2_train 901 2d 0 -tr (\S+)', log.read_text()[len(before):])
+
+    assert benchmark(2) == ['Bench_nnUNetTrainer_it2', 'Bench_nnUNetTrainer_it2_run2']
+    result = json.loads((out / 'accuracy_Dataset901_Tiny.json').read_text())
+    assert [(r['run'], r['budget']) for r in result['results']] == [(1, 'equal_iterations'), (2, 'equal_iterations')]
+    dice = [r['dice_mean'] for r in result['results']]
+    report = (out / 'accuracy_Dataset901_Tiny.md').read_text()
+    assert f"| {', '.join(f'{d:.3f}' for d in dice)} | {np.mean(dice):.3f} | {100 * (max(dice) - min(dice)):.1f} |" \
+        in report
+    assert '--runs 2' in _line(report, 'Reproduce: ')
+    # the second run stopped while it trained: no final checkpoint, no measurements
+    stopped = work / 'Dataset901_Tiny' / 'results' / 'Dataset901_Tiny' / \
+        'Bench_nnUNetTrainer_it2_run2__nnUNetBenchPlans__2d' / 'fold_0'
+    (stopped / 'checkpoint_final.pth').unlink()
+    (stopped / 'benchmark.json').unlink()
+    assert benchmark(2) == ['Bench_nnUNetTrainer_it2_run2']
+    again = json.loads((out / 'accuracy_Dataset901_Tiny.json').read_text())['results']
+    assert again[0] == result['results'][0] and len(again) == 2 and (stopped / 'benchmark.json').is_file()
