@@ -5,8 +5,9 @@ nnUNetv2_predict over the fold's validation cases (timed end to end; it stands i
 validation, which the budgeted trainers skip) and nnUNetv2_evaluate_folder on its output (Dice per class), plus
 HD95 in mm on the same files. Budgets:
   equal iterations  every trainer trains --iterations iterations;
-  equal time        every trainer trains for as long as stock nnU-Net's equal-iteration run took on this
-                    machine (its measured seconds per iteration decide how many iterations that is).
+  equal time        every trainer trains for as long as stock nnU-Net's equal-iteration runs took on this
+                    machine, on average (its own mean seconds per iteration decide how many iterations that is,
+                    to the nearest whole epoch, at least one).
 Budgets run through generated trainer subclasses (Bench_<trainer>_it<N>, Bench_<trainer>_it<N>_run<k> for the
 k-th run) and a plans copy with the batch size of --batch-size (nnUNetBenchPlans, reusing the preprocessed data).
 --runs N trains every trainer N times under each budget, on the same fold: nnU-Net seeds only its split, so each
@@ -22,6 +23,7 @@ results/accuracy_<dataset>.json, or --name, .md, a Dice-vs-GFLOPs plot and train
 every finished run, so a stopped benchmark keeps what it measured and the same command finishes it.
 """
 import argparse
+import copy
 import json
 import os
 import re
@@ -33,6 +35,7 @@ from typing import Dict, List, Optional, Tuple
 from unittest import mock
 
 import numpy as np
+from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 
 from nnunet_emcad.benchmarking import (CACHE, EMCAD_3D_TRAINERS, EMCAD_TRAINERS, RESULTS, STOCK, machine,
                                        malloc_note, reproduce_command, verdict, write_results)
@@ -85,22 +88,56 @@ def prepare_isbi(raw: str) -> None:
                    'numTraining': len(names), 'file_ending': '.png'}, f)
 
 
+def bench_plans(plans: dict, configuration: str, batch_size: int, patch_size: Optional[List[int]] = None) -> dict:
+    """``plans`` as the benchmark's (``BENCH_PLANS``), with ``batch_size`` and, if given, a patch of ``patch_size``.
+
+    A patch of its own gets the topology nnU-Net's planner gives a patch (its ``get_pool_and_conv_props``, feature
+    maps at least 4 wide): stages, strides and kernels; features per stage double from the plan's first up to its
+    widest, and convolutions per stage follow the plan's, as the planner sets them. The patch must be one the
+    poolings divide (the planner would round it up; the message names that patch). The preprocessed data stay the
+    plan's.
+    """
+    plans = copy.deepcopy(plans)
+    plans['plans_name'] = BENCH_PLANS
+    config = plans['configurations'][configuration]
+    config['batch_size'] = batch_size
+    if patch_size:
+        if len(patch_size) != len(config['patch_size']):
+            raise SystemExit(f"--patch-size needs {len(config['patch_size'])} sizes for {configuration}, got "
+                             f"{len(patch_size)}")
+        _, strides, kernels, fitted, _ = get_pool_and_conv_props(config['spacing'], patch_size, 4, 999999)
+        if [int(p) for p in fitted] != list(patch_size):
+            raise SystemExit(f"--patch-size {' '.join(map(str, patch_size))}: nnU-Net's planner rounds it up to "
+                             f"{' '.join(str(int(p)) for p in fitted)} for its poolings; give that")
+        kw = config['architecture']['arch_kwargs']
+        n = len(strides)
+        features = kw['features_per_stage']
+        kw.update(n_stages=n, strides=[list(s) for s in strides], kernel_sizes=[list(k) for k in kernels],
+                  features_per_stage=[min(max(features), features[0] * 2 ** i) for i in range(n)])
+        for key, stages in (('n_conv_per_stage', n), ('n_blocks_per_stage', n), ('n_conv_per_stage_decoder', n - 1)):
+            if key in kw:
+                kw[key] = (list(kw[key]) + [kw[key][-1]] * stages)[:stages]
+        config['patch_size'] = list(patch_size)
+    return plans
+
+
 def prepare(dataset: str, root: str, batch_size: int, log: str, configuration: str = '2d',
-            trainer_dir: Optional[str] = None, raw: Optional[str] = None) -> Dict[str, str]:
+            trainer_dir: Optional[str] = None, raw: Optional[str] = None,
+            patch_size: Optional[List[int]] = None) -> Dict[str, str]:
     """Raw data, plans, preprocessed data and the benchmark plans copy; returns the environment.
 
     ``raw`` is the nnU-Net raw folder of a data set of one's own (``dataset`` its DatasetNNN_Name)."""
     dataset_id, name = dataset_id_and_name(dataset)
-    if dataset not in DATASETS or dataset == 'acdc':
-        raw = SHARED_DATA if dataset == 'acdc' else raw
-        if not os.path.isdir(os.path.join(raw, name)):
-            raise SystemExit(f"{os.path.join(raw, name)} is absent")
-        env = nnunet_env(root, raw=raw, trainer_dir=trainer_dir, configuration=configuration)
-    else:
+    if dataset == 'isbi':
         if not os.path.isdir(os.path.join(SHARED_DATA, 'ISBI2012_EM')):
             raise SystemExit(f"{os.path.join(SHARED_DATA, 'ISBI2012_EM')} is absent")
         env = nnunet_env(root, trainer_dir=trainer_dir, configuration=configuration)
         prepare_isbi(env['nnUNet_raw'])
+    else:
+        raw = SHARED_DATA if dataset == 'acdc' else raw
+        if not os.path.isdir(os.path.join(raw, name)):
+            raise SystemExit(f"{os.path.join(raw, name)} is absent")
+        env = nnunet_env(root, raw=raw, trainer_dir=trainer_dir, configuration=configuration)
     preprocessed = os.path.join(env['nnUNet_preprocessed'], name)
     if not os.path.isdir(os.path.join(preprocessed, f'nnUNetPlans_{configuration}')):
         print(f"planning and preprocessing {name} (once; log: {log})", flush=True)
@@ -108,9 +145,8 @@ def prepare(dataset: str, root: str, batch_size: int, log: str, configuration: s
     splits = os.path.join(env['nnUNet_raw'], name, 'splits_final.json')
     if os.path.isfile(splits):
         shutil.copy(splits, os.path.join(preprocessed, 'splits_final.json'))
-    plans = _read_json(os.path.join(preprocessed, 'nnUNetPlans.json'))
-    plans['plans_name'] = BENCH_PLANS
-    plans['configurations'][configuration]['batch_size'] = batch_size
+    plans = bench_plans(_read_json(os.path.join(preprocessed, 'nnUNetPlans.json')), configuration, batch_size,
+                        patch_size)
     with open(os.path.join(preprocessed, f'{BENCH_PLANS}.json'), 'w') as f:
         json.dump(plans, f, indent=1)
     return env
@@ -181,7 +217,7 @@ def hd95_per_class(reference_folder: str, prediction_folder: str, dataset_json: 
                          'scored': len(values[label]), 'missed': missed[label]} for label in labels}
 
 
-RUN_SETTINGS = ('batch_size', 'iterations_per_epoch', 'val_iterations', 'device')
+RUN_SETTINGS = ('batch_size', 'patch_size', 'iterations_per_epoch', 'val_iterations', 'device')
 
 
 def _run_folder(output: str, settings: dict) -> Optional[dict]:
@@ -241,7 +277,8 @@ def train_and_evaluate(env: Dict[str, str], args: argparse.Namespace, trainer: s
     tr = bench_name(trainer, iterations, run)
     model = os.path.join(env['nnUNet_results'], name, f'{tr}__{BENCH_PLANS}__{configuration}')
     output = os.path.join(model, f'fold_{fold}')
-    finished = _run_folder(output, {k: getattr(args, k) for k in RUN_SETTINGS})
+    # settings left at None are left out, so runs from before a setting existed are reused
+    finished = _run_folder(output, {k: getattr(args, k) for k in RUN_SETTINGS if getattr(args, k) is not None})
     if finished is not None:
         return finished
     if not os.path.isfile(os.path.join(output, 'checkpoint_final.pth')):
@@ -432,6 +469,12 @@ def summary_lines(results: List[dict], trainers: List[str]) -> List[str]:
     return lines
 
 
+def patch_text(args: argparse.Namespace) -> str:
+    """The training patch as the report names it."""
+    return 'x'.join(map(str, args.patch_size)) + " (--patch-size, the planner's topology for it)" \
+        if args.patch_size else "the plan's"
+
+
 def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespace, info: Dict[str, str]) -> str:
     labels = sorted({k for r in results for k in r['dice_per_class']}, key=int)
     equal_time = "not run (--no-equal-time)" if args.no_equal_time else \
@@ -441,7 +484,8 @@ def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespa
     lines = [f"# Accuracy through the nnU-Net pipeline: {dataset_id_and_name(args.dataset)[1]} {args.configuration}, "
              f"fold {args.fold}, {args.iterations} iterations", '',
              f"Machine: {info['cpu']}, {info['cores']} cores, GPU: {info['gpu']}; device {args.device}; {malloc}. "
-             f"Budget: batch {args.batch_size}, {args.iterations_per_epoch} iterations per epoch; equal iterations = "
+             f"Budget: batch {args.batch_size}, patch {patch_text(args)}, {args.iterations_per_epoch} iterations per "
+             f"epoch; equal iterations = "
              f"{args.iterations} iterations each; equal time = {equal_time}. "
              f"Runs: {args.runs} per trainer and budget, all on fold {args.fold} (nnU-Net seeds only its split: each "
              f"run draws another initialisation, other batches and augmentations; all are scored on the same "
@@ -490,6 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--iterations-per-epoch', type=int, default=25)
     parser.add_argument('--val-iterations', type=int, default=5, help="nnU-Net's pseudo-Dice iterations per epoch")
     parser.add_argument('--batch-size', type=int, default=8)
+    parser.add_argument('--patch-size', type=int, nargs='+', help="the training patch (default: the plan's), with "
+                        "the network topology nnU-Net's planner gives that patch")
     parser.add_argument('--runs', type=int, default=1, help='runs per trainer and budget, on the same fold '
                         '(default 1; from 2 on the report gives the spread and calls ties)')
     parser.add_argument('--fold', type=int, default=0)
@@ -527,13 +573,20 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return args
 
 
+def equal_time_iterations(stock_seconds: float, seconds_per_iteration: float, per_epoch: int) -> int:
+    """The iterations a trainer taking ``seconds_per_iteration`` trains in stock's ``stock_seconds``, to the
+    nearest whole epoch of ``per_epoch`` iterations, at least one."""
+    return per_epoch * max(1, round(stock_seconds / seconds_per_iteration / per_epoch))
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
 
     root = os.path.join(args.work, args.dataset)
     log = os.path.join(root, 'commands.log')
     trainer_dir = os.path.join(root, 'trainers')
-    env = prepare(args.dataset, root, args.batch_size, log, args.configuration, trainer_dir, args.raw)
+    env = prepare(args.dataset, root, args.batch_size, log, args.configuration, trainer_dir, args.raw,
+                  args.patch_size)
     gflops = {t: network_gflops(env, args.dataset, t, args.configuration) for t in args.trainers}
     info = machine()
     results = []
@@ -555,9 +608,8 @@ def main(argv=None) -> int:
         stock_seconds = runs_summary(results, STOCK, 'equal_iterations')['train_seconds']
         timed = []
         for trainer in args.trainers:
-            per_iteration = runs_summary(results, trainer, 'equal_iterations')['train_seconds'] / args.iterations
-            n = int(stock_seconds / per_iteration) // args.iterations_per_epoch * args.iterations_per_epoch
-            n = max(args.iterations_per_epoch, n)
+            seconds = runs_summary(results, trainer, 'equal_iterations')['train_seconds']
+            n = equal_time_iterations(stock_seconds, seconds / args.iterations, args.iterations_per_epoch)
             if trainer == STOCK or n == args.iterations:
                 results += [dict(r, budget='equal_time') for r in list(results)
                             if r['trainer'] == trainer and r['budget'] == 'equal_iterations']

@@ -108,6 +108,36 @@ def test_hd95_measures_surface_distance_in_physical_units():
     assert hd95(volume, np.roll(volume, 1, axis=0), [5.0, 1.0, 1.0]) == pytest.approx(5.0)
 
 
+def test_a_benchmark_patch_gets_the_network_topology_nnunets_planner_gives_it(tiny_planned, nnunet_folders):
+    import torch
+
+    from benchmarks.accuracy import BENCH_PLANS, bench_plans
+    from nnunet_emcad.trainers import nnUNetTrainerEMCAD
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from test_trainers import build
+
+    preprocessed = nnunet_env(tiny_planned, package_settings=False)['nnUNet_preprocessed']
+    with open(os.path.join(preprocessed, 'Dataset901_Tiny', 'nnUNetPlans.json')) as f:
+        planned = json.load(f)
+    config = planned['configurations']['2d']
+    same = bench_plans(planned, '2d', 3, config['patch_size'])
+    assert same['plans_name'] == BENCH_PLANS and same['configurations']['2d']['batch_size'] == 3
+    assert same['configurations']['2d']['architecture'] == config['architecture']  # the planner's own
+    small = bench_plans(planned, '2d', 3, [32, 32])['configurations']['2d']
+    kw = small['architecture']['arch_kwargs']
+    assert kw['n_stages'] == config['architecture']['arch_kwargs']['n_stages'] - 1 == len(kw['strides'])
+    assert kw['features_per_stage'] == [32, 64, 128, 256] and len(kw['n_conv_per_stage_decoder']) == 3
+    assert config['patch_size'] != [32, 32] == small['patch_size'] and config['batch_size'] != 3
+    for cls in (nnUNetTrainer, nnUNetTrainerEMCAD):
+        trainer = build(cls, dict(bench_plans(planned, '2d', 3, [32, 32]), continue_training=False))
+        trainer.network.eval()
+        with torch.no_grad():
+            assert trainer.network(torch.randn(1, 1, 32, 32))[0].shape[2:] == (32, 32)
+    with pytest.raises(SystemExit, match=r'--patch-size 30 30: .* rounds it up to 32 32 for its poolings; give '
+                                         r'that'):
+        bench_plans(planned, '2d', 3, [30, 30])
+
+
 @pytest.mark.parametrize('argv', [
     ['--dataset', 'isbi', '--iterations', '40', '--iterations-per-epoch', '20', '--batch-size', '2',
      '--trainers', 'nnUNetTrainer', 'nnUNetTrainerEMCAD_PVTb0'],
@@ -325,7 +355,8 @@ def test_accuracy_benchmark_on_tiny_data_reuses_finished_runs_and_trains_a_stopp
     copy_planned(tiny_planned, nnunet_env(str(work / 'Dataset901_Tiny'), raw=str(tmp_path / 'raw')))
     command = [sys.executable, os.path.join(BENCHMARKS, 'accuracy.py'), '--dataset', 'Dataset901_Tiny', '--raw',
                str(tmp_path / 'raw'), '--trainers', 'nnUNetTrainer', '--no-equal-time', '--iterations', '2',
-               '--iterations-per-epoch', '1', '--val-iterations', '1', '--batch-size', '2', '--work', str(work),
+               '--iterations-per-epoch', '1', '--val-iterations', '1', '--batch-size', '2', '--patch-size', '32', '32',
+               '--work', str(work),
                '--out', str(out)]
     log = work / 'Dataset901_Tiny' / 'commands.log'
 
@@ -343,7 +374,7 @@ def test_accuracy_benchmark_on_tiny_data_reuses_finished_runs_and_trains_a_stopp
     report = (out / 'accuracy_Dataset901_Tiny.md').read_text()
     assert f"| {', '.join(f'{d:.3f}' for d in dice)} | {np.mean(dice):.3f} | {100 * (max(dice) - min(dice)):.1f} |" \
         in report
-    assert '--runs 2' in _line(report, 'Reproduce: ')
+    assert '--runs 2' in _line(report, 'Reproduce: ') and 'patch 32x32 (--patch-size' in report
     # the second run stopped while it trained: no final checkpoint, no measurements
     stopped = work / 'Dataset901_Tiny' / 'results' / 'Dataset901_Tiny' / \
         'Bench_nnUNetTrainer_it2_run2__nnUNetBenchPlans__2d' / 'fold_0'
@@ -352,3 +383,26 @@ def test_accuracy_benchmark_on_tiny_data_reuses_finished_runs_and_trains_a_stopp
     assert benchmark(2) == ['Bench_nnUNetTrainer_it2_run2']
     again = json.loads((out / 'accuracy_Dataset901_Tiny.json').read_text())['results']
     assert again[0] == result['results'][0] and len(again) == 2 and (stopped / 'benchmark.json').is_file()
+
+
+def test_equal_time_gives_the_nearest_whole_epoch_of_stocks_time_and_at_least_one():
+    from benchmarks.accuracy import equal_time_iterations
+
+    assert equal_time_iterations(200.0, 5.0, 20) == 40  # stock's pace
+    assert equal_time_iterations(200.0, 12.0, 20) == 20  # 16.7 iterations: one epoch is nearer than none
+    assert equal_time_iterations(200.0, 3.0, 20) == 60  # 66.7
+    assert equal_time_iterations(200.0, 2.4, 20) == 80  # 83.3
+    assert equal_time_iterations(200.0, 40.0, 20) == 20  # 5 iterations: still one epoch
+
+
+def test_the_readmes_accuracy_benchmark_options_parse():
+    from benchmarks.accuracy import parse_args
+
+    text = readme_text()
+    runs = re.search(r'`(--runs \d+)` trains every trainer', text).group(1).split()
+    own = re.search(r'`(--dataset DatasetNNN_Name --raw FOLDER)` runs the benchmark', text).group(1)
+    assert parse_args(runs).runs == int(runs[1])
+    args = parse_args(own.replace('NNN_Name', '901_Tiny').split())
+    assert (args.dataset, args.raw, args.name) == ('Dataset901_Tiny', 'FOLDER', 'accuracy_Dataset901_Tiny')
+    patch = re.search(r'`(--patch-size[\d ]+)` trains every trainer on a smaller patch', text).group(1).split()
+    assert parse_args(patch).patch_size == [int(p) for p in patch[1:]]
