@@ -14,8 +14,11 @@ k-th run) and a plans copy with the batch size of --batch-size (nnUNetBenchPlans
 run draws another initialisation, other batches and other augmentations, and every run is scored on the same
 held-out cases. The report gives each trainer's runs, their mean and spread (max - min), and calls a difference to
 stock that is not larger than the larger of the two spreads a tie. The equal-time budget is stock's mean training
-time over its runs. The full nnU-Net schedule is what a GPU user runs instead: nnUNetv2_train DATASET 2d FOLD -tr
-nnUNetTrainerEMCAD. --configuration 3d_fullres compares stock nnU-Net 3D with the EMCAD 3D trainers (results
+time over its runs. The report's floor is the Dice of predicting a class everywhere on the same cases (what an
+untrained network may score): a budget whose stock run is not well above it cannot separate the trainers.
+--patch-size trains on a smaller patch, with the topology nnU-Net's planner gives it, for cheaper runs. The full
+nnU-Net schedule is what a GPU user runs instead: nnUNetv2_train DATASET 2d FOLD -tr nnUNetTrainerEMCAD.
+--configuration 3d_fullres compares stock nnU-Net 3D with the EMCAD 3D trainers (results
 accuracy_<dataset>_3d_fullres). --dataset DatasetNNN_Name --raw FOLDER runs it on a data set of your own.
 Each run writes its measurements (benchmark.json in its nnU-Net output folder under --work) when it ends, and a
 later command with the same settings reuses them; a run stopped part-way is run again. The report (benchmarks/
@@ -191,17 +194,37 @@ def hd95(reference: np.ndarray, prediction: np.ndarray, spacing: List[float]) ->
     return float(max(np.percentile(to_ref, 95), np.percentile(to_pred, 95)))
 
 
+def _reader_and_labels(dataset_json: dict, example: str) -> Tuple[object, List[int]]:
+    """nnU-Net's reader for segmentations like the file ``example``, and the data set's foreground labels."""
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+
+    reader = determine_reader_writer_from_dataset_json(dataset_json, example)()
+    return reader, [v for k, v in dataset_json['labels'].items() if k != 'background' and isinstance(v, int)]
+
+
+def constant_dice(reference_folder: str, cases: List[str], dataset_json: dict) -> Dict[str, float]:
+    """Per label, the mean over ``cases`` of the Dice that predicting the label everywhere scores against the
+    reference: the best a constant prediction (an untrained network's) reaches, the floor a budget must lift the
+    trainers well above; ``mean`` over the labels."""
+    files = [f"{case}{dataset_json['file_ending']}" for case in cases]
+    reader, labels = _reader_and_labels(dataset_json, os.path.join(reference_folder, files[0]))
+    per_case = {label: [] for label in labels}
+    for name in files:
+        reference = reader.read_seg(os.path.join(reference_folder, name))[0]
+        for label in labels:
+            hits = float((reference == label).sum())
+            per_case[label].append(2 * hits / (hits + reference.size))
+    dice = {str(label): float(np.mean(values)) for label, values in per_case.items()}
+    return dict(dice, mean=float(np.mean(list(dice.values()))))
+
+
 def hd95_per_class(reference_folder: str, prediction_folder: str, dataset_json: dict) -> Dict[str, dict]:
     """Mean HD95 per label over the cases where reference and prediction both hold it, read with nnU-Net's reader.
 
     ``scored`` counts those cases; ``missed`` the cases whose prediction lacks a label the reference has.
     """
-    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
-
-    ending = dataset_json['file_ending']
-    files = sorted(f for f in os.listdir(prediction_folder) if f.endswith(ending))
-    reader = determine_reader_writer_from_dataset_json(dataset_json, os.path.join(prediction_folder, files[0]))()
-    labels = [v for k, v in dataset_json['labels'].items() if k != 'background' and isinstance(v, int)]
+    files = sorted(f for f in os.listdir(prediction_folder) if f.endswith(dataset_json['file_ending']))
+    reader, labels = _reader_and_labels(dataset_json, os.path.join(prediction_folder, files[0]))
     values = {label: [] for label in labels}
     missed = dict.fromkeys(labels, 0)
     for name in files:
@@ -241,6 +264,12 @@ def _training_log(output: str) -> dict:
 
     checkpoint = torch.load(os.path.join(output, 'checkpoint_final.pth'), map_location='cpu', weights_only=False)
     return checkpoint['logging']
+
+
+def validation_cases(env: Dict[str, str], name: str, fold: int) -> List[str]:
+    """The fold's validation cases in nnU-Net's split (written by the first training when the data set brings
+    none)."""
+    return _read_json(os.path.join(env['nnUNet_preprocessed'], name, 'splits_final.json'))[fold]['val']
 
 
 def _validation_inputs(env: Dict[str, str], name: str, val_cases: List[str], inputs: str) -> None:
@@ -287,7 +316,7 @@ def train_and_evaluate(env: Dict[str, str], args: argparse.Namespace, trainer: s
                     '-device', device], env, log)
     logging = _training_log(output)
     epoch_seconds = [e - s for s, e in zip(logging['epoch_start_timestamps'], logging['epoch_end_timestamps'])]
-    val_cases = _read_json(os.path.join(env['nnUNet_preprocessed'], name, 'splits_final.json'))[fold]['val']
+    val_cases = validation_cases(env, name, fold)
     inputs = os.path.join(model, f'val_inputs_{fold}')
     _validation_inputs(env, name, val_cases, inputs)
     predictions = os.path.join(model, f'val_predictions_{fold}')
@@ -475,7 +504,9 @@ def patch_text(args: argparse.Namespace) -> str:
         if args.patch_size else "the plan's"
 
 
-def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespace, info: Dict[str, str]) -> str:
+def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespace, info: Dict[str, str],
+           floor: Optional[Dict[str, float]] = None) -> str:
+    """The Markdown report; ``floor`` is ``constant_dice`` on the validation cases, when known."""
     labels = sorted({k for r in results for k in r['dice_per_class']}, key=int)
     equal_time = "not run (--no-equal-time)" if args.no_equal_time else \
         "stock nnU-Net's mean training time over its runs"
@@ -484,9 +515,8 @@ def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespa
     lines = [f"# Accuracy through the nnU-Net pipeline: {dataset_id_and_name(args.dataset)[1]} {args.configuration}, "
              f"fold {args.fold}, {args.iterations} iterations", '',
              f"Machine: {info['cpu']}, {info['cores']} cores, GPU: {info['gpu']}; device {args.device}; {malloc}. "
-             f"Budget: batch {args.batch_size}, patch {patch_text(args)}, {args.iterations_per_epoch} iterations per "
-             f"epoch; equal iterations = "
-             f"{args.iterations} iterations each; equal time = {equal_time}. "
+             f"Budget: batch {args.batch_size}, patch {patch_text(args)}, {args.iterations_per_epoch} iterations "
+             f"per epoch; equal iterations = {args.iterations} iterations each; equal time = {equal_time}. "
              f"Runs: {args.runs} per trainer and budget, all on fold {args.fold} (nnU-Net seeds only its split: each "
              f"run draws another initialisation, other batches and augmentations; all are scored on the same "
              f"held-out cases with the final checkpoint). "
@@ -507,6 +537,13 @@ def report(results: List[dict], gflops: Dict[str, float], args: argparse.Namespa
               "units (mm; pixels for PNG), mean over classes of the per-class mean over cases where reference and "
               "prediction both hold the class; (scored) counts those (case, class) pairs out of all pairs whose "
               "reference holds the class."]
+    if floor is not None:
+        stock = runs_summary(results, STOCK, 'equal_iterations')
+        margin = '' if stock is None else f"; stock nnU-Net's mean at equal iterations lies " \
+            f"{100 * (stock['dice'] - floor['mean']):.1f} points above it"
+        lines += ['', f"Floor: predicting a class everywhere, as an untrained network may, scores a mean Dice of "
+                  f"{floor['mean']:.3f} on these cases ("
+                  + ', '.join(f"class {k}: {v:.3f}" for k, v in floor.items() if k != 'mean') + f"){margin}."]
     if absent:
         lines += ['', f"Not in this run: {', '.join(absent)} (add them with --trainers)."]
     for budget, skipped in (('equal_iterations', False), ('equal_time', args.no_equal_time)):
@@ -591,11 +628,17 @@ def main(argv=None) -> int:
     info = machine()
     results = []
 
+    name = dataset_id_and_name(args.dataset)[1]
+
     def publish() -> None:
         os.makedirs(args.out, exist_ok=True)
         pngs = plots(results, gflops, os.path.join(args.out, args.name))
-        payload = {'machine': info, 'settings': vars(args), 'gflops': gflops, 'results': results, 'plots': pngs}
-        write_results(args.name, payload, report(results, gflops, args, info), args.out)
+        floor = constant_dice(os.path.join(env['nnUNet_raw'], name, 'labelsTr'),
+                              validation_cases(env, name, args.fold),
+                              _read_json(os.path.join(env['nnUNet_preprocessed'], name, 'dataset.json')))
+        payload = {'machine': info, 'settings': vars(args), 'gflops': gflops, 'constant_dice': floor,
+                   'results': results, 'plots': pngs}
+        write_results(args.name, payload, report(results, gflops, args, info, floor), args.out)
 
     budgets = [(t, args.iterations) for t in args.trainers]
     write_trainers(trainer_dir, budgets, args.iterations_per_epoch, args.val_iterations, args.runs)

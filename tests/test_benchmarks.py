@@ -138,6 +138,23 @@ def test_a_benchmark_patch_gets_the_network_topology_nnunets_planner_gives_it(ti
         bench_plans(planned, '2d', 3, [30, 30])
 
 
+def test_the_floor_is_the_dice_of_predicting_each_class_everywhere(tmp_path):
+    from PIL import Image
+
+    from benchmarks.accuracy import constant_dice
+
+    for case, ones, twos in (('a', 25, 0), ('b', 50, 10), ('c', 0, 0)):
+        label = np.zeros(100, np.uint8)
+        label[:ones] = 1
+        label[ones:ones + twos] = 2
+        Image.fromarray(label.reshape(10, 10)).save(tmp_path / f'{case}.png')
+    floor = constant_dice(str(tmp_path), ['a', 'b'], {'file_ending': '.png', 'labels': {'background': 0, 'x': 1,
+                                                                                        'y': 2}})
+    assert floor['1'] == pytest.approx((50 / 125 + 100 / 150) / 2)
+    assert floor['2'] == pytest.approx((0 + 20 / 110) / 2)
+    assert floor['mean'] == pytest.approx((floor['1'] + floor['2']) / 2)
+
+
 @pytest.mark.parametrize('argv', [
     ['--dataset', 'isbi', '--iterations', '40', '--iterations-per-epoch', '20', '--batch-size', '2',
      '--trainers', 'nnUNetTrainer', 'nnUNetTrainerEMCAD_PVTb0'],
@@ -202,6 +219,11 @@ def test_accuracy_report_gives_each_trainers_runs_mean_and_spread_and_calls_a_di
     assert _line(goals, '| nnUNetTrainerEMCAD_PVTb2 |').startswith(
         '| nnUNetTrainerEMCAD_PVTb2 | -10.0 points, beyond the 2.0-point spread: behind (missed) |')
     assert 'not measured yet' not in text
+    assert 'Floor:' not in text
+    floored = report(results, dict.fromkeys(dice, 1.0), args, {'cpu': 'CPU', 'cores': '2', 'gpu': 'none'},
+                     {'1': 0.25, 'mean': 0.25})
+    assert 'Floor: predicting a class everywhere, as an untrained network may, scores a mean Dice of 0.250 on these ' \
+           "cases (class 1: 0.250); stock nnU-Net's mean at equal iterations lies 36.0 points above it." in floored
 
 
 def test_accuracy_report_judges_no_goal_on_one_run_and_wants_equal_time_ahead_beyond_the_spread():
@@ -375,6 +397,7 @@ def test_accuracy_benchmark_on_tiny_data_reuses_finished_runs_and_trains_a_stopp
     assert f"| {', '.join(f'{d:.3f}' for d in dice)} | {np.mean(dice):.3f} | {100 * (max(dice) - min(dice)):.1f} |" \
         in report
     assert '--runs 2' in _line(report, 'Reproduce: ') and 'patch 32x32 (--patch-size' in report
+    assert 0 < result['constant_dice']['mean'] < 1 and f"Dice of {result['constant_dice']['mean']:.3f}" in report
     # the second run stopped while it trained: no final checkpoint, no measurements
     stopped = work / 'Dataset901_Tiny' / 'results' / 'Dataset901_Tiny' / \
         'Bench_nnUNetTrainer_it2_run2__nnUNetBenchPlans__2d' / 'fold_0'
