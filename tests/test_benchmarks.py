@@ -422,10 +422,10 @@ def test_the_readmes_accuracy_benchmark_options_parse():
     from benchmarks.accuracy import parse_args
 
     text = readme_text()
-    runs = re.search(r'`(--runs \d+)` trains every trainer', text).group(1).split()
-    own = re.search(r'`(--dataset DatasetNNN_Name --raw FOLDER)` runs the benchmark', text).group(1)
+    runs = re.search(r'`(--runs \d+)`\s+trains\s+every\s+trainer', text).group(1).split()
+    own = re.search(r'`(--dataset DatasetNNN_Name --raw FOLDER)`\s+runs\s+the\s+benchmark', text).group(1)
     assert parse_args(runs).runs == int(runs[1])
     args = parse_args(own.replace('NNN_Name', '901_Tiny').split())
     assert (args.dataset, args.raw, args.name) == ('Dataset901_Tiny', 'FOLDER', 'accuracy_Dataset901_Tiny')
-    patch = re.search(r'`(--patch-size[\d ]+)` trains every trainer on a smaller patch', text).group(1).split()
+    patch = re.search(r'`(--patch-size[\d ]+)`\s+trains\s+every\s+trainer\s+on\s+a\s+smaller', text).group(1).split()
     assert parse_args(patch).patch_size == [int(p) for p in patch[1:]]
