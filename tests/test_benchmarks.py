@@ -3,6 +3,7 @@ reports name the commands that reproduce them; the README lists every report."""
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -378,8 +379,7 @@ def test_accuracy_benchmark_on_tiny_data_reuses_finished_runs_and_trains_a_stopp
     command = [sys.executable, os.path.join(BENCHMARKS, 'accuracy.py'), '--dataset', 'Dataset901_Tiny', '--raw',
                str(tmp_path / 'raw'), '--trainers', 'nnUNetTrainer', '--no-equal-time', '--iterations', '2',
                '--iterations-per-epoch', '1', '--val-iterations', '1', '--batch-size', '2', '--patch-size', '32', '32',
-               '--work', str(work),
-               '--out', str(out)]
+               '--work', str(work), '--out', str(out)]
     log = work / 'Dataset901_Tiny' / 'commands.log'
 
     def benchmark(runs: int) -> list:
@@ -389,8 +389,17 @@ def test_accuracy_benchmark_on_tiny_data_reuses_finished_runs_and_trains_a_stopp
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         return re.findall(r'nnUNetv2_train 901 2d 0 -tr (\S+)', log.read_text()[len(before):])
 
-    assert benchmark(2) == ['Bench_nnUNetTrainer_it2', 'Bench_nnUNetTrainer_it2_run2']
+    assert benchmark(1) == ['Bench_nnUNetTrainer_it2']
+    first = json.loads((out / 'accuracy_Dataset901_Tiny.json').read_text())['results']
+    # a second run stopped while it trained: its folder without the final checkpoint and the measurements
+    folders = work / 'Dataset901_Tiny' / 'results' / 'Dataset901_Tiny'
+    stopped = folders / 'Bench_nnUNetTrainer_it2_run2__nnUNetBenchPlans__2d' / 'fold_0'
+    shutil.copytree(folders / 'Bench_nnUNetTrainer_it2__nnUNetBenchPlans__2d' / 'fold_0', stopped)
+    (stopped / 'checkpoint_final.pth').unlink()
+    (stopped / 'benchmark.json').unlink()
+    assert benchmark(2) == ['Bench_nnUNetTrainer_it2_run2']  # the first run reused, the stopped one trained again
     result = json.loads((out / 'accuracy_Dataset901_Tiny.json').read_text())
+    assert result['results'][0] == first[0] and (stopped / 'benchmark.json').is_file()
     assert [(r['run'], r['budget']) for r in result['results']] == [(1, 'equal_iterations'), (2, 'equal_iterations')]
     dice = [r['dice_mean'] for r in result['results']]
     report = (out / 'accuracy_Dataset901_Tiny.md').read_text()
@@ -398,14 +407,6 @@ def test_accuracy_benchmark_on_tiny_data_reuses_finished_runs_and_trains_a_stopp
         in report
     assert '--runs 2' in _line(report, 'Reproduce: ') and 'patch 32x32 (--patch-size' in report
     assert 0 < result['constant_dice']['mean'] < 1 and f"Dice of {result['constant_dice']['mean']:.3f}" in report
-    # the second run stopped while it trained: no final checkpoint, no measurements
-    stopped = work / 'Dataset901_Tiny' / 'results' / 'Dataset901_Tiny' / \
-        'Bench_nnUNetTrainer_it2_run2__nnUNetBenchPlans__2d' / 'fold_0'
-    (stopped / 'checkpoint_final.pth').unlink()
-    (stopped / 'benchmark.json').unlink()
-    assert benchmark(2) == ['Bench_nnUNetTrainer_it2_run2']
-    again = json.loads((out / 'accuracy_Dataset901_Tiny.json').read_text())['results']
-    assert again[0] == result['results'][0] and len(again) == 2 and (stopped / 'benchmark.json').is_file()
 
 
 def test_equal_time_gives_the_nearest_whole_epoch_of_stocks_time_and_at_least_one():
