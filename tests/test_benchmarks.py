@@ -161,6 +161,7 @@ def test_the_floor_is_the_dice_of_predicting_each_class_everywhere(tmp_path):
      '--trainers', 'nnUNetTrainer', 'nnUNetTrainerEMCAD_PVTb0'],
     ['--configuration', '3d_fullres', '--fold', '3', '--no-equal-time', '--val-iterations', '1'],
     ['--iterations', '500', '--name', 'accuracy_acdc_it500'],
+    ['--dataset', 'Dataset901_Tiny', '--raw', '/data/raw', '--runs', '3', '--patch-size', '96', '96'],
 ])
 def test_accuracy_report_names_the_command_that_reproduces_it(argv):
     from benchmarks.accuracy import command_line, default_trainers, parse_args
