@@ -476,7 +476,7 @@ def summary_lines(results: List[dict], trainers: List[str]) -> List[str]:
                          f" | {mine['dice']:.3f} | {100 * mine['spread']:.1f} | {against} | "
                          f"{mine['predict_seconds']:.0f} s |")
     stock = runs_summary(results, STOCK, 'equal_iterations')
-    if stock is None:
+    if stock is None or trainers == [STOCK]:
         return lines
     timed_stock = runs_summary(results, STOCK, 'equal_time')
     lines += ['', '## Goals', '', '| trainer | equal iterations (goal: not behind stock) | '

@@ -232,6 +232,10 @@ def test_accuracy_report_judges_no_goal_on_one_run_and_wants_equal_time_ahead_be
     from benchmarks.accuracy import parse_args, report
 
     trainers = ['nnUNetTrainer', 'nnUNetTrainerEMCAD']
+    alone = report([_run('nnUNetTrainer', 'equal_iterations', 0.6)], {'nnUNetTrainer': 1.0},
+                   parse_args(['--trainers', 'nnUNetTrainer', '--no-equal-time']),
+                   {'cpu': 'CPU', 'cores': '2', 'gpu': 'none'})
+    assert '## Mean and spread over the runs' in alone and '## Goals' not in alone  # nothing to compare
     one = report([_run(t, 'equal_iterations', d) for t, d in zip(trainers, (0.6, 0.5))], dict.fromkeys(trainers, 1.0),
                  parse_args(['--trainers', *trainers, '--no-equal-time']), {'cpu': 'CPU', 'cores': '2', 'gpu': 'none'})
     assert '| nnUNetTrainerEMCAD | -10.0 points; one run, so its spread is unknown (not judged) | not run |' in one
