@@ -161,7 +161,8 @@ def test_the_floor_is_the_dice_of_predicting_each_class_everywhere(tmp_path):
      '--trainers', 'nnUNetTrainer', 'nnUNetTrainerEMCAD_PVTb0'],
     ['--configuration', '3d_fullres', '--fold', '3', '--no-equal-time', '--val-iterations', '1'],
     ['--iterations', '500', '--name', 'accuracy_acdc_it500'],
-    ['--dataset', 'Dataset901_Tiny', '--raw', '/data/raw', '--runs', '3', '--patch-size', '96', '96'],
+    ['--dataset', 'Dataset901_Tiny', '--raw', '/data/raw', '--runs', '3', '--patch-size', '96', '96',
+     '--disable-tta'],
 ])
 def test_accuracy_report_names_the_command_that_reproduces_it(argv):
     from benchmarks.accuracy import command_line, default_trainers, parse_args
@@ -384,7 +385,7 @@ def test_accuracy_benchmark_on_tiny_data_reuses_finished_runs_and_trains_a_stopp
     command = [sys.executable, os.path.join(BENCHMARKS, 'accuracy.py'), '--dataset', 'Dataset901_Tiny', '--raw',
                str(tmp_path / 'raw'), '--trainers', 'nnUNetTrainer', '--no-equal-time', '--iterations', '2',
                '--iterations-per-epoch', '1', '--val-iterations', '1', '--batch-size', '2', '--patch-size', '32', '32',
-               '--work', str(work), '--out', str(out)]
+               '--disable-tta', '--work', str(work), '--out', str(out)]
     log = work / 'Dataset901_Tiny' / 'commands.log'
 
     def benchmark(runs: int) -> list:
@@ -411,6 +412,9 @@ def test_accuracy_benchmark_on_tiny_data_reuses_finished_runs_and_trains_a_stopp
     assert f"| {', '.join(f'{d:.3f}' for d in dice)} | {np.mean(dice):.3f} | {100 * (max(dice) - min(dice)):.1f} |" \
         in report
     assert '--runs 2' in _line(report, 'Reproduce: ') and 'patch 32x32 (--patch-size' in report
+    assert "prediction without nnU-Net's test-time mirroring (--disable-tta)" in report
+    predicted = [line for line in log.read_text().splitlines() if line.startswith('$ nnUNetv2_predict ')]
+    assert len(predicted) == 2 and all(line.endswith(' --disable_tta') for line in predicted)
     assert 0 < result['constant_dice']['mean'] < 1 and f"Dice of {result['constant_dice']['mean']:.3f}" in report
 
 
@@ -435,3 +439,4 @@ def test_the_readmes_accuracy_benchmark_options_parse():
     assert (args.dataset, args.raw, args.name) == ('Dataset901_Tiny', 'FOLDER', 'accuracy_Dataset901_Tiny')
     patch = re.search(r'`(--patch-size[\d ]+)`\s+trains\s+every\s+trainer\s+on\s+a\s+smaller', text).group(1).split()
     assert parse_args(patch).patch_size == [int(p) for p in patch[1:]]
+    assert re.search(r'`--disable-tta`\s+predicts\s+without', text) and parse_args(['--disable-tta']).disable_tta
