@@ -635,13 +635,16 @@ def main(argv=None) -> int:
     results = []
 
     name = dataset_id_and_name(args.dataset)[1]
+    floor: Optional[Dict[str, float]] = None
 
     def publish() -> None:
+        nonlocal floor
         os.makedirs(args.out, exist_ok=True)
         pngs = plots(results, gflops, os.path.join(args.out, args.name))
-        floor = constant_dice(os.path.join(env['nnUNet_raw'], name, 'labelsTr'),
-                              validation_cases(env, name, args.fold),
-                              _read_json(os.path.join(env['nnUNet_preprocessed'], name, 'dataset.json')))
+        if floor is None:  # once, after the first run (whose training wrote the split if the data set had none)
+            floor = constant_dice(os.path.join(env['nnUNet_raw'], name, 'labelsTr'),
+                                  validation_cases(env, name, args.fold),
+                                  _read_json(os.path.join(env['nnUNet_preprocessed'], name, 'dataset.json')))
         payload = {'machine': info, 'settings': vars(args), 'gflops': gflops, 'constant_dice': floor,
                    'results': results, 'plots': pngs}
         write_results(args.name, payload, report(results, gflops, args, info, floor), args.out)
