@@ -26,7 +26,6 @@ results/accuracy_<dataset>.json, or --name, .md, a Dice-vs-GFLOPs plot and train
 every finished run, so a stopped benchmark keeps what it measured and the same command finishes it.
 """
 import argparse
-import copy
 import json
 import os
 import re
@@ -38,10 +37,9 @@ from typing import Dict, List, Optional, Tuple
 from unittest import mock
 
 import numpy as np
-from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 
-from nnunet_emcad.benchmarking import (CACHE, EMCAD_3D_TRAINERS, EMCAD_TRAINERS, RESULTS, STOCK, machine,
-                                       malloc_note, reproduce_command, verdict, write_results)
+from nnunet_emcad.benchmarking import (BENCH_PLANS, CACHE, EMCAD_3D_TRAINERS, EMCAD_TRAINERS, RESULTS, STOCK,
+                                       bench_plans, machine, malloc_note, reproduce_command, verdict, write_results)
 from nnunet_emcad.counting import count_flops
 from nnunet_emcad.scripts import nnunet_env, plan_command, run_logged
 from nnunet_emcad.short_training import Schedule, write_trainer_module
@@ -51,7 +49,6 @@ SHARED_DATA = shared_data_dir()
 
 DATASETS = {'acdc': (27, 'Dataset027_ACDC'), 'isbi': (28, 'Dataset028_ISBI2012')}
 TRAINER_MODULES = {STOCK: 'nnunetv2.training.nnUNetTrainer.nnUNetTrainer'}
-BENCH_PLANS = 'nnUNetBenchPlans'
 
 
 def dataset_id_and_name(dataset: str) -> Tuple[int, str]:
@@ -89,39 +86,6 @@ def prepare_isbi(raw: str) -> None:
     with open(os.path.join(folder, 'dataset.json'), 'w') as f:
         json.dump({'channel_names': {'0': 'EM'}, 'labels': {'background': 0, 'membrane': 1},
                    'numTraining': len(names), 'file_ending': '.png'}, f)
-
-
-def bench_plans(plans: dict, configuration: str, batch_size: int, patch_size: Optional[List[int]] = None) -> dict:
-    """``plans`` as the benchmark's (``BENCH_PLANS``), with ``batch_size`` and, if given, a patch of ``patch_size``.
-
-    A patch of its own gets the topology nnU-Net's planner gives a patch (its ``get_pool_and_conv_props``, feature
-    maps at least 4 wide): stages, strides and kernels; features per stage double from the plan's first up to its
-    widest, and convolutions per stage follow the plan's, as the planner sets them. The patch must be one the
-    poolings divide (the planner would round it up; the message names that patch). The preprocessed data stay the
-    plan's.
-    """
-    plans = copy.deepcopy(plans)
-    plans['plans_name'] = BENCH_PLANS
-    config = plans['configurations'][configuration]
-    config['batch_size'] = batch_size
-    if patch_size:
-        if len(patch_size) != len(config['patch_size']):
-            raise SystemExit(f"--patch-size needs {len(config['patch_size'])} sizes for {configuration}, got "
-                             f"{len(patch_size)}")
-        _, strides, kernels, fitted, _ = get_pool_and_conv_props(config['spacing'], patch_size, 4, 999999)
-        if [int(p) for p in fitted] != list(patch_size):
-            raise SystemExit(f"--patch-size {' '.join(map(str, patch_size))}: nnU-Net's planner rounds it up to "
-                             f"{' '.join(str(int(p)) for p in fitted)} for its poolings; give that")
-        kw = config['architecture']['arch_kwargs']
-        n = len(strides)
-        features = kw['features_per_stage']
-        kw.update(n_stages=n, strides=[list(s) for s in strides], kernel_sizes=[list(k) for k in kernels],
-                  features_per_stage=[min(max(features), features[0] * 2 ** i) for i in range(n)])
-        for key, stages in (('n_conv_per_stage', n), ('n_blocks_per_stage', n), ('n_conv_per_stage_decoder', n - 1)):
-            if key in kw:
-                kw[key] = (list(kw[key]) + [kw[key][-1]] * stages)[:stages]
-        config['patch_size'] = list(patch_size)
-    return plans
 
 
 def prepare(dataset: str, root: str, batch_size: int, log: str, configuration: str = '2d',

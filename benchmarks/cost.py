@@ -12,20 +12,20 @@ Writes benchmarks/results/<name>.json and .md.
 Default plans: nnU-Net's own 2D plans for ../shared/data/Dataset027_ACDC (planned once into benchmarks/.cache).
 """
 import argparse
-import json
 import os
 import resource
 import statistics
 import sys
 import tempfile
 import time
-from typing import Callable, Dict, List, Tuple
+from typing import Dict, List
 
 from nnunet_emcad.benchmarking import (CACHE, COST_ONLY_TRAINERS, EMCAD_TRAINERS, STOCK, WorkerFailed, acdc_plans,
                                        add_output_options, answer_worker, machine, malloc_note, reproduce_command,
                                        run_worker, verdict, write_results)
 from nnunet_emcad.counting import (flop_breakdown, paper_fidelity, paper_table, parameter_breakdown,
                                    saved_activation_bytes)
+from nnunet_emcad.profiling import build_trainer, training_step
 from nnunet_emcad.scripts import MALLOC_SETTINGS, with_malloc_settings
 
 GOAL_DECODER_PARAMS = 0.10
@@ -53,20 +53,6 @@ def _median_ms(fn, warmup: int, repeats: int, cuda: bool) -> float:
             fn()
             times.append((time.perf_counter() - t0) * 1000)
     return statistics.median(times)
-
-
-def _trainer(spec: dict):
-    """The spec's trainer, constructed on the spec's plans (nothing trained)."""
-    import torch
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
-    with open(spec['plans']) as f:
-        plans = json.load(f)
-    with open(os.path.join(os.path.dirname(spec['plans']), 'dataset.json')) as f:
-        dataset_json = json.load(f)
-    plans['continue_training'] = False
-    cls = recursive_find_trainer_class_by_name(spec['trainer'])
-    return cls(plans, spec['configuration'], 0, dataset_json, device=torch.device(spec['device']))
 
 
 def _counts(spec: dict, net, channels: int, patch: List[int]) -> dict:
@@ -122,31 +108,6 @@ def _cpu_compiled_latency(spec: dict, net, x) -> Dict[str, float]:
             'fp32_compiled': _median_ms(lambda: compiled(x), spec['warmup'], spec['repeats'], False)}
 
 
-def _training_step(spec: dict, trainer, build: Callable, channels: int, classes: int, patch: List[int],
-                   device) -> Tuple[Callable[[], None], int]:
-    """One step of the trainer's own loss (deep supervision on) and optimiser on random data, and its batch."""
-    import torch
-    import torch.nn.functional as F
-
-    trainer.network = build(True).to(device).train()
-    trainer.loss = trainer._build_loss()
-    optimizer, _ = trainer.configure_optimizers()
-    batch = spec['train_batch']
-    data = torch.randn(batch, channels, *patch, device=device)
-    target = torch.randint(0, classes, (batch, 1, *patch), device=device).float()
-    targets = [F.interpolate(target, size=[round(p * s) for p, s in zip(patch, scale)], mode='nearest')
-               for scale in trainer._get_deep_supervision_scales()]
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, enabled=device.type == 'cuda'):
-            loss = trainer.loss(trainer.network(data), targets)
-        loss.backward()
-        optimizer.step()
-
-    return step, batch
-
-
 def measure(spec: dict) -> dict:
     """Measure one network (runs in a worker process): counts, latency, a training step, peak memory."""
     import torch
@@ -154,7 +115,7 @@ def measure(spec: dict) -> dict:
 
     torch.set_num_threads(spec['threads'])
     torch.manual_seed(0)
-    trainer = _trainer(spec)
+    trainer = build_trainer(spec['plans'], spec['trainer'], spec['configuration'], spec['device'])
     device = trainer.device
     patch = list(trainer.configuration_manager.patch_size)
     channels = determine_num_input_channels(trainer.plans_manager, trainer.configuration_manager,
@@ -171,13 +132,14 @@ def measure(spec: dict) -> dict:
     result['latency_ms'] = _latency(spec, net, torch.randn(1, channels, *patch, device=device))
     if device.type == 'cpu':
         is_stock = spec['trainer'] == STOCK and spec['plans'] == spec['stock_plans']
-        stock_net = net if is_stock else build(False, _trainer(dict(spec, trainer=STOCK,
-                                                                    plans=spec['stock_plans']))).eval()
+        stock = build_trainer(spec['stock_plans'], STOCK, spec['configuration'], spec['device'])
+        stock_net = net if is_stock else build(False, stock).eval()
         result['latency_ms'].update(_paired_cpu_latency(spec, net, stock_net, torch.randn(1, channels, *patch)))
-        del stock_net
+        del stock, stock_net
     result['peak_rss_after_inference_mb'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
-    step, result['train_batch'] = _training_step(spec, trainer, build, channels, classes, patch, device)
+    result['train_batch'] = spec['train_batch']
+    step = training_step(trainer, build(True), spec['train_batch'], channels, classes)
     result['saved_mib_per_sample'] = saved_activation_bytes(
         trainer.network, torch.randn(1, channels, *patch, device=device)) / 2 ** 20
     if device.type == 'cuda':

@@ -5,12 +5,15 @@ shared ACDC data.
 Torch-free, like the package's import.
 """
 import argparse
+import copy
 import json
 import os
 import platform
 import subprocess
 import sys
-from typing import Callable, Dict, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 
 from nnunet_emcad.scripts import MALLOC_SETTINGS, nnunet_env, run_logged
 from nnunet_emcad.source_tree import BENCHMARKS, shared_data_dir
@@ -25,6 +28,8 @@ EMCAD_TRAINERS = ['nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Stride4', 'nnUNetTra
 # measures them, the accuracy benchmark leaves them out.
 COST_ONLY_TRAINERS = ['nnUNetTrainerEMCAD_NoRecompute']
 EMCAD_3D_TRAINERS = ['nnUNetTrainerEMCAD3D', 'nnUNetTrainerEMCAD3D_ResEnc']
+BENCH_PLANS = 'nnUNetBenchPlans'
+"""The plans name of the benchmarks' own plans copies (``bench_plans``)."""
 
 
 def machine() -> Dict[str, str]:
@@ -127,4 +132,37 @@ def acdc_plans(cache: str = CACHE) -> Dict[str, str]:
         run_logged(['nnUNetv2_plan_experiment', '-d', '27'], env, log)
     if not os.path.isfile(plans['resenc_m']):
         run_logged(['nnUNetv2_plan_experiment', '-d', '27', '-pl', 'nnUNetPlannerResEncM'], env, log)
+    return plans
+
+
+def bench_plans(plans: dict, configuration: str, batch_size: int, patch_size: Optional[List[int]] = None) -> dict:
+    """``plans`` as the benchmark's (``BENCH_PLANS``), with ``batch_size`` and, if given, a patch of ``patch_size``.
+
+    A patch of its own gets the topology nnU-Net's planner gives a patch (its ``get_pool_and_conv_props``, feature
+    maps at least 4 wide): stages, strides and kernels; features per stage double from the plan's first up to its
+    widest, and convolutions per stage follow the plan's, as the planner sets them. The patch must be one the
+    poolings divide (the planner would round it up; the message names that patch). The preprocessed data stay the
+    plan's.
+    """
+    plans = copy.deepcopy(plans)
+    plans['plans_name'] = BENCH_PLANS
+    config = plans['configurations'][configuration]
+    config['batch_size'] = batch_size
+    if patch_size:
+        if len(patch_size) != len(config['patch_size']):
+            raise SystemExit(f"--patch-size needs {len(config['patch_size'])} sizes for {configuration}, got "
+                             f"{len(patch_size)}")
+        _, strides, kernels, fitted, _ = get_pool_and_conv_props(config['spacing'], patch_size, 4, 999999)
+        if [int(p) for p in fitted] != list(patch_size):
+            raise SystemExit(f"--patch-size {' '.join(map(str, patch_size))}: nnU-Net's planner rounds it up to "
+                             f"{' '.join(str(int(p)) for p in fitted)} for its poolings; give that")
+        kw = config['architecture']['arch_kwargs']
+        n = len(strides)
+        features = kw['features_per_stage']
+        kw.update(n_stages=n, strides=[list(s) for s in strides], kernel_sizes=[list(k) for k in kernels],
+                  features_per_stage=[min(max(features), features[0] * 2 ** i) for i in range(n)])
+        for key, stages in (('n_conv_per_stage', n), ('n_blocks_per_stage', n), ('n_conv_per_stage_decoder', n - 1)):
+            if key in kw:
+                kw[key] = (list(kw[key]) + [kw[key][-1]] * stages)[:stages]
+        config['patch_size'] = list(patch_size)
     return plans

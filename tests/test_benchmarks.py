@@ -59,6 +59,43 @@ def test_cost_benchmark_on_a_tiny_plan(tmp_path):
     assert again == {k: v for k, v in result['settings'].items() if k not in derived} | {'worker': None}
 
 
+def test_the_breakdown_benchmark_times_stock_and_emcad_part_by_part_at_a_patch_of_its_own(tmp_path):
+    plans_dir = tmp_path / 'Dataset999_Plans'
+    plans_dir.mkdir()
+    plans = make_plans(5, [64, 64])
+    del plans['continue_training']
+    (plans_dir / 'nnUNetPlans.json').write_text(json.dumps(plans))
+    (plans_dir / 'dataset.json').write_text(json.dumps(DATASET_JSON))
+    proc = subprocess.run([sys.executable, os.path.join(BENCHMARKS, 'breakdown.py'), '--plans',
+                           str(plans_dir / 'nnUNetPlans.json'), '--patch-size', '32', '32', '--batch', '2',
+                           '--repeats', '1', '--out', str(tmp_path / 'results')], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / 'results' / 'breakdown.json').read_text())
+    stock, emcad = result['networks']
+    assert (stock['name'], emcad['name']) == ('nnUNetTrainer', 'nnUNetTrainerEMCAD')
+    for network, heads in ((stock, {1, 2, 4}), (emcad, {1, 2, 4, 8})):  # 4 stages at 32x32
+        assert network['patch_size'] == [32, 32] and network['step_ms'] > 0 and network['predict_ms'] > 0
+        assert {r['stride'] for r in network['rows'] if r['kind'] == 'head'} == heads
+    assert {r['kind'] for r in emcad['rows']} == {'encoder', 'EUCB', 'LGAG', 'CAB', 'SAB', 'MSCB', 'stage',
+                                                  'recompute', 'head'}
+    report = (tmp_path / 'results' / 'breakdown.md').read_text()
+    assert '# Where the time goes: nnUNetTrainer, nnUNetTrainerEMCAD at a 32x32 patch' in report
+    ratio = f"{emcad['step_ms'] / stock['step_ms']:.2f}x"
+    assert any(line.startswith('| nnUNetTrainerEMCAD |') and f'| {ratio} |' in line for line in report.splitlines())
+    mscb = next(r for r in emcad['rows'] if (r['kind'], r['stride']) == ('MSCB', 1))
+    share = f"{(mscb['forward_ms'] + mscb['backward_ms']) / emcad['step_ms']:.1%}"
+    assert any(line.startswith('| 1 | MSCB |') and f'| {share} |' in line for line in report.splitlines())
+    assert report.count('| | rest of the step') == 2 and 'between blocks (products, sums)' in report
+    from benchmarks.breakdown import build_parser
+
+    command = next(line for line in report.splitlines() if line.startswith('Reproduce: '))
+    words = command[len('Reproduce: `'):-1].split()
+    assert words[:2] == ['python', 'benchmarks/breakdown.py'] and '--out' not in words
+    again = vars(build_parser().parse_args(words[2:] + ['--out', str(tmp_path / 'results')]))
+    assert again == {k: v for k, v in result['settings'].items() if k not in ('command', 'malloc')} | {'worker': None}
+
+
 def test_cost_report_shows_the_cuda_measurements_when_a_gpu_measured_them():
     from benchmarks.cost import build_parser, report
 
@@ -112,7 +149,7 @@ def test_hd95_measures_surface_distance_in_physical_units():
 def test_a_benchmark_patch_gets_the_network_topology_nnunets_planner_gives_it(tiny_planned, nnunet_folders):
     import torch
 
-    from benchmarks.accuracy import BENCH_PLANS, bench_plans
+    from nnunet_emcad.benchmarking import BENCH_PLANS, bench_plans
     from nnunet_emcad.trainers import nnUNetTrainerEMCAD
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from test_trainers import build
