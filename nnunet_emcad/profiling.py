@@ -15,7 +15,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -77,9 +77,10 @@ def _recomputed_strides(network: nn.Module) -> set:
     return {max(s) for s in total_strides(network.encoder.strides)[:stages]}
 
 
-def record_calls(network: nn.Module, x: torch.Tensor) -> List[Call]:
+def record_calls(network: nn.Module, x: torch.Tensor, only: Optional[int] = None) -> List[Call]:
     """The calls of ``blocks_of(network)``, and of each EMCAD decoder stage, in one training forward pass of
-    ``x`` (train mode, no autograd)."""
+    ``x`` (train mode, no autograd), with copies of their inputs; with ``only``, of call number ``only``'s alone
+    (-1: none), the others get none."""
     calls: List[Call] = []
     size = max(x.shape[2:])
     recomputed = _recomputed_strides(network)
@@ -87,6 +88,8 @@ def record_calls(network: nn.Module, x: torch.Tensor) -> List[Call]:
     def record(kind: str, fn: Callable, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
         finest = max(max(t.shape[2:]) for t in _tensors((args, kwargs, output)) if t.dim() > 2)
         stride = max(1, round(size / finest))
+        if only is not None and only != len(calls):
+            args, kwargs = (), {}
         calls.append(Call(kind, stride, fn, module, tuple(_copy(a) for a in args),
                           {k: _copy(v) for k, v in kwargs.items()},
                           kind not in ('encoder', 'head') and stride in recomputed))
@@ -223,9 +226,12 @@ def breakdown(network: nn.Module, x: torch.Tensor, repeats: int = 3, compiled: b
         for k, v in values.items():
             row[k] = row.get(k, 0) + v
 
-    calls = record_calls(network, x)
+    calls = record_calls(network, x, only=-1)
     finest_head = min(c.stride for c in calls if c.kind == 'head')
-    for call in calls:
+    for i in range(len(calls)):
+        # recorded again for each call, holding its inputs alone: every call's inputs held at once (gigabytes at
+        # nnU-Net's 2D patches) slowed the largest parts' own allocations
+        call = record_calls(network, x, only=i)[i]
         values = dict(time_call(call, repeats), **traffic(call))
         if compiled:
             values.update({f'compiled_{k}': v for k, v in time_call(call, repeats, compiled=True).items()})

@@ -39,6 +39,9 @@ def test_every_emcad_block_and_stage_is_recorded_once_per_call_at_its_stride_and
     net.eval()
     with torch.no_grad():
         assert all(torch.equal(a, b) for a, b in zip(net(x), before, strict=True))
+    assert [(c.kind, c.stride) for c in record_calls(net, x, only=-1)] == [(c.kind, c.stride) for c in calls]
+    alone = record_calls(net, x, only=3)
+    assert [bool(c.args or c.kwargs) for c in alone] == [i == 3 for i in range(len(calls))]
     stage = next(c for c in calls if c.kind == STAGE and c.stride == 1)
     with torch.no_grad():  # a recorded stage called on its recorded inputs gives that stage's output
         assert stage.fn(*stage.args).shape == (2, 32, 64, 64)
