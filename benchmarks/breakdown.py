@@ -136,6 +136,26 @@ def network_lines(result: dict, compiled: bool) -> List[str]:
     return lines + [line + ' | | | |']
 
 
+def largest_lines(results: List[dict], compiled: bool, count: int = 5) -> List[str]:
+    """Each network's ``count`` parts with the most eager training time, as shares of the whole step."""
+    head = '| network | stride | part | training, eager | prediction, eager |'
+    if compiled:
+        head += ' training, compiled | prediction, compiled |'
+    lines = [head, '|---|---:|---|' + '---:|' * (head.count('|') - 4)]
+    for result in results:
+        parts = sorted((r for r in table_rows(result) if r['kind'] != 'encoder'),
+                       key=lambda r: -(r.get('forward_ms', 0) + r.get('backward_ms', 0)))[:count]
+        for r in parts:
+            cells = []
+            for prefix in ('', 'compiled_') if compiled else ('',):
+                train = r.get(f'{prefix}forward_ms', 0) + r.get(f'{prefix}backward_ms', 0)
+                predict = r.get(f'{prefix}predict_ms', 0)
+                cells += [f"{train:.0f} ms ({train / result[f'{prefix}step_ms']:.0%})",
+                          f"{predict:.1f} ms ({predict / result[f'{prefix}predict_ms']:.0%})"]
+            lines.append(f"| {result['name']} | {r['stride']} | {r['kind']} | " + ' | '.join(cells) + ' |')
+    return lines
+
+
 def stride_lines(results: List[dict], compiled: bool) -> List[str]:
     """Each network's decoder, stride by stride: training and prediction milliseconds and the traffic."""
     head = '| network | stride | training ms (fwd + bwd, eager) | prediction ms (eager) |'
@@ -193,7 +213,10 @@ def report(results: List[dict], args: argparse.Namespace, info: Dict[str, str]) 
               "measured in the same run); compile s: the first compiled training step's and prediction's "
               "seconds beyond a later one's, from an empty inductor cache. The tables below time each part alone "
               "on the inputs it gets in that network's training forward pass.", '',
-              '## The decoder stride by stride', '', *stride_lines(results, compiled)]
+              "## The decoder's largest parts", '', 'Training: forward + backward (recompute: the forward again), '
+              'with its share of the whole training step; prediction: with its share of the whole prediction.', '',
+              *largest_lines(results, compiled), '', '## The decoder stride by stride', '',
+              *stride_lines(results, compiled)]
     for r in results:
         lines += ['', f"## {r['name']} ({r['network']}), block by block", '', *network_lines(r, compiled)]
     lines += ['', "Each part is timed alone (nnunet_emcad.profiling): forward, and backward as forward + backward "
@@ -222,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--compiled', action='store_true',
                         help='also under torch.compile (inductor compiles the whole network and every part: '
                              'minutes per network on 2 cores)')
+    parser.add_argument('--republish', action='store_true',
+                        help='rewrite the report from the measurements of the same name (nothing measured again)')
     add_output_options(parser, 'breakdown')
     return parser
 
@@ -230,6 +255,12 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if answer_worker(args, measure):
+        return 0
+    if args.republish:
+        with open(os.path.join(args.out, f'{args.name}.json')) as f:
+            payload = json.load(f)
+        write_results(args.name, payload, report(payload['networks'], argparse.Namespace(**payload['settings']),
+                                                 payload['machine']), args.out)
         return 0
     args.command = reproduce_command('benchmarks/breakdown.py', parser, args, leave_out=('out', 'worker'))
     if args.plans is None:

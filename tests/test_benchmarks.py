@@ -86,9 +86,18 @@ def test_the_breakdown_benchmark_times_stock_and_emcad_part_by_part_at_a_patch_o
     mscb = next(r for r in emcad['rows'] if (r['kind'], r['stride']) == ('MSCB', 1))
     share = f"{(mscb['forward_ms'] + mscb['backward_ms']) / emcad['step_ms']:.1%}"
     assert any(line.startswith('| 1 | MSCB |') and f'| {share} |' in line for line in report.splitlines())
-    assert report.count('| | rest of the step') == 2 and 'between blocks (products, sums)' in report
-    from benchmarks.breakdown import build_parser
+    from benchmarks.breakdown import build_parser, table_rows
 
+    assert report.count('| | rest of the step') == 2 and 'between blocks (products, sums)' in report
+    largest = report.split("## The decoder's largest parts")[1].split('## ')[0]
+    first = next(line for line in largest.splitlines() if line.startswith('| nnUNetTrainerEMCAD |'))
+    costliest = max((r for r in table_rows(emcad) if r['kind'] != 'encoder'),
+                    key=lambda r: r.get('forward_ms', 0) + r.get('backward_ms', 0))
+    assert first.startswith(f"| nnUNetTrainerEMCAD | {costliest['stride']} | {costliest['kind']} |")
+    (tmp_path / 'results' / 'breakdown.md').write_text('')
+    assert subprocess.run([sys.executable, os.path.join(BENCHMARKS, 'breakdown.py'), '--republish', '--out',
+                           str(tmp_path / 'results')], capture_output=True, timeout=300).returncode == 0
+    assert (tmp_path / 'results' / 'breakdown.md').read_text() == report
     command = next(line for line in report.splitlines() if line.startswith('Reproduce: '))
     words = command[len('Reproduce: `'):-1].split()
     assert words[:2] == ['python', 'benchmarks/breakdown.py'] and '--out' not in words
@@ -477,3 +486,14 @@ def test_the_readmes_accuracy_benchmark_options_parse():
     patch = re.search(r'`(--patch-size[\d ]+)`\s+trains\s+every\s+trainer\s+on\s+a\s+smaller', text).group(1).split()
     assert parse_args(patch).patch_size == [int(p) for p in patch[1:]]
     assert re.search(r'`--disable-tta`\s+predicts\s+without', text) and parse_args(['--disable-tta']).disable_tta
+
+
+def test_the_readmes_breakdown_command_and_its_small_patch_parse():
+    from benchmarks.breakdown import build_parser
+
+    text = readme_text()
+    command = re.search(r'`python (benchmarks/breakdown\.py[^`]*)`\s+\(add\s+`([^`]+)`\s+for\s+a\s+small', text)
+    assert command, 'the README names the breakdown command and its small-patch option'
+    words = command.group(1).split()[1:] + command.group(2).split()
+    args = build_parser().parse_args(words)
+    assert args.compiled and args.patch_size == [96, 96] and args.trainers == ['nnUNetTrainer', 'nnUNetTrainerEMCAD']
