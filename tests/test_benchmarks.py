@@ -18,16 +18,22 @@ from test_trainers import DATASET_JSON, make_plans
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
 
 
-def test_cost_benchmark_on_a_tiny_plan(tmp_path):
+def _tiny_plans_file(tmp_path) -> str:
+    """A 2D nnUNetPlans.json of 5 stages at 64x64, with its dataset.json beside it."""
     plans_dir = tmp_path / 'Dataset999_Plans'
     plans_dir.mkdir()
     plans = make_plans(5, [64, 64])
     del plans['continue_training']
     (plans_dir / 'nnUNetPlans.json').write_text(json.dumps(plans))
     (plans_dir / 'dataset.json').write_text(json.dumps(DATASET_JSON))
+    return str(plans_dir / 'nnUNetPlans.json')
+
+
+def test_cost_benchmark_on_a_tiny_plan(tmp_path):
+    plans_file = _tiny_plans_file(tmp_path)
     trainers = ['nnUNetTrainer', 'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_PVTb0']
     proc = subprocess.run([sys.executable, os.path.join(BENCHMARKS, 'cost.py'), '--plans',
-                           str(plans_dir / 'nnUNetPlans.json'), '--trainers', *trainers, '--repeats', '2',
+                           plans_file, '--trainers', *trainers, '--repeats', '2',
                            '--warmup', '1', '--train-batch', '2', '--train-repeats', '1', '--device', 'cpu',
                            '--out', str(tmp_path / 'results')], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -60,14 +66,9 @@ def test_cost_benchmark_on_a_tiny_plan(tmp_path):
 
 
 def test_the_breakdown_benchmark_times_stock_and_emcad_part_by_part_at_a_patch_of_its_own(tmp_path):
-    plans_dir = tmp_path / 'Dataset999_Plans'
-    plans_dir.mkdir()
-    plans = make_plans(5, [64, 64])
-    del plans['continue_training']
-    (plans_dir / 'nnUNetPlans.json').write_text(json.dumps(plans))
-    (plans_dir / 'dataset.json').write_text(json.dumps(DATASET_JSON))
+    plans_file = _tiny_plans_file(tmp_path)
     proc = subprocess.run([sys.executable, os.path.join(BENCHMARKS, 'breakdown.py'), '--plans',
-                           str(plans_dir / 'nnUNetPlans.json'), '--patch-size', '32', '32', '--batch', '2',
+                           plans_file, '--patch-size', '32', '32', '--batch', '2',
                            '--repeats', '1', '--out', str(tmp_path / 'results')], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
