@@ -93,7 +93,9 @@ def test_attention_blocks_stay_finite_under_bfloat16_autocast(scale):
     loss.backward()
     assert all(torch.isfinite(o).all() for o in outputs)
     assert torch.isfinite(x.grad).all() and torch.isfinite(g.grad).all()
-    assert all(torch.isfinite(p.grad).all() for b in blocks for p in b.parameters() if p.grad is not None)
+    params = [p for b in blocks for p in b.parameters()]
+    assert all(p.grad is not None for p in params), 'the loss reaches every parameter of the blocks'
+    assert all(torch.isfinite(p.grad).all() for p in params)
 
 
 NETWORK_CASES = [('nnunet', s) for s in EXTREMES] + [('pvt', 1e4), ('pvt', -1e4)]
@@ -114,7 +116,9 @@ def test_networks_stay_finite_under_bfloat16_autocast(kind, scale):
         loss = sum(o.float().square().mean() for o in outputs)
     loss.backward()
     assert all(torch.isfinite(o).all() for o in outputs)
-    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+    missing = [name for name, p in net.named_parameters() if p.grad is None]
+    assert not missing, f'the loss reaches every parameter: {missing}'
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='float16 autocast needs a CUDA device')
