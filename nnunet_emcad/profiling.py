@@ -71,6 +71,11 @@ def _copy(value, grad: bool = False, first: bool = False):
     return value.clone().requires_grad_(grad and value.is_floating_point())
 
 
+def _training_inputs(call: Call) -> Tuple[tuple, dict]:
+    """Fresh copies of a call's inputs, requiring grad as in training."""
+    return tuple(_copy(a, grad=True) for a in call.args), {k: _copy(v, grad=True) for k, v in call.kwargs.items()}
+
+
 def _recomputed_strides(network: nn.Module) -> set:
     """The output strides of the EMCAD decoder stages that run again in backward."""
     stages = getattr(network.decoder, 'recompute_stages', 0) if isinstance(network, EMCADNet) else 0
@@ -154,7 +159,8 @@ def time_call(call: Call, repeats: int, compiled: bool = False) -> Dict[str, flo
         fn = torch.compile(fn)
 
     def forward():
-        return fn(*(_copy(a, grad=True) for a in call.args), **{k: _copy(v, grad=True) for k, v in call.kwargs.items()})
+        args, kwargs = _training_inputs(call)
+        return fn(*args, **kwargs)
 
     def forward_backward():
         outputs = _tensors(forward())
@@ -200,8 +206,7 @@ def traffic(call: Call) -> Dict[str, int]:
     one's, so backward FLOPs are left to the usual estimate: twice the forward's)."""
     counted = {}
     call.module.train()
-    args = tuple(_copy(a, grad=True) for a in call.args)
-    kwargs = {k: _copy(v, grad=True) for k, v in call.kwargs.items()}
+    args, kwargs = _training_inputs(call)
     with _Traffic() as moved, FlopCounterMode(display=False) as flops:
         outputs = _tensors(call.fn(*args, **kwargs))
     counted.update(ops_forward=moved.ops, bytes_forward=moved.bytes, flops_forward=flops.get_total_flops())
