@@ -90,7 +90,8 @@ def table_rows(result: dict) -> List[dict]:
             stage = by_key[(STAGE, stride)]
             rows.append(dict({k: stage.get(k, 0) - sum(b.get(k, 0) for b in blocks) for k in numbers},
                              kind=BETWEEN, stride=stride))
-        rows += [by_key[(kind, stride)] for kind in ('recompute', 'head') if (kind, stride) in by_key]
+        rows += [by_key[(kind, stride)] for kind in ('recompute', 'projection', 'refinement', 'head')
+                 if (kind, stride) in by_key]
     return rows
 
 

@@ -23,11 +23,13 @@ CACHE = os.path.join(BENCHMARKS, '.cache')
 
 STOCK = 'nnUNetTrainer'
 EMCAD_TRAINERS = ['nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Stride4', 'nnUNetTrainerEMCAD_Stride4Light',
-                  'nnUNetTrainerEMCAD_ResEnc', 'nnUNetTrainerEMCAD_PVTb0', 'nnUNetTrainerEMCAD_PVTb2']
+                  'nnUNetTrainerEMCAD_Stride2', 'nnUNetTrainerEMCAD_Stride2Refine', 'nnUNetTrainerEMCAD_Stride2Narrow',
+                  'nnUNetTrainerEMCAD_Stride2NarrowRefine', 'nnUNetTrainerEMCAD_ResEnc', 'nnUNetTrainerEMCAD_PVTb0',
+                  'nnUNetTrainerEMCAD_PVTb2']
 # Trainers that differ from one above in cost only (the same network, outputs and gradients): the cost benchmark
 # measures them, the accuracy benchmark leaves them out.
 COST_ONLY_TRAINERS = ['nnUNetTrainerEMCAD_NoRecompute']
-EMCAD_3D_TRAINERS = ['nnUNetTrainerEMCAD3D', 'nnUNetTrainerEMCAD3D_ResEnc']
+EMCAD_3D_TRAINERS = ['nnUNetTrainerEMCAD3D', 'nnUNetTrainerEMCAD3D_ResEnc', 'nnUNetTrainerEMCAD3D_Stride2Narrow']
 BENCH_PLANS = 'nnUNetBenchPlans'
 """The plans name of the benchmarks' own plans copies (``bench_plans``)."""
 

@@ -451,3 +451,27 @@ class EUCB(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pwc(self.up_dwc(x))
+
+
+class LogitRefinement(nn.Module):
+    """A cheap full-resolution stage (not in EMCAD): coarse logits, interpolated to a finer skip's size, plus a
+    correction read from both: ``kernel_size`` conv of [logits, skip] to ``channels`` + norm + ReLU, then a 1x1
+    conv back to the classes. It lets the skip sharpen the boundaries that interpolation blurs, for a few
+    channels at full resolution instead of a decoder stage's width.
+    """
+
+    def __init__(self, skip_channels: int, num_classes: int, channels: int = 8, kernel_size: KernelT = 3,
+                 conv_op: Type[_ConvNd] = nn.Conv2d, norm_op: NormFactory = None):
+        super().__init__()
+        norm_op = _norm(norm_op, conv_op)
+        self.conv = nn.Sequential(
+            conv_op(skip_channels + num_classes, channels, kernel_size, 1, same_padding(kernel_size), bias=False),
+            norm_op(channels),
+            nn.ReLU(inplace=True),
+        )
+        self.out = conv_op(channels, num_classes, 1)
+
+    def forward(self, logits: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        mode = 'bilinear' if skip.dim() == 4 else 'trilinear'
+        up = F.interpolate(logits, size=skip.shape[2:], mode=mode, align_corners=False)
+        return up + self.out(self.conv(torch.cat([up, skip], dim=1)))

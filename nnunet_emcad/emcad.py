@@ -14,8 +14,8 @@ from timm.models import FeatureListNet
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from nnunet_emcad.blocks import (CAB, EUCB, LGAG, MSCB, SAB, NormFactory, along_axes, init_emcad_weights,
-                                 require_no_running_stats, run_stage)
+from nnunet_emcad.blocks import (CAB, EUCB, LGAG, MSCB, SAB, LogitRefinement, NormFactory, along_axes,
+                                 init_emcad_weights, require_no_running_stats, run_stage)
 from nnunet_emcad.checkpoints import check_state_dict, load_pvt_v2_weights
 
 # (stage-1 width, blocks per stage) of each PVTv2 variant, as timm and the original PVT code define them.
@@ -68,6 +68,10 @@ class EMCADDecoder(nn.Module):
     ``first_stage`` is the shallowest stage decoded with the full stage (CAB, SAB, MSCB); the paper decodes
     from every PVT stage (0). Shallower stages are left out (their skips unused; the first head is then at
     ``first_stage``'s resolution), or, with ``light_stages``, decoded by EUCB and LGAG alone, each with a head.
+    ``width`` (EffiDec3D's one decoder width, not in EMCAD) projects every decoded skip to ``width`` channels
+    (1x1 conv) and decodes all stages at that width; None keeps the encoder's. ``refine_channels`` (not in
+    EMCAD) adds, when the decoder starts below stage 0, a ``LogitRefinement`` of that many channels: the first
+    head's logits, interpolated to stage 0's size and corrected from stage 0's skip, become the first output.
     ``recompute_stages`` trades compute for training memory: the shallowest ``recompute_stages`` stages (EUCB,
     LGAG, CAB, SAB, MSCB: most of the decoder's activations, at the finest resolutions) keep only their inputs
     for backward and run again there (``torch.utils.checkpoint``), with the same values and gradients. It needs
@@ -79,7 +83,7 @@ class EMCADDecoder(nn.Module):
                  dw_parallel: bool = True, add: bool = True, lgag_ks: int = 3, activation: str = 'relu6',
                  conv_op: Type[_ConvNd] = nn.Conv2d, norm_op: NormFactory = None,
                  axes: Optional[Sequence[Sequence[bool]]] = None, first_stage: int = 0, light_stages: bool = False,
-                 recompute_stages: int = 0):
+                 recompute_stages: int = 0, width: Optional[int] = None, refine_channels: int = 0):
         super().__init__()
         if len(channels) != len(strides):
             raise ValueError(f"need one stride per stage: {len(channels)} channels, {len(strides)} strides")
@@ -89,8 +93,14 @@ class EMCADDecoder(nn.Module):
         self.deep_supervision = deep_supervision
         self.first_stage = first_stage
         self.first_output_stage = 0 if light_stages else first_stage
+        if refine_channels and self.first_output_stage == 0:
+            raise ValueError("refine_channels refines the logits of a decoder that starts below stage 0; with "
+                             "first_stage 0 or light_stages there is nothing to refine: set it to 0")
         self.recompute_stages = recompute_stages
         axes = list(axes) if axes is not None else [None] * n
+        decoded = range(self.first_output_stage, n)
+        self.project = nn.ModuleList([conv_op(channels[i], width, 1) for i in decoded]) if width else None
+        skip_channels, channels = channels, [width] * n if width else channels
         full, upsampled = range(first_stage, n), range(self.first_output_stage, n - 1)
         self.mscb = nn.ModuleList([
             MSCB(channels[i], channels[i], [along_axes(k, axes[i]) for k in kernel_sizes], expansion_factor,
@@ -105,8 +115,9 @@ class EMCADDecoder(nn.Module):
         self.sab = SAB(along_axes(7, axes[first_stage]), conv_op=conv_op)
         for part in (self.mscb, self.eucb, self.lgag, self.cab, self.sab):
             part.apply(init_emcad_weights)
-        self.seg_layers = nn.ModuleList([conv_op(channels[i], num_classes, 1)
-                                         for i in range(self.first_output_stage, n)])
+        self.seg_layers = nn.ModuleList([conv_op(channels[i], num_classes, 1) for i in decoded])
+        self.refine = (LogitRefinement(skip_channels[0], num_classes, refine_channels, along_axes(3, axes[0]),
+                                       conv_op, norm_op) if refine_channels else None)
         if recompute_stages:
             require_no_running_stats(self, "use instance norm (norm_op, or decoder_norm='plan' from plans) or "
                                            "recompute nothing (recompute_stages, or recompute_stride from plans, 0)")
@@ -123,6 +134,10 @@ class EMCADDecoder(nn.Module):
         return self._attend(d, stage) if stage >= self.first_stage else d
 
     def forward(self, skips: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        full_resolution = skips[0]
+        if self.project is not None:
+            skips = [None] * self.first_output_stage + [
+                project(s) for project, s in zip(self.project, skips[self.first_output_stage:])]
         d = self._attend(skips[-1], len(skips) - 1)
         features = [d]
         recompute = self.training and torch.is_grad_enabled()
@@ -131,9 +146,11 @@ class EMCADDecoder(nn.Module):
                           recompute=recompute and stage < self.recompute_stages)
             features.append(d)
         features.reverse()
-        if not self.deep_supervision:
-            return [self.seg_layers[0](features[0])]
-        return [head(f) for head, f in zip(self.seg_layers, features)]
+        heads = self.seg_layers if self.deep_supervision else self.seg_layers[:1]
+        logits = [head(f) for head, f in zip(heads, features)]
+        if self.refine is not None:
+            logits.insert(0, self.refine(logits[0], full_resolution))
+        return logits if self.deep_supervision else logits[:1]
 
 
 class PVTv2Encoder(nn.Module):
@@ -229,7 +246,9 @@ class EMCADNet(nn.Module):
 
     def output_strides(self) -> List[Tuple[int, ...]]:
         """Each output's stride relative to the input, highest resolution first (the first output is full size)."""
-        strides = total_strides(self.encoder.strides)[self.decoder.first_output_stage:]
+        totals = total_strides(self.encoder.strides)
+        refined = totals[:1] if self.decoder.refine is not None else []
+        strides = refined + totals[self.decoder.first_output_stage:]
         upsampled = len(strides) if self.upsample_outputs == 'all' else 1
         return [tuple(1 for _ in s) if i < upsampled else s for i, s in enumerate(strides)]
 

@@ -44,14 +44,20 @@ class Call:
     recomputed: bool
 
 
+OUTSIDE_STAGES = ('encoder', 'projection', 'refinement', 'head')
+"""The kinds of ``blocks_of`` that run outside the EMCAD decoder's stages (never run again in backward)."""
+
 def blocks_of(network: nn.Module) -> List[Tuple[str, nn.Module]]:
     """The modules timed one by one, each with its kind: the encoder (whole), then the decoder's blocks (EMCAD:
-    EUCB, LGAG, CAB, SAB, MSCB; stock nnU-Net: transposed convolutions and convolution stages) and heads."""
+    EUCB, LGAG, CAB, SAB, MSCB, the skips' projections to one width and the logits' refinement where built; stock
+    nnU-Net: transposed convolutions and convolution stages) and heads."""
     blocks = [('encoder', network.encoder)]
     decoder = network.decoder
     if isinstance(network, EMCADNet):
         blocks += [(kind.upper(), m) for kind in ('eucb', 'lgag', 'cab', 'mscb') for m in getattr(decoder, kind)]
         blocks.append(('SAB', decoder.sab))
+        blocks += [('projection', m) for m in decoder.project or ()]
+        blocks += [('refinement', decoder.refine)] if decoder.refine is not None else []
     else:
         blocks += [('transposed conv', m) for m in decoder.transpconvs]
         blocks += [('conv stage', m) for m in decoder.stages]
@@ -97,7 +103,7 @@ def record_calls(network: nn.Module, x: torch.Tensor, only: Optional[int] = None
             args, kwargs = (), {}
         calls.append(Call(kind, stride, fn, module, tuple(_copy(a) for a in args),
                           {k: _copy(v) for k, v in kwargs.items()},
-                          kind not in ('encoder', 'head') and stride in recomputed))
+                          kind not in OUTSIDE_STAGES and stride in recomputed))
 
     handles = [m.register_forward_hook(lambda m, a, kw, out, kind=kind: record(kind, m, m, a, kw, out),
                                        with_kwargs=True) for kind, m in blocks_of(network)]

@@ -29,7 +29,9 @@ from nnunet_emcad.short_training import Schedule, short_schedule
 
 __all__ = [
     'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_NoRecompute', 'nnUNetTrainerEMCAD_ResEnc', 'nnUNetTrainerEMCAD_Stride4',
-    'nnUNetTrainerEMCAD_Stride4Light', 'nnUNetTrainerEMCAD3D', 'nnUNetTrainerEMCAD3D_ResEnc',
+    'nnUNetTrainerEMCAD_Stride4Light', 'nnUNetTrainerEMCAD_Stride2', 'nnUNetTrainerEMCAD_Stride2Refine',
+    'nnUNetTrainerEMCAD_Stride2Narrow', 'nnUNetTrainerEMCAD_Stride2NarrowRefine', 'nnUNetTrainerEMCAD3D',
+    'nnUNetTrainerEMCAD3D_ResEnc', 'nnUNetTrainerEMCAD3D_Stride2Narrow',
     'nnUNetTrainerEMCAD_PVTb0', 'nnUNetTrainerEMCAD_PVTb2', 'nnUNetTrainerEMCAD_PVTb2_MUTATION',
     'nnUNetTrainerEMCAD_5epochs', 'nnUNetTrainerEMCAD_PVTb0_5epochs', 'nnUNetTrainerEMCAD_smoke',
     'nnUNetTrainerEMCAD3D_smoke', 'nnUNetTrainerEMCAD_PVTb0_smoke', 'nnUNetTrainerEMCAD_PVTb0_500it',
@@ -120,6 +122,8 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
     dimensions = 2
     decoder_stride = 1  # the finest stride decoded with EMCAD's full stages (plans.create_emcad_unet)
     light_stages = False  # stages finer than decoder_stride decoded by EUCB and LGAG alone (else left out)
+    decoder_width: Optional[int] = None  # one width for every decoder stage (EffiDec3D's); None: the encoder's
+    refine_channels = 0  # a LogitRefinement of this width at stride 1 when decoding starts coarser (0: none)
     recompute_stride = 4  # decoder stages at strides up to this run again in backward (plans.create_emcad_unet)
     recompute_encoder = False  # the encoder's stages up to recompute_stride too
     max_skipped_steps = 20  # steps in a row the GradScaler may skip for non-finite gradients before the run stops
@@ -143,7 +147,8 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
                                             num_output_channels, kind, enable_deep_supervision, decoder_norm='plan',
                                             decoder_stride=cls.decoder_stride, light_stages=cls.light_stages,
                                             recompute_stride=cls.recompute_stride,
-                                            recompute_encoder=cls.recompute_encoder))
+                                            recompute_encoder=cls.recompute_encoder, width=cls.decoder_width,
+                                            refine_channels=cls.refine_channels))
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """nnU-Net's loading (``--c``, ``--val``), after checking that a file is a checkpoint at all."""
@@ -224,6 +229,41 @@ class nnUNetTrainerEMCAD_Stride4Light(nnUNetTrainerEMCAD_Stride4):
     light_stages = True
 
 
+class nnUNetTrainerEMCAD_Stride2(nnUNetTrainerEMCAD):
+    """EMCAD decoding from stride 2, as EffiDec3D (the authors' CVPR 2025 follow-up) decodes by default: the
+    stride-2 stage's logits are interpolated to the patch (bilinear, trilinear in 3D) and the encoder's stride-1
+    features are not used by the decoder. The stages decoded are the paper's, at the encoder's widths."""
+
+    decoder_stride = 2
+
+
+class nnUNetTrainerEMCAD_Stride2Refine(nnUNetTrainerEMCAD_Stride2):
+    """``nnUNetTrainerEMCAD_Stride2`` with a full-resolution refinement (in neither EMCAD nor EffiDec3D): the
+    interpolated logits and the encoder's stride-1 features go through a 3x3 convolution to 8 channels and a 1x1
+    one back to the classes, added to the logits (``blocks.LogitRefinement``), so the stride-1 skip can sharpen
+    what interpolation blurs. The refined logits are the first output; the stride-2 head stays supervised at its
+    own scale."""
+
+    refine_channels = 8
+
+
+class nnUNetTrainerEMCAD_Stride2Narrow(nnUNetTrainerEMCAD_Stride2):
+    """EffiDec3D's decoder layout with EMCAD's blocks: decoding from stride 2 at one width for every stage, 32
+    (the first stage's width in nnU-Net's plans; EffiDec3D takes its encoder's narrowest, 48), each encoder
+    feature projected to it by a 1x1 convolution. Its decoder keeps fewer activations than stock nnU-Net's
+    without running any stage again in backward, so none does."""
+
+    decoder_width = 32
+    recompute_stride = 0
+
+
+class nnUNetTrainerEMCAD_Stride2NarrowRefine(nnUNetTrainerEMCAD_Stride2Narrow):
+    """``nnUNetTrainerEMCAD_Stride2Narrow`` with ``nnUNetTrainerEMCAD_Stride2Refine``'s full-resolution
+    refinement."""
+
+    refine_channels = 8
+
+
 class nnUNetTrainerEMCAD3D(nnUNetTrainerEMCAD):
     """EMCAD beyond the paper, in 3D: the decoder over the plan's own 3D encoder (``3d_fullres``, ``3d_lowres``).
 
@@ -242,6 +282,11 @@ class nnUNetTrainerEMCAD3D_ResEnc(nnUNetTrainerEMCAD3D):
 
     encoder_kind = 'residual'
     recompute_encoder = True
+
+
+class nnUNetTrainerEMCAD3D_Stride2Narrow(nnUNetTrainerEMCAD_Stride2Narrow, nnUNetTrainerEMCAD3D):
+    """``nnUNetTrainerEMCAD_Stride2Narrow`` in 3D (EffiDec3D is a 3D decoder): ``nnUNetTrainerEMCAD3D`` decoding
+    from stride 2 (along the most-strided axis) at one width, 32."""
 
 
 class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from nnunet_emcad.counting import saved_activation_bytes
@@ -88,14 +89,15 @@ def nnunet_2d_plans(draw):
 
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(nnunet_2d_plans(), st.sampled_from([1, 2, 4, 8]), st.booleans())
-def test_random_plans_give_one_output_per_decoded_stage(case, decoder_stride, light_stages):
+@given(nnunet_2d_plans(), st.sampled_from([1, 2, 4, 8]), st.booleans(), st.sampled_from([None, 8]), st.booleans())
+def test_random_plans_give_one_output_per_decoded_stage(case, decoder_stride, light_stages, width, refine):
     arch, patch, in_channels, num_classes, encoder = case
-    net = create_emcad_unet(arch, in_channels, num_classes, encoder=encoder, decoder_stride=decoder_stride,
-                            light_stages=light_stages).eval()
     first = decoded_first_stage(arch['strides'], decoder_stride)
+    refine = refine and first > 0 and not light_stages
+    net = create_emcad_unet(arch, in_channels, num_classes, encoder=encoder, decoder_stride=decoder_stride,
+                            light_stages=light_stages, width=width, refine_channels=4 if refine else 0).eval()
     assert len(net.decoder.mscb) == arch['n_stages'] - first
-    assert len(net.output_strides()) == arch['n_stages'] - (0 if light_stages else first)
+    assert len(net.output_strides()) == arch['n_stages'] - (0 if light_stages else first) + refine
     _check_outputs(net, in_channels, num_classes, patch)
 
 
@@ -118,6 +120,54 @@ def test_light_stages_decode_the_fine_stages_with_eucb_and_lgag_only():
     assert len(net.decoder.mscb) == len(net.decoder.cab) == 4 and len(net.decoder.eucb) == 5
     assert net.decoder.eucb[0].pwc.out_channels == 32 and net.decoder.lgag[0].W_x[0].in_channels == 32
     _check_outputs(net, 1, 4, (64, 64))
+
+
+def test_one_decoder_width_projects_every_decoded_skip_and_decodes_at_that_width():
+    net = create_emcad_unet(ACDC_2D_ARCH, 1, 4, decoder_stride=2, width=16).eval()
+    features = ACDC_2D_ARCH['features_per_stage']
+    assert [(p.in_channels, p.out_channels) for p in net.decoder.project] == [(c, 16) for c in features[1:]]
+    assert {m.pconv1[0].in_channels for m in net.decoder.mscb} == {16}
+    assert {m.pwc.in_channels for m in net.decoder.eucb} == {m.pwc.out_channels for m in net.decoder.eucb} == {16}
+    assert {h.in_channels for h in net.decoder.seg_layers} == {16}
+    assert net.output_strides() == [(1, 1), (4, 4), (8, 8), (16, 16), (32, 32)]
+    _check_outputs(net, 1, 4, (64, 64))
+    encoder_widths = create_emcad_unet(ACDC_2D_ARCH, 1, 4, decoder_stride=2)
+    assert (sum(p.numel() for p in net.decoder.parameters())
+            < sum(p.numel() for p in encoder_widths.decoder.parameters()) / 10)
+
+
+def test_the_refinement_corrects_the_interpolated_logits_from_the_full_resolution_skip():
+    torch.manual_seed(0)
+    net = create_emcad_unet(SMALL_2D_ARCH, 1, 4, decoder_stride=2, refine_channels=8).eval()
+    assert net.output_strides() == [(1, 1), (2, 2), (4, 4), (8, 8)]
+    assert net.decoder.refine.conv[0].in_channels == 8 + 4 and net.decoder.refine.conv[0].out_channels == 8
+    _check_outputs(net, 1, 4, (32, 32))
+    net.decoder.deep_supervision = True
+    skips = net.encoder(torch.randn(1, 1, 32, 32))
+    changed = [s.clone() for s in skips]
+    changed[0].normal_()
+    with torch.no_grad():
+        refined, coarse = net.decode(skips, (32, 32))[:2]
+        refined_changed, coarse_changed = net.decode(changed, (32, 32))[:2]
+        assert not torch.allclose(refined, refined_changed)  # the full-resolution skip reaches the first output
+        torch.testing.assert_close(coarse, coarse_changed)  # and only that one
+        net.decoder.refine.out.weight.zero_()
+        net.decoder.refine.out.bias.zero_()
+        # without a correction, the first output is the stride-2 logits interpolated
+        torch.testing.assert_close(net.decode(skips, (32, 32))[0],
+                                   F.interpolate(coarse, size=(32, 32), mode='bilinear', align_corners=False))
+    with pytest.raises(ValueError, match='nothing to refine'):
+        create_emcad_unet(SMALL_2D_ARCH, 1, 4, decoder_stride=1, refine_channels=8)
+
+
+def test_width_and_refinement_follow_an_anisotropic_3d_plan():
+    arch = dict(SMALL_2D_ARCH, conv_op='torch.nn.modules.conv.Conv3d', kernel_sizes=[[1, 3, 3]] * 2 + [[3, 3, 3]] * 2,
+                strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2], [2, 2, 2]],
+                norm_op='torch.nn.modules.instancenorm.InstanceNorm3d')
+    net = create_emcad_unet(arch, 1, 3, decoder_stride=2, width=8, refine_channels=4, decoder_norm='plan').eval()
+    assert net.decoder.refine.conv[0].kernel_size == (1, 3, 3)
+    assert net.output_strides() == [(1, 1, 1), (1, 2, 2), (2, 4, 4), (4, 8, 8)]
+    _check_outputs(net, 1, 3, (8, 32, 32))
 
 
 def test_the_decoder_stride_is_read_along_the_most_strided_axis():

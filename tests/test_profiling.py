@@ -1,6 +1,7 @@
 """The time breakdown finds every block and stage at its stride, leaves the network as it was, counts an
 operator's bytes and FLOPs as they are, and times a compiled part with its compile seconds."""
 import torch
+from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from torch import nn
 
 from nnunet_emcad.emcad import EMCADNet
@@ -9,8 +10,6 @@ from test_trainers import build, make_plans
 
 
 def _network(trainer: str) -> nn.Module:
-    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-
     trainer = build(recursive_find_trainer_class_by_name(trainer), make_plans(5, [64, 64]))
     return trainer.network
 
@@ -45,6 +44,19 @@ def test_every_emcad_block_and_stage_is_recorded_once_per_call_at_its_stride_and
     stage = next(c for c in calls if c.kind == STAGE and c.stride == 1)
     with torch.no_grad():  # a recorded stage called on its recorded inputs gives that stage's output
         assert stage.fn(*stage.args).shape == (2, 32, 64, 64)
+
+
+def test_a_narrow_refined_decoders_projections_and_refinement_are_recorded_outside_its_stages(nnunet_folders):
+    x = torch.randn(2, 1, 64, 64)
+    found = {}
+    for c in record_calls(_network('nnUNetTrainerEMCAD_Stride2NarrowRefine'), x):
+        found.setdefault(c.kind, []).append(c.stride)
+    assert sorted(found['projection']) == sorted(found[STAGE]) == [2, 4, 8, 16]  # decoded from stride 2
+    assert found['refinement'] == [1] and sorted(found['head']) == [2, 4, 8, 16]
+    # the refinement runs after the stages, so never again in backward, even where stride-1 stages would
+    calls = record_calls(_network('nnUNetTrainerEMCAD_Stride2Refine'), x)
+    assert {c.stride for c in calls if c.recomputed} == {2, 4}
+    assert not any(c.recomputed for c in calls if c.kind == 'refinement')
 
 
 def test_stock_nnunet_blocks_are_its_transposed_convolutions_convolution_stages_and_heads(nnunet_folders):

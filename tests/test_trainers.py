@@ -109,8 +109,9 @@ def test_deep_supervision_outputs_match_the_loss_scales(cls, n_stages):
                                                      for sc in scales]
     assert scales[0] == [1.0, 1.0]
     if not isinstance(trainer, T.nnUNetTrainerEMCAD_PVTb2):
-        # one supervised head per decoded stage; stride 4 is stage 2 of these plans
-        left_out = 2 if cls.decoder_stride == 4 and not cls.light_stages else 0
+        # one supervised head per decoded stage (stride s is stage log2(s) of these plans), and one for the
+        # full-resolution refinement
+        left_out = 0 if cls.light_stages else cls.decoder_stride.bit_length() - 1 - bool(cls.refine_channels)
         assert len(outputs) == n_stages - left_out
     target = torch.randint(0, 3, (1, 1, *patch)).float()
     targets = [F.interpolate(target, size=o.shape[2:], mode='nearest') for o in outputs]
@@ -167,7 +168,9 @@ def test_3d_deep_supervision_outputs_match_the_loss_scales(cls, anisotropic):
     expected = [[1.0] * 3]
     for stride in strides[1:]:
         expected.append([e / s for e, s in zip(expected[-1], stride)])
-    assert scales == expected
+    # decoding from stride 2 (stage 1 of both plans) leaves stage 0's head out; the first output is full size
+    left_out = 0 if cls.decoder_stride == 1 else 1
+    assert scales == expected[:1] + expected[1 + left_out:]
     with torch.no_grad():
         outputs = trainer.network.eval()(torch.randn(1, 1, *patch))
     assert [tuple(o.shape[2:]) for o in outputs] == [tuple(int(round(p * s)) for p, s in zip(patch, sc))
@@ -247,8 +250,32 @@ def test_decoders_use_the_plans_instance_norm_through_the_faster_cpu_kernel_and_
     assert encoder_norms == (set() if 'PVT' in cls.__name__ else {torch.nn.InstanceNorm2d})  # as nnU-Net builds them
 
 
+@pytest.mark.parametrize('cls', [c for c in NETWORK_TRAINERS + EMCAD_3D_TRAINERS if 'schedule' not in vars(c)],
+                         ids=lambda c: c.__name__)
+def test_a_training_step_with_deep_supervision_reaches_every_parameter_but_the_head_nnunet_weights_zero(cls):
+    plans, configuration = ((make_3d_plans(anisotropic=True), '3d_fullres') if cls.dimensions == 3 else
+                            (make_plans(5, [64, 64]), '2d'))
+    trainer = build(cls, plans, configuration)
+    trainer.loss = trainer._build_loss()
+    network = trainer.network.train()
+    patch = trainer.configuration_manager.patch_size
+    outputs = network(torch.randn(2, 1, *patch))
+    target = torch.randint(0, 3, (2, 1, *patch)).float()
+    loss = trainer.loss(outputs, [F.interpolate(target, size=o.shape[2:], mode='nearest') for o in outputs])
+    loss.backward()
+    unreached = {name for name, p in network.named_parameters() if p.grad is None}
+    # nnU-Net's deep-supervision weights give the deepest output 0 (all heads count in the MUTATION loss)
+    deepest = len(network.decoder.seg_layers) - 1
+    assert unreached <= {f'decoder.seg_layers.{deepest}.weight', f'decoder.seg_layers.{deepest}.bias'}
+    assert all(torch.isfinite(p.grad).all() for p in network.parameters() if p.grad is not None)
+    if network.decoder.refine is not None:
+        assert network.decoder.refine.conv[0].weight.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize('cls, recomputed, encoder_recomputed', [
     (T.nnUNetTrainerEMCAD, 3, 0), (T.nnUNetTrainerEMCAD_NoRecompute, 0, 0), (T.nnUNetTrainerEMCAD_Stride4, 3, 0),
+    (T.nnUNetTrainerEMCAD_Stride2, 3, 0), (T.nnUNetTrainerEMCAD_Stride2Narrow, 0, 0),
+    (T.nnUNetTrainerEMCAD3D_Stride2Narrow, 0, 0),
     (T.nnUNetTrainerEMCAD_ResEnc, 3, 3), (T.nnUNetTrainerEMCAD3D, 3, 0), (T.nnUNetTrainerEMCAD3D_ResEnc, 3, 3),
     (T.nnUNetTrainerEMCAD_PVTb2, 1, 1), (T.nnUNetTrainerEMCAD_PVTb0, 0, 0)],
     ids=lambda v: getattr(v, '__name__', str(v)))
@@ -258,7 +285,8 @@ def test_trainers_run_the_stages_up_to_stride_4_again_in_backward_unless_told_no
     configuration = '3d_fullres' if cls.dimensions == 3 else '2d'
     network = build(cls, plans, configuration).network
     # the decoder's stages at strides 1, 2 and 4 (Stride4 decodes only the one at 4), the residual encoders'
-    # too; EMCAD-B2: its first, at stride 4, in the encoder too; EMCAD-B0, the CPU trainer, none
+    # too; EMCAD-B2: its first, at stride 4, in the encoder too; EMCAD-B0, the CPU trainer, and the narrow
+    # decoders (fewer activations than stock without), none
     assert network.decoder.recompute_stages == recomputed
     assert getattr(network.encoder, 'recompute_stages', 0) == encoder_recomputed
     if hasattr(network.encoder, 'body'):
