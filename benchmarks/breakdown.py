@@ -14,7 +14,6 @@ Default plans: nnU-Net's own 2D plans for ../shared/data/Dataset027_ACDC (planne
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 from typing import Dict, List
@@ -23,7 +22,7 @@ import torch
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
 from nnunet_emcad.benchmarking import (CACHE, STOCK, WorkerFailed, acdc_plans, add_output_options, answer_worker,
-                                       bench_plans, machine, malloc_note, reproduce_command, run_worker,
+                                       machine, malloc_note, plans_at_patch, reproduce_command, run_worker,
                                        write_results)
 from nnunet_emcad.profiling import STAGE, breakdown, build_trainer, first_call_s, median_ms, training_step
 from nnunet_emcad.scripts import with_malloc_settings
@@ -273,14 +272,7 @@ def main(argv=None) -> int:
     env.setdefault('nnUNet_results', os.path.join(CACHE, 'unused'))
     results = []
     with tempfile.TemporaryDirectory(prefix='breakdown-') as tmp:
-        plans = args.plans
-        if args.patch_size:
-            with open(args.plans) as f:
-                copied = bench_plans(json.load(f), args.configuration, args.batch, args.patch_size)
-            plans = os.path.join(tmp, 'nnUNetBenchPlans.json')
-            with open(plans, 'w') as f:
-                json.dump(copied, f)
-            shutil.copy(os.path.join(os.path.dirname(args.plans), 'dataset.json'), tmp)
+        plans = plans_at_patch(args.plans, args.configuration, args.batch, args.patch_size, tmp)
         for trainer in args.trainers:
             spec = dict(trainer=trainer, plans=plans, configuration=args.configuration, batch=args.batch,
                         repeats=args.repeats, threads=args.threads, compiled=args.compiled)

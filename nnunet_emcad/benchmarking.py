@@ -9,6 +9,7 @@ import copy
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from typing import Callable, Dict, List, Mapping, Optional, Sequence
@@ -168,3 +169,18 @@ def bench_plans(plans: dict, configuration: str, batch_size: int, patch_size: Op
                 kw[key] = (list(kw[key]) + [kw[key][-1]] * stages)[:stages]
         config['patch_size'] = list(patch_size)
     return plans
+
+
+def plans_at_patch(plans_file: str, configuration: str, batch_size: int, patch_size: Optional[List[int]],
+                   folder: str) -> str:
+    """``plans_file`` itself without ``patch_size``; with it, the path of a copy for that patch (``bench_plans``)
+    written into ``folder``, with the dataset.json beside it."""
+    if not patch_size:
+        return plans_file
+    with open(plans_file) as f:
+        copied = bench_plans(json.load(f), configuration, batch_size, patch_size)
+    path = os.path.join(folder, f'{BENCH_PLANS}.json')
+    with open(path, 'w') as f:
+        json.dump(copied, f)
+    shutil.copy(os.path.join(os.path.dirname(plans_file), 'dataset.json'), folder)
+    return path

@@ -116,7 +116,8 @@ def test_cost_report_shows_the_cuda_measurements_when_a_gpu_measured_them():
                 'flops': {k: 2 * v for k, v in dict(parts, total=15 * scale).items()},
                 'latency_ms': {'fp32': 10.0 * scale, 'amp': 1.5 * scale, 'amp_compiled': 1.25 * scale,
                                'fp32_paired': 12.0 * scale, 'stock_fp32_paired': 36.0},
-                'train_step_ms': 100.0 * scale, 'cuda_train_step_ms': 20.0 * scale, 'saved_mib_per_sample': 50.0 * scale,
+                'train_step_ms': 100.0 * scale, 'cuda_train_step_ms': 20.0 * scale,
+                'saved_mib_per_sample': 50.0 * scale,
                 'peak_cuda_train_mb': 300.0 * scale, 'peak_rss_after_train_step_mb': 1000.0}
 
     args = build_parser().parse_args(['--plans', '/data/nnUNetPlans.json', '--trainers', 'nnUNetTrainer',
@@ -498,3 +499,61 @@ def test_the_readmes_breakdown_command_and_its_small_patch_parse():
     words = command.group(1).split()[1:] + command.group(2).split()
     args = build_parser().parse_args(words)
     assert args.compiled and args.patch_size == [96, 96] and args.trainers == ['nnUNetTrainer', 'nnUNetTrainerEMCAD']
+
+
+def test_the_against_stock_benchmark_runs_each_trainer_in_turn_with_stock_and_judges_only_fine_decoders(tmp_path):
+    plans_file = _tiny_plans_file(tmp_path)
+    script = os.path.join(BENCHMARKS, 'against_stock.py')
+    trainers = ['nnUNetTrainerEMCAD_Stride4', 'nnUNetTrainerEMCAD_Stride2NarrowRefine']
+    proc = subprocess.run([sys.executable, script, '--plans', plans_file, '--patch-size', '32', '32', '--batch', '2',
+                           '--repeats', '1', '--modes', 'eager', '--trainers', *trainers,
+                           '--out', str(tmp_path / 'results')], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / 'results' / 'against_stock.json').read_text())
+    stride4, refined = result['trainers']
+    assert [stride4['name'], refined['name']] == trainers and 'compiled' not in refined
+    # the refinement computes at stride 1; 4 stages at a 32x32 patch through the plans copy
+    assert (stride4['finest_stride'], refined['finest_stride']) == (4, 1) and refined['patch_size'] == [32, 32]
+    for r in result['trainers']:
+        pair = {'stock', 'trainer'}
+        assert set(r['eager']['step_ms']) == set(r['eager']['predict_ms']) == set(r['saved_mib']) == pair
+        assert all(v > 0 for timed in r['eager'].values() for v in timed.values())
+    report = (tmp_path / 'results' / 'against_stock.md').read_text()
+    step = refined['eager']['step_ms']['trainer'] / refined['eager']['step_ms']['stock']
+    first = _line(report, '| 1 |')
+    assert first.startswith('| 1 | nnUNetTrainerEMCAD_Stride2NarrowRefine | 1 |') and f'| {step:.2f}x |' in first
+    assert first.endswith(' of 3 |') and _line(report, '| 2 |').endswith('| n/a: decodes from stride 4 |')
+    (tmp_path / 'results' / 'against_stock.md').write_text('')
+    assert subprocess.run([sys.executable, script, '--republish', '--out', str(tmp_path / 'results')],
+                          capture_output=True, timeout=300).returncode == 0
+    assert (tmp_path / 'results' / 'against_stock.md').read_text() == report
+    words = _line(report, 'Reproduce: ')[len('Reproduce: `'):-1].split()
+    assert words[:2] == ['python', 'benchmarks/against_stock.py'] and '--out' not in words
+
+
+def test_the_cost_goals_are_met_stretched_or_missed_by_a_margin_and_fine_decoders_rank_first():
+    from benchmarks.against_stock import goal_verdicts, ranked
+
+    def measured(name: str, stride: int, step: float, predict: float, saved: float) -> dict:
+        timed = {'step_ms': {'stock': 1000.0, 'trainer': 1000.0 * step},
+                 'predict_ms': {'stock': 100.0, 'trainer': 100.0 / predict}}
+        return {'name': name, 'finest_stride': stride, 'eager': timed, 'compiled': timed,
+                'saved_mib': {'stock': 100.0, 'trainer': 100.0 * saved}}
+
+    narrow = measured('narrow', 2, 0.6, 1.6, 1.1)
+    assert goal_verdicts(narrow) == {'step eager': 'met (stretch too)', 'step compiled': 'met (stretch too)',
+                                     'predict eager': 'met', 'predict compiled': 'met', 'saved': 'missed by 0.10x'}
+    assert goal_verdicts(measured('slow', 1, 1.25, 1.0, 0.5))['step eager'] == 'missed by 0.25x'
+    coarse = measured('coarse', 4, 0.3, 3.0, 0.5)  # meets every goal, but decodes from stride 4
+    full = measured('full', 1, 0.9, 2.5, 0.9)
+    assert [r['name'] for r in ranked([coarse, narrow, full], 'compiled')] == ['full', 'narrow', 'coarse']
+
+
+def test_the_readmes_against_stock_command_parses_to_the_variants_eager_and_compiled():
+    from benchmarks.against_stock import DEFAULT_TRAINERS, build_parser
+
+    command = re.search(r'`python (benchmarks/against_stock\.py[^`]*)`', readme_text())
+    assert command, 'the README names the against-stock command'
+    args = build_parser().parse_args(command.group(1).split()[1:])
+    assert args.modes == ['eager', 'compiled'] and args.trainers == DEFAULT_TRAINERS
+    assert {'nnUNetTrainerEMCAD_Stride2', 'nnUNetTrainerEMCAD_Stride2Narrow'} <= set(args.trainers)
