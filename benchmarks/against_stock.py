@@ -13,7 +13,6 @@ for decoders that work at stride 2 or finer. Writes benchmarks/results/<name>.js
 Default plans: nnU-Net's own 2D plans for ../shared/data/Dataset027_ACDC (planned once into benchmarks/.cache).
 """
 import argparse
-import json
 import os
 import statistics
 import tempfile
@@ -23,13 +22,12 @@ from typing import Callable, Dict, List
 import torch
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
-from nnunet_emcad.benchmarking import (CACHE, STOCK, WorkerFailed, acdc_plans, add_output_options, answer_worker,
-                                       machine, malloc_note, plans_at_patch, reproduce_command, run_worker,
-                                       write_results)
+from nnunet_emcad.benchmarking import (STOCK, WorkerFailed, acdc_plans, add_output_options, add_plans_options,
+                                       add_republish_option, answer_worker, machine, malloc_note, plans_at_patch,
+                                       republish, reproduce_command, run_worker, worker_env, write_results)
 from nnunet_emcad.counting import saved_activation_bytes
 from nnunet_emcad.emcad import EMCADNet, total_strides
 from nnunet_emcad.profiling import build_trainer, first_call_s, training_step
-from nnunet_emcad.scripts import with_malloc_settings
 
 DEFAULT_TRAINERS = ['nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Stride2', 'nnUNetTrainerEMCAD_Stride2Refine',
                     'nnUNetTrainerEMCAD_Stride2Narrow', 'nnUNetTrainerEMCAD_Stride2NarrowRefine',
@@ -188,19 +186,14 @@ def report(results: List[dict], args: argparse.Namespace, info: Dict[str, str]) 
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's command-line options."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--plans', help='nnUNetPlans.json (dataset.json beside it); default: ACDC from ../shared')
-    parser.add_argument('--configuration', default='2d')
-    parser.add_argument('--patch-size', nargs='+', type=int,
-                        help="measure at this patch, through a plans copy with the topology nnU-Net's planner "
-                             "gives it (default: the plan's own patch)")
+    add_plans_options(parser)
     parser.add_argument('--trainers', nargs='+', default=DEFAULT_TRAINERS)
     parser.add_argument('--batch', type=int, default=8, help='training batch (default 8)')
     parser.add_argument('--repeats', type=int, default=5)
     parser.add_argument('--threads', type=int, default=2, help='CPU threads (default 2)')
     parser.add_argument('--modes', nargs='+', choices=MODES, default=list(MODES),
                         help='eager, compiled (torch.compile; minutes per pair on 2 cores), or both (default)')
-    parser.add_argument('--republish', action='store_true',
-                        help='rewrite the report from the measurements of the same name (nothing measured again)')
+    add_republish_option(parser)
     add_output_options(parser, 'against_stock')
     return parser
 
@@ -211,19 +204,14 @@ def main(argv=None) -> int:
     if answer_worker(args, measure):
         return 0
     if args.republish:
-        with open(os.path.join(args.out, f'{args.name}.json')) as f:
-            payload = json.load(f)
-        write_results(args.name, payload, report(payload['trainers'], argparse.Namespace(**payload['settings']),
-                                                 payload['machine']), args.out)
+        republish(args, report, 'trainers')
         return 0
     args.command = reproduce_command('benchmarks/against_stock.py', parser, args, leave_out=('out', 'worker'))
     if args.plans is None:
         args.plans = acdc_plans()['default']
     args.plans = os.path.abspath(args.plans)
-    env = with_malloc_settings(dict(os.environ), args.configuration)
+    env = worker_env(args.configuration)
     args.malloc = malloc_note(env)
-    env.setdefault('nnUNet_preprocessed', os.path.join(CACHE, 'unused'))
-    env.setdefault('nnUNet_results', os.path.join(CACHE, 'unused'))
     info, results = machine(), []
     with tempfile.TemporaryDirectory(prefix='against-stock-') as tmp:
         plans = plans_at_patch(args.plans, args.configuration, args.batch, args.patch_size, tmp)

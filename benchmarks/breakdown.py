@@ -12,7 +12,6 @@ Writes benchmarks/results/<name>.json and .md.
 Default plans: nnU-Net's own 2D plans for ../shared/data/Dataset027_ACDC (planned once into benchmarks/.cache).
 """
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -21,11 +20,10 @@ from typing import Dict, List
 import torch
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
-from nnunet_emcad.benchmarking import (CACHE, STOCK, WorkerFailed, acdc_plans, add_output_options, answer_worker,
-                                       machine, malloc_note, plans_at_patch, reproduce_command, run_worker,
-                                       write_results)
+from nnunet_emcad.benchmarking import (STOCK, WorkerFailed, acdc_plans, add_output_options, add_plans_options,
+                                       add_republish_option, answer_worker, machine, malloc_note, plans_at_patch,
+                                       republish, reproduce_command, run_worker, worker_env, write_results)
 from nnunet_emcad.profiling import STAGE, breakdown, build_trainer, first_call_s, median_ms, training_step
-from nnunet_emcad.scripts import with_malloc_settings
 
 DEFAULT_TRAINERS = [STOCK, 'nnUNetTrainerEMCAD']
 EMCAD_BLOCKS = ('EUCB', 'LGAG', 'CAB', 'SAB', 'MSCB')
@@ -233,11 +231,7 @@ def report(results: List[dict], args: argparse.Namespace, info: Dict[str, str]) 
 def build_parser() -> argparse.ArgumentParser:
     """The benchmark's command-line options."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--plans', help='nnUNetPlans.json (dataset.json beside it); default: ACDC from ../shared')
-    parser.add_argument('--configuration', default='2d')
-    parser.add_argument('--patch-size', nargs='+', type=int,
-                        help="measure at this patch, through a plans copy with the topology nnU-Net's planner "
-                             "gives it (default: the plan's own patch)")
+    add_plans_options(parser)
     parser.add_argument('--trainers', nargs='+', default=DEFAULT_TRAINERS)
     parser.add_argument('--batch', type=int, default=8, help='training batch (default 8)')
     parser.add_argument('--repeats', type=int, default=3)
@@ -245,8 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--compiled', action='store_true',
                         help='also under torch.compile (inductor compiles the whole network and every part: '
                              'minutes per network on 2 cores)')
-    parser.add_argument('--republish', action='store_true',
-                        help='rewrite the report from the measurements of the same name (nothing measured again)')
+    add_republish_option(parser)
     add_output_options(parser, 'breakdown')
     return parser
 
@@ -257,19 +250,14 @@ def main(argv=None) -> int:
     if answer_worker(args, measure):
         return 0
     if args.republish:
-        with open(os.path.join(args.out, f'{args.name}.json')) as f:
-            payload = json.load(f)
-        write_results(args.name, payload, report(payload['networks'], argparse.Namespace(**payload['settings']),
-                                                 payload['machine']), args.out)
+        republish(args, report, 'networks')
         return 0
     args.command = reproduce_command('benchmarks/breakdown.py', parser, args, leave_out=('out', 'worker'))
     if args.plans is None:
         args.plans = acdc_plans()['default']
     args.plans = os.path.abspath(args.plans)
-    env = with_malloc_settings(dict(os.environ), args.configuration)
+    env = worker_env(args.configuration)
     args.malloc = malloc_note(env)
-    env.setdefault('nnUNet_preprocessed', os.path.join(CACHE, 'unused'))
-    env.setdefault('nnUNet_results', os.path.join(CACHE, 'unused'))
     results = []
     with tempfile.TemporaryDirectory(prefix='breakdown-') as tmp:
         plans = plans_at_patch(args.plans, args.configuration, args.batch, args.patch_size, tmp)

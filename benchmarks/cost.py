@@ -20,13 +20,12 @@ import tempfile
 import time
 from typing import Dict, List
 
-from nnunet_emcad.benchmarking import (CACHE, COST_ONLY_TRAINERS, EMCAD_TRAINERS, STOCK, WorkerFailed, acdc_plans,
+from nnunet_emcad.benchmarking import (COST_ONLY_TRAINERS, EMCAD_TRAINERS, STOCK, WorkerFailed, acdc_plans,
                                        add_output_options, answer_worker, machine, malloc_note, reproduce_command,
-                                       run_worker, verdict, write_results)
+                                       run_worker, verdict, worker_env, write_results)
 from nnunet_emcad.counting import (flop_breakdown, paper_fidelity, paper_table, parameter_breakdown,
                                    saved_activation_bytes)
 from nnunet_emcad.profiling import build_trainer, training_step
-from nnunet_emcad.scripts import MALLOC_SETTINGS, with_malloc_settings
 
 GOAL_DECODER_PARAMS = 0.10
 GOAL_DECODER_MACS = 0.20
@@ -277,14 +276,8 @@ def main(argv=None) -> int:
     jobs = [(t, t, args.plans) for t in args.trainers]
     if args.resenc_plans:
         jobs.insert(1, (f'{STOCK} (ResEnc M plans)', STOCK, os.path.abspath(args.resenc_plans)))
-    env = dict(os.environ)
-    if args.glibc_malloc_defaults:
-        env = {k: v for k, v in env.items() if k not in MALLOC_SETTINGS}
-    else:
-        env = with_malloc_settings(env, args.configuration)
+    env = worker_env(args.configuration, args.glibc_malloc_defaults)
     args.malloc = malloc_note(env)
-    env.setdefault('nnUNet_preprocessed', os.path.join(CACHE, 'unused'))
-    env.setdefault('nnUNet_results', os.path.join(CACHE, 'unused'))
     rows = []
     for name, trainer, plans_file in jobs:
         row = None

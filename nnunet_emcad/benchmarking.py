@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 
-from nnunet_emcad.scripts import MALLOC_SETTINGS, nnunet_env, run_logged
+from nnunet_emcad.scripts import MALLOC_SETTINGS, nnunet_env, run_logged, with_malloc_settings
 from nnunet_emcad.source_tree import BENCHMARKS, shared_data_dir
 
 RESULTS = os.path.join(BENCHMARKS, 'results')
@@ -74,6 +74,43 @@ def add_output_options(parser: argparse.ArgumentParser, name: str) -> None:
     parser.add_argument('--name', default=name, help=f'result file name (default {name})')
     parser.add_argument('--out', default=RESULTS)
     parser.add_argument('--worker', help=argparse.SUPPRESS)
+
+
+def add_plans_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a benchmark that measures networks built from a plans file, at its patch or another."""
+    parser.add_argument('--plans', help='nnUNetPlans.json (dataset.json beside it); default: ACDC from ../shared')
+    parser.add_argument('--configuration', default='2d')
+    parser.add_argument('--patch-size', nargs='+', type=int,
+                        help="measure at this patch, through a plans copy with the topology nnU-Net's planner "
+                             "gives it (default: the plan's own patch)")
+
+
+def add_republish_option(parser: argparse.ArgumentParser) -> None:
+    """``--republish``: rewrite a report from its measurements (``republish``)."""
+    parser.add_argument('--republish', action='store_true',
+                        help='rewrite the report from the measurements of the same name (nothing measured again)')
+
+
+def republish(args: argparse.Namespace, report: Callable[[list, argparse.Namespace, dict], str], key: str) -> None:
+    """Rewrite the report ``args.name`` in ``args.out`` from its JSON: ``report(payload[key], settings, machine)``."""
+    with open(os.path.join(args.out, f'{args.name}.json')) as f:
+        payload = json.load(f)
+    write_results(args.name, payload, report(payload[key], argparse.Namespace(**payload['settings']),
+                                             payload['machine']), args.out)
+
+
+def worker_env(configuration: str, glibc_malloc_defaults: bool = False) -> Dict[str, str]:
+    """The environment a benchmark's worker processes measure in: this one, with ``MALLOC_SETTINGS`` for a 2D
+    configuration (as this project's scripts run nnU-Net's commands) unless ``glibc_malloc_defaults``, and
+    nnU-Net's folders set (nothing is written there)."""
+    env = dict(os.environ)
+    if glibc_malloc_defaults:
+        env = {k: v for k, v in env.items() if k not in MALLOC_SETTINGS}
+    else:
+        env = with_malloc_settings(env, configuration)
+    env.setdefault('nnUNet_preprocessed', os.path.join(CACHE, 'unused'))
+    env.setdefault('nnUNet_results', os.path.join(CACHE, 'unused'))
+    return env
 
 
 def answer_worker(args: argparse.Namespace, measure: Callable[[dict], dict]) -> bool:
