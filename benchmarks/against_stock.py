@@ -22,9 +22,9 @@ from typing import Callable, Dict, List
 import torch
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
-from nnunet_emcad.benchmarking import (STOCK, WorkerFailed, acdc_plans, add_output_options, add_plans_options,
-                                       add_republish_option, answer_worker, machine, malloc_note, plans_at_patch,
-                                       republish, reproduce_command, run_worker, worker_env, write_results)
+from nnunet_emcad.benchmarking import (STOCK, acdc_plans, add_output_options, add_plans_options, add_republish_option,
+                                       answer_worker, machine, malloc_note, measure_trainers, plans_at_patch,
+                                       republish, reproduce_command, worker_env, write_results)
 from nnunet_emcad.counting import saved_activation_bytes
 from nnunet_emcad.emcad import EMCADNet, total_strides
 from nnunet_emcad.profiling import build_trainer, first_call_s, training_step
@@ -212,21 +212,18 @@ def main(argv=None) -> int:
     args.plans = os.path.abspath(args.plans)
     env = worker_env(args.configuration)
     args.malloc = malloc_note(env)
-    info, results = machine(), []
+    info = machine()
+
+    def publish(results: List[dict]) -> None:
+        payload = {'machine': info, 'settings': {k: v for k, v in vars(args).items() if k != 'worker'},
+                   'trainers': results}
+        write_results(args.name, payload, report(results, args, info), args.out)
+
     with tempfile.TemporaryDirectory(prefix='against-stock-') as tmp:
-        plans = plans_at_patch(args.plans, args.configuration, args.batch, args.patch_size, tmp)
-        for trainer in args.trainers:
-            spec = dict(trainer=trainer, plans=plans, configuration=args.configuration, batch=args.batch,
-                        repeats=args.repeats, threads=args.threads, modes=args.modes)
-            print(f"measuring {trainer} in turn with {STOCK} ...", flush=True)
-            cache = os.path.join(tmp, f'inductor-{trainer}')  # an empty inductor cache for each pair
-            try:
-                results.append(run_worker(__file__, spec, dict(env, TORCHINDUCTOR_CACHE_DIR=cache)))
-            except WorkerFailed as e:
-                raise RuntimeError(f"measuring {trainer} failed:\n{e}") from e
-            payload = {'machine': info, 'settings': {k: v for k, v in vars(args).items() if k != 'worker'},
-                       'trainers': results}
-            write_results(args.name, payload, report(results, args, info), args.out)
+        spec = dict(plans=plans_at_patch(args.plans, args.configuration, args.batch, args.patch_size, tmp),
+                    configuration=args.configuration, batch=args.batch, repeats=args.repeats, threads=args.threads,
+                    modes=args.modes)
+        measure_trainers(__file__, args.trainers, spec, env, tmp, publish)
     return 0
 
 

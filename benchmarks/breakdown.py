@@ -20,9 +20,9 @@ from typing import Dict, List
 import torch
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
-from nnunet_emcad.benchmarking import (STOCK, WorkerFailed, acdc_plans, add_output_options, add_plans_options,
-                                       add_republish_option, answer_worker, machine, malloc_note, plans_at_patch,
-                                       republish, reproduce_command, run_worker, worker_env, write_results)
+from nnunet_emcad.benchmarking import (STOCK, acdc_plans, add_output_options, add_plans_options, add_republish_option,
+                                       answer_worker, machine, malloc_note, measure_trainers, plans_at_patch,
+                                       republish, reproduce_command, worker_env, write_results)
 from nnunet_emcad.profiling import STAGE, breakdown, build_trainer, first_call_s, median_ms, training_step
 
 DEFAULT_TRAINERS = [STOCK, 'nnUNetTrainerEMCAD']
@@ -258,18 +258,11 @@ def main(argv=None) -> int:
     args.plans = os.path.abspath(args.plans)
     env = worker_env(args.configuration)
     args.malloc = malloc_note(env)
-    results = []
     with tempfile.TemporaryDirectory(prefix='breakdown-') as tmp:
-        plans = plans_at_patch(args.plans, args.configuration, args.batch, args.patch_size, tmp)
-        for trainer in args.trainers:
-            spec = dict(trainer=trainer, plans=plans, configuration=args.configuration, batch=args.batch,
-                        repeats=args.repeats, threads=args.threads, compiled=args.compiled)
-            print(f"measuring {trainer} ...", flush=True)
-            cache = os.path.join(tmp, f'inductor-{trainer}')  # an empty inductor cache for each network
-            try:
-                results.append(run_worker(__file__, spec, dict(env, TORCHINDUCTOR_CACHE_DIR=cache)))
-            except WorkerFailed as e:
-                raise RuntimeError(f"measuring {trainer} failed:\n{e}") from e
+        spec = dict(plans=plans_at_patch(args.plans, args.configuration, args.batch, args.patch_size, tmp),
+                    configuration=args.configuration, batch=args.batch, repeats=args.repeats, threads=args.threads,
+                    compiled=args.compiled)
+        results = measure_trainers(__file__, args.trainers, spec, env, tmp)
     info = machine()
     payload = {'machine': info, 'settings': {k: v for k, v in vars(args).items() if k != 'worker'},
                'networks': results}

@@ -130,6 +130,23 @@ def run_worker(script: str, spec: dict, env: Optional[Mapping[str, str]] = None)
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def measure_trainers(script: str, trainers: Sequence[str], spec: dict, env: Mapping[str, str], folder: str,
+                     measured: Optional[Callable[[List[dict]], None]] = None) -> List[dict]:
+    """Each trainer measured by ``script``'s worker (``run_worker``; ``spec`` with the trainer's name) in a process
+    of its own with an empty inductor cache in ``folder``; ``measured(results so far)`` after each."""
+    results = []
+    for trainer in trainers:
+        print(f"measuring {trainer} ...", flush=True)
+        cache = os.path.join(folder, f'inductor-{trainer}')
+        try:
+            results.append(run_worker(script, dict(spec, trainer=trainer), dict(env, TORCHINDUCTOR_CACHE_DIR=cache)))
+        except WorkerFailed as e:
+            raise RuntimeError(f"measuring {trainer} failed:\n{e}") from e
+        if measured is not None:
+            measured(results)
+    return results
+
+
 def verdict(ok: bool) -> str:
     """A goal's verdict in a report."""
     return 'met' if ok else 'missed'

@@ -47,6 +47,7 @@ class Call:
 OUTSIDE_STAGES = ('encoder', 'projection', 'refinement', 'head')
 """The kinds of ``blocks_of`` that run outside the EMCAD decoder's stages (never run again in backward)."""
 
+
 def blocks_of(network: nn.Module) -> List[Tuple[str, nn.Module]]:
     """The modules timed one by one, each with its kind: the encoder (whole), then the decoder's blocks (EMCAD:
     EUCB, LGAG, CAB, SAB, MSCB, the skips' projections to one width and the logits' refinement where built; stock
