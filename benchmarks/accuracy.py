@@ -21,9 +21,10 @@ nnU-Net schedule is what a GPU user runs instead: nnUNetv2_train DATASET 2d FOLD
 --configuration 3d_fullres compares stock nnU-Net 3D with the EMCAD 3D trainers (results
 accuracy_<dataset>_3d_fullres). --dataset DatasetNNN_Name --raw FOLDER runs it on a data set of your own.
 Each run writes its measurements (benchmark.json in its nnU-Net output folder under --work) when it ends, and a
-later command with the same settings reuses them; a run stopped part-way is run again. The report (benchmarks/
-results/accuracy_<dataset>.json, or --name, .md, a Dice-vs-GFLOPs plot and training curves) is rewritten after
-every finished run, so a stopped benchmark keeps what it measured and the same command finishes it.
+later command with the same settings reuses them (one that changes only --disable-tta predicts again with the
+trained checkpoint); a run stopped part-way is run again. The report (benchmarks/results/accuracy_<dataset>.json,
+or --name, .md, a Dice-vs-GFLOPs plot and training curves) is rewritten after every finished run, so a stopped
+benchmark keeps what it measured and the same command finishes it.
 """
 import argparse
 import json
@@ -204,15 +205,21 @@ def hd95_per_class(reference_folder: str, prediction_folder: str, dataset_json: 
                          'scored': len(values[label]), 'missed': missed[label]} for label in labels}
 
 
-RUN_SETTINGS = ('batch_size', 'patch_size', 'iterations_per_epoch', 'val_iterations', 'device', 'disable_tta')
+TRAIN_SETTINGS = ('batch_size', 'patch_size', 'iterations_per_epoch', 'val_iterations', 'device')
+PREDICT_SETTINGS = ('disable_tta',)
 
 
 def _run_folder(output: str, settings: dict) -> Optional[dict]:
-    """A finished run's measurements in ``output`` if it ran with ``settings``; a run with other settings is
-    deleted. Stamps the folder with ``settings``."""
+    """A finished run's measurements in ``output`` if it ran with ``settings``. A run trained with other training
+    settings is deleted; one trained alike but predicted otherwise keeps its final checkpoint and is predicted
+    again. Stamps the folder with ``settings``."""
     stamp = os.path.join(output, 'benchmark_settings.json')
-    if os.path.isdir(output) and (not os.path.isfile(stamp) or _read_json(stamp) != settings):
-        shutil.rmtree(output)
+    if os.path.isdir(output):
+        stamped = _read_json(stamp) if os.path.isfile(stamp) else None
+        if stamped is None or _trained_with(stamped) != _trained_with(settings):
+            shutil.rmtree(output)
+        elif stamped != settings and os.path.isfile(os.path.join(output, 'benchmark.json')):
+            os.remove(os.path.join(output, 'benchmark.json'))
     measured = os.path.join(output, 'benchmark.json')
     if os.path.isfile(measured):
         return _read_json(measured)
@@ -220,6 +227,10 @@ def _run_folder(output: str, settings: dict) -> Optional[dict]:
     with open(stamp, 'w') as f:
         json.dump(settings, f)
     return None
+
+
+def _trained_with(settings: dict) -> dict:
+    return {k: v for k, v in settings.items() if k not in PREDICT_SETTINGS}
 
 
 def _training_log(output: str) -> dict:
@@ -271,7 +282,7 @@ def train_and_evaluate(env: Dict[str, str], args: argparse.Namespace, trainer: s
     model = os.path.join(env['nnUNet_results'], name, f'{tr}__{BENCH_PLANS}__{configuration}')
     output = os.path.join(model, f'fold_{fold}')
     # settings left unset or off are left out, so runs from before a setting existed are reused
-    finished = _run_folder(output, {k: getattr(args, k) for k in RUN_SETTINGS
+    finished = _run_folder(output, {k: getattr(args, k) for k in TRAIN_SETTINGS + PREDICT_SETTINGS
                                     if getattr(args, k) not in (None, False)})
     if finished is not None:
         return finished
@@ -633,8 +644,8 @@ def main(argv=None) -> int:
                 timed.append((trainer, n))
         publish()
         write_trainers(trainer_dir, budgets + timed, args.iterations_per_epoch, args.val_iterations, args.runs)
-        for run in range(1, args.runs + 1):
-            for trainer, n in timed:
+        for trainer, n in timed:  # a trainer's runs together: a benchmark stopped part-way has whole trainers
+            for run in range(1, args.runs + 1):
                 r = train_and_evaluate(env, args, trainer, n, log, run)
                 results.append(dict(r, budget='equal_time'))
                 publish()

@@ -557,3 +557,19 @@ def test_the_readmes_against_stock_command_parses_to_the_variants_eager_and_comp
     args = build_parser().parse_args(command.group(1).split()[1:])
     assert args.modes == ['eager', 'compiled'] and args.trainers == DEFAULT_TRAINERS
     assert {'nnUNetTrainerEMCAD_Stride2', 'nnUNetTrainerEMCAD_Stride2Narrow'} <= set(args.trainers)
+
+
+def test_a_finished_run_is_predicted_again_from_its_checkpoint_when_only_test_time_mirroring_changes(tmp_path):
+    from benchmarks.accuracy import _run_folder
+
+    trained = {'batch_size': 8, 'patch_size': [128, 128], 'device': 'cpu'}
+    output = tmp_path / 'fold_0'
+    assert _run_folder(str(output), trained) is None  # a new run: stamped, nothing measured
+    (output / 'checkpoint_final.pth').write_text('weights')
+    (output / 'benchmark.json').write_text(json.dumps({'dice_mean': 0.5}))
+    assert _run_folder(str(output), dict(trained)) == {'dice_mean': 0.5}  # same settings: reused
+    assert _run_folder(str(output), dict(trained, disable_tta=True)) is None  # predicted again ...
+    assert (output / 'checkpoint_final.pth').is_file() and not (output / 'benchmark.json').exists()  # ... not trained
+    assert json.loads((output / 'benchmark_settings.json').read_text())['disable_tta'] is True
+    assert _run_folder(str(output), dict(trained, batch_size=4, disable_tta=True)) is None  # trained otherwise:
+    assert not (output / 'checkpoint_final.pth').exists()  # trained again from the start
