@@ -141,7 +141,7 @@ def _export_onnx(args: argparse.Namespace) -> int:
 
 
 def _benchmark(args: argparse.Namespace) -> int:
-    """Run a benchmark of the source tree's benchmarks/ (cost, accuracy, update_readme); arguments pass on."""
+    """Run a benchmark of the source tree's benchmarks/ (cost, accuracy, update_docs); arguments pass on."""
     from nnunet_emcad.source_tree import BENCHMARKS
 
     script = os.path.join(BENCHMARKS, f'{args.name}.py')
@@ -208,7 +208,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     export.set_defaults(func=_export_onnx)
     bench = sub.add_parser('benchmark', help=_benchmark.__doc__, description=_benchmark.__doc__ + ' Example: '
                            'nnunet-emcad benchmark cost --help')
-    bench.add_argument('name', choices=('cost', 'accuracy', 'update_readme'), help='which benchmark')
+    bench.add_argument('name', choices=('cost', 'accuracy', 'update_docs'), help='which benchmark')
     bench.add_argument('args', nargs=argparse.REMAINDER, help='its arguments (see nnunet-emcad benchmark NAME --help)')
     bench.set_defaults(func=_benchmark)
     args = parser.parse_args(argv)

@@ -92,6 +92,12 @@ def readme_text() -> str:
         return f.read()
 
 
+def doc_text(name: str) -> str:
+    """docs/``name``.md, whole."""
+    with open(os.path.join(os.path.dirname(README), 'docs', f'{name}.md')) as f:
+        return f.read()
+
+
 def readme_section(heading: str) -> str:
     """The README's text under ``heading`` (e.g. '### Predicting on a CPU'), up to the next heading of level 2 or 3."""
     return re.split(r'\n#{2,3} ', readme_text().split(f'\n{heading}\n', 1)[1], maxsplit=1)[0]

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import readme_text
+from helpers import doc_text, readme_text
 from nnunet_emcad.benchmarking import malloc_note
 from nnunet_emcad.scripts import nnunet_env
 from test_trainers import DATASET_JSON, make_plans
@@ -224,8 +224,8 @@ def test_accuracy_report_names_the_command_that_reproduces_it(argv):
     assert ('--name' in words) == ('--name' in argv)
 
 
-def test_readme_results_list_every_report_cost_first(tmp_path):
-    from benchmarks.update_readme import section
+def test_the_results_doc_lists_every_report_cost_first(tmp_path):
+    from benchmarks.update_docs import section
 
     for name in ('accuracy_isbi', 'cost_3d', 'accuracy_acdc_it500', 'cost', 'accuracy_acdc'):
         (tmp_path / f'{name}.md').write_text(f'# {name}\n\n![plot]({name}.png)\n')
@@ -234,7 +234,7 @@ def test_readme_results_list_every_report_cost_first(tmp_path):
     sources = [line.split('benchmarks/results/')[1].split('.md')[0] for line in text.splitlines()
                if line.startswith('<!-- from ')]
     assert sources == ['cost', 'cost_3d', 'accuracy_acdc', 'accuracy_acdc_it500', 'accuracy_isbi']
-    assert '### accuracy_isbi' in text and '](benchmarks/results/accuracy_isbi.png)' in text
+    assert '### accuracy_isbi' in text and '](../benchmarks/results/accuracy_isbi.png)' in text
 
 
 def _run(trainer: str, budget: str, dice: float, run: int = 1, predict_seconds: float = 20.0) -> dict:
@@ -345,8 +345,8 @@ def test_accuracy_report_says_how_glibc_malloc_was_set_in_its_runs():
 
 @pytest.mark.slow
 def test_gpu_check_runs_end_to_end_as_a_cpu_dry_run_with_the_readmes_trainers(tmp_path):
-    # the README's way to price recomputing on the GPU
-    trainers = re.search(r'`--trainers ([\w\s]+)` prices recomputing', readme_text()).group(1).split()
+    # the GPU notes' way to price recomputing on the GPU
+    trainers = re.search(r'`--trainers ([\w\s]+)` prices recomputing', doc_text('gpu')).group(1).split()
     plans_dir = tmp_path / 'Dataset999_Plans'
     plans_dir.mkdir()
     (plans_dir / 'nnUNetPlans.json').write_text(json.dumps(make_plans(3, [32, 32])))
@@ -476,10 +476,10 @@ def test_equal_time_gives_the_nearest_whole_epoch_of_stocks_time_and_at_least_on
     assert equal_time_iterations(200.0, 40.0, 20) == 20  # 5 iterations: still one epoch
 
 
-def test_the_readmes_accuracy_benchmark_options_parse():
+def test_the_results_docs_accuracy_benchmark_options_parse():
     from benchmarks.accuracy import parse_args
 
-    text = readme_text()
+    text = doc_text('results')
     runs = re.search(r'`(--runs \d+)`\s+trains\s+every\s+trainer', text).group(1).split()
     own = re.search(r'`(--dataset DatasetNNN_Name --raw FOLDER)`\s+runs\s+the\s+benchmark', text).group(1)
     assert parse_args(runs).runs == int(runs[1])
@@ -490,12 +490,12 @@ def test_the_readmes_accuracy_benchmark_options_parse():
     assert re.search(r'`--disable-tta`\s+predicts\s+without', text) and parse_args(['--disable-tta']).disable_tta
 
 
-def test_the_readmes_breakdown_command_and_its_small_patch_parse():
+def test_the_results_docs_breakdown_command_and_its_small_patch_parse():
     from benchmarks.breakdown import build_parser
 
-    text = readme_text()
+    text = doc_text('results')
     command = re.search(r'`python (benchmarks/breakdown\.py[^`]*)`\s+\(add\s+`([^`]+)`\s+for\s+a\s+small', text)
-    assert command, 'the README names the breakdown command and its small-patch option'
+    assert command, 'docs/results.md names the breakdown command and its small-patch option'
     words = command.group(1).split()[1:] + command.group(2).split()
     args = build_parser().parse_args(words)
     assert args.compiled and args.patch_size == [96, 96] and args.trainers == ['nnUNetTrainer', 'nnUNetTrainerEMCAD']

@@ -1,6 +1,6 @@
-"""List the benchmark reports of benchmarks/results/*.md (the benchmarks' own reports) in the README.
+"""List the benchmark reports of benchmarks/results/*.md (the benchmarks' own reports) in docs/results.md.
 
-python benchmarks/update_readme.py   # rewrites the part of README.md between the results markers
+python benchmarks/update_docs.py   # rewrites the part of docs/results.md between the results markers
 """
 import argparse
 import os
@@ -10,7 +10,8 @@ import sys
 from nnunet_emcad.benchmarking import RESULTS
 from nnunet_emcad.source_tree import SOURCE_ROOT
 
-README = os.path.join(SOURCE_ROOT, 'README.md')
+RESULTS_DOC = os.path.join(SOURCE_ROOT, 'docs', 'results.md')
+LINK = '../benchmarks/results/'  # from docs/ to the reports
 START, END = '<!-- results:start -->', '<!-- results:end -->'
 
 
@@ -24,10 +25,10 @@ def section(results_dir: str) -> str:
             text = f.read()
         title = re.search(r'^#+ (.*)$', text, re.M)
         machine = re.search(r'^(Machine: .*?\.)(?: |$)', text, re.M)
-        plots = [f"[{label or 'plot'}](benchmarks/results/{png})"
+        plots = [f"[{label or 'plot'}]({LINK}{png})"
                  for label, png in re.findall(r'!\[([^]]*)\]\((?!http)([^)]+\.png)\)', text)]
         lines = [f"<!-- from benchmarks/results/{name}.md -->", f"#### {title.group(1) if title else name}", '',
-                 ' '.join([f"[{name}.md](benchmarks/results/{name}.md)."] + ([machine.group(1)] if machine else [])
+                 ' '.join([f"[{name}.md]({LINK}{name}.md)."] + ([machine.group(1)] if machine else [])
                           + ([f"Plots: {', '.join(plots)}."] if plots else []))]
         parts.append('\n'.join(lines) + '\n')
     if not parts:
@@ -39,15 +40,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--results', default=RESULTS)
     args = parser.parse_args(argv)
-    with open(README) as f:
-        readme = f.read()
-    if START not in readme or END not in readme:
-        raise SystemExit(f"README.md lacks the markers {START} ... {END}")
-    head, rest = readme.split(START, 1)
+    with open(RESULTS_DOC) as f:
+        doc = f.read()
+    if START not in doc or END not in doc:
+        raise SystemExit(f"{RESULTS_DOC} lacks the markers {START} ... {END}")
+    head, rest = doc.split(START, 1)
     _, tail = rest.split(END, 1)
-    with open(README, 'w') as f:
+    with open(RESULTS_DOC, 'w') as f:
         f.write(f"{head}{START}\n{section(args.results)}{END}{tail}")
-    print(f"updated {README}")
+    print(f"updated {RESULTS_DOC}")
     return 0
 
 
