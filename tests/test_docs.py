@@ -39,3 +39,25 @@ def test_every_relative_link_in_the_readme_and_docs_leads_to_a_file_and_heading_
             elif anchor and (not resolved.endswith('.md') or anchor not in _anchors(resolved)):
                 broken.append(f"{os.path.relpath(document, ROOT)}: {target} (no such heading)")
     assert not broken, '\n'.join(broken)
+
+
+# a ratio, share, time or size, or a Dice-like score (0.ddd)
+MEASUREMENT = re.compile(r'(?<![\w.])(\d+(?:\.\d+)?)(?:x|\s?(?:%|ms|s|min|minutes|MiB|GB))(?!\w)|(?<![\w.])(0\.\d{3})(?!\d)')
+
+
+def _paragraphs(text: str) -> list:
+    """Paragraphs, list items and table rows of Markdown ``text``, code blocks left out."""
+    return re.split(r'\n\s*\n|\n(?=- |\| )', re.sub(r'```.*?```', '', text, flags=re.S))
+
+
+def test_every_measurement_in_the_readme_is_in_a_report_its_paragraph_links():
+    unsourced = []
+    for paragraph in _paragraphs(open(README).read()):
+        sources = [os.path.join(ROOT, p) for p in re.findall(r'\]\(((?:benchmarks/results|docs)/[^)#]+\.md)', paragraph)]
+        text = ''.join(open(p).read() for p in sources if os.path.isfile(p))
+        prose = re.sub(r'\]\([^)]*\)', ']', re.sub(r'`[^`]*`', '', paragraph))
+        for match in MEASUREMENT.finditer(prose):
+            number = match.group(1) or match.group(2)
+            if number not in text:
+                unsourced.append(f"{match.group(0)!r} in: {' '.join(paragraph.split())[:120]}")
+    assert not unsourced, 'numbers without a report that holds them:\n' + '\n'.join(unsourced)
