@@ -42,7 +42,8 @@ def test_every_relative_link_in_the_readme_and_docs_leads_to_a_file_and_heading_
 
 
 # a ratio, share, time or size, or a Dice-like score (0.ddd)
-MEASUREMENT = re.compile(r'(?<![\w.])(\d+(?:\.\d+)?)(?:x|\s?(?:%|ms|s|min|minutes|MiB|GB))(?!\w)|(?<![\w.])(0\.\d{3})(?!\d)')
+MEASUREMENT = re.compile(r'(?<![\w.])(\d+(?:\.\d+)?)(?:x|\s?(?:%|ms|s|min|minutes|MiB|GB))(?!\w)'
+                         r'|(?<![\w.])(0\.\d{3})(?!\d)')
 
 
 def _paragraphs(text: str) -> list:
@@ -53,7 +54,8 @@ def _paragraphs(text: str) -> list:
 def test_every_measurement_in_the_readme_is_in_a_report_its_paragraph_links():
     unsourced = []
     for paragraph in _paragraphs(open(README).read()):
-        sources = [os.path.join(ROOT, p) for p in re.findall(r'\]\(((?:benchmarks/results|docs)/[^)#]+\.md)', paragraph)]
+        cited = re.findall(r'\]\(((?:benchmarks/results|docs)/[^)#]+\.md)', paragraph)
+        sources = [os.path.join(ROOT, p) for p in cited]
         text = ''.join(open(p).read() for p in sources if os.path.isfile(p))
         prose = re.sub(r'\]\([^)]*\)', ']', re.sub(r'`[^`]*`', '', paragraph))
         for match in MEASUREMENT.finditer(prose):
