@@ -161,8 +161,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog='nnunet-emcad', description=DESCRIPTION)
     sub = parser.add_subparsers(dest='command', required=True)
     demo = sub.add_parser('demo', help=_demo.__doc__, description=_demo.__doc__ + ' Data: ACDC cardiac MRI '
-                          'where ../shared/data is present, else real lung CT from the pycerr wheel on PyPI, else '
-                          'generated images. About ten minutes on 2 otherwise idle CPU cores.')
+                          'where $NNUNET_EMCAD_SHARED_DATA (default: ../shared/data beside the clone) holds '
+                          'Dataset027_ACDC, else real lung CT from the pycerr wheel on PyPI, else generated images. '
+                          'About ten minutes on 2 otherwise idle CPU cores, prediction and evaluation included.')
     demo.add_argument('--data', choices=DATA_CHOICES, default='auto', help='data set (default auto: the first '
                       'available of acdc, lungct, synthetic)')
     demo.add_argument('--workdir', default='nnunet_emcad_demo', help='folder for data, models, logs and results '

@@ -43,10 +43,11 @@ def prepare_data(choice: str, raw: str, preprocessed: str, cache: str,
             _split(os.path.join(preprocessed, os.path.basename(folder)), training[:-4], training[-4:])
             return {'kind': 'acdc', 'folder': folder, 'source': ACDC_SOURCE,
                     'note': '10 training and 2 validation patients (both frames), 4 test patients'}
+        where = (f"no Dataset027_ACDC in {os.path.dirname(acdc)}: point NNUNET_EMCAD_SHARED_DATA at the folder "
+                 f"that holds Dataset027_ACDC (nnU-Net's raw format with splits_final.json)")
         if choice == 'acdc':
-            raise SystemExit("ACDC needs the project's shared data (../shared/data/Dataset027_ACDC) or "
-                             "NNUNET_EMCAD_SHARED_DATA; try --data lungct")
-        say("ACDC is not here (no ../shared/data); fetching real lung CT from PyPI instead")
+            raise SystemExit(f"ACDC is not here ({where}); or try --data lungct")
+        say(f"ACDC is not here ({where}); fetching real lung CT from PyPI instead")
     if choice in ('auto', 'lungct'):
         try:
             dicom = fetch_pycerr_dicom(cache)

@@ -65,6 +65,26 @@ def test_acdc_subset_keeps_test_patients_out_of_training(tmp_path, shared_dir):
         .startswith(os.path.realpath(shared_dir))
 
 
+def test_without_acdc_the_demo_names_the_variable_that_points_it_there(tmp_path, monkeypatch):
+    from nnunet_emcad import demo
+
+    def no_pypi(cache: str) -> str:
+        raise RuntimeError('PyPI unreachable')
+
+    monkeypatch.setenv('NNUNET_EMCAD_SHARED_DATA', str(tmp_path / 'empty'))
+    (tmp_path / 'empty').mkdir()
+    monkeypatch.setattr(demo, 'fetch_pycerr_dicom', no_pypi)
+    said = []
+    facts = prepare_data('auto', str(tmp_path / 'raw'), str(tmp_path / 'pre'), str(tmp_path / 'cache'), said.append)
+    assert facts['kind'] == 'synthetic'
+    assert f"no Dataset027_ACDC in {tmp_path / 'empty'}: point NNUNET_EMCAD_SHARED_DATA at the folder" in said[0]
+    with pytest.raises(SystemExit, match='point NNUNET_EMCAD_SHARED_DATA at the folder that holds Dataset027_ACDC'):
+        prepare_data('acdc', str(tmp_path / 'raw'), str(tmp_path / 'pre'), str(tmp_path / 'cache'), said.append)
+    proc = subprocess.run([os.path.join(BIN, 'nnunet-emcad'), 'demo', '--help'], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and 'NNUNET_EMCAD_SHARED_DATA' in proc.stdout
+
+
 def test_every_subcommand_explains_itself(capsys):
     for command in ('demo', 'info', 'paper', 'convert-official', 'export-onnx', 'benchmark'):
         try:
