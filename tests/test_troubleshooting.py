@@ -209,6 +209,15 @@ def predict_damaged(root, env, tmp):
     return _predict(env, 'nnUNetTrainerEMCAD_PVTb0_smoke')
 
 
+def predict_truncated(root, env, tmp):
+    # checkpoint-sized (a file under 64 KiB truncated fails earlier, with an OSError, as the reader seeks back
+    # for the zip directory)
+    torch.save({'network_weights': {'weight': torch.randn(1_000_000)}}, tmp / 'whole.pth')
+    whole = (tmp / 'whole.pth').read_bytes()
+    _model_folder(env, 'nnUNetTrainerEMCAD_PVTb0_smoke', whole[:len(whole) // 2])
+    return _predict(env, 'nnUNetTrainerEMCAD_PVTb0_smoke')
+
+
 def pvt_odd_size(root, env, tmp):
     return _python("import torch; from nnunet_emcad import create_emcad_pvt; "
                    "create_emcad_pvt('pvt_v2_b0', 3, 1)(torch.zeros(1, 1, 50, 50))", env)
@@ -246,6 +255,7 @@ SCENARIOS = {
     'weights of a stock nnU-Net U-Net': stock_weights_in_emcad_folder,
     "dataset.json'": predict_untrained,
     'UnpicklingError': predict_damaged,
+    'PytorchStreamReader failed reading zip archive': predict_truncated,
     'PVTv2 encoders need spatial sizes': pvt_odd_size,
     'unknown PVTv2 encoder': pvt_unknown_variant,
     'the checkpoint has no backbone keys': official_without_backbone,
