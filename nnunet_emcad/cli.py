@@ -1,6 +1,7 @@
 """The ``nnunet-emcad`` console entry point."""
 import argparse
 import contextlib
+import difflib
 import io
 import os
 import platform
@@ -45,7 +46,8 @@ def _paper(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    """Versions, device, where nnU-Net finds the trainers, and the state of the nnUNet_* folders."""
+    """Versions, device, whether nnU-Net finds a trainer (the nearest EMCAD trainers' names where it does not),
+    and the state of the nnUNet_* folders."""
     from importlib.metadata import PackageNotFoundError, version
 
     print(f"python {platform.python_version()} on {platform.platform()}")
@@ -65,11 +67,17 @@ def _info(args: argparse.Namespace) -> int:
         # nnU-Net narrates its search, and the modules it imports (timm) warn of deprecations meant for developers
         with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter('ignore')
-            trainer = recursive_find_trainer_class_by_name('nnUNetTrainerEMCAD')
-        print(f"nnUNetTrainerEMCAD: found by nnU-Net ({trainer.__module__})")
+            trainer = recursive_find_trainer_class_by_name(args.trainer)
+        print(f"{args.trainer}: found by nnU-Net ({trainer.__module__})")
     except RuntimeError as e:
-        print(f"nnUNetTrainerEMCAD: NOT found by nnU-Net ({str(e).splitlines()[0]}); reinstall the package or add "
-              f"its nnunet_trainers folder to nnUNet_extTrainer")
+        from nnunet_emcad.trainers import __all__ as emcad_trainers
+
+        if args.trainer in emcad_trainers:
+            print(f"{args.trainer}: NOT found by nnU-Net ({str(e).splitlines()[0]}); reinstall the package or add "
+                  f"its nnunet_trainers folder to nnUNet_extTrainer")
+        else:
+            nearest = difflib.get_close_matches(args.trainer, emcad_trainers, n=3, cutoff=0.6)
+            print(f"{args.trainer}: no trainer of that name; nearest EMCAD trainers: {', '.join(nearest) or 'none'}")
     for var in ('nnUNet_raw', 'nnUNet_preprocessed', 'nnUNet_results'):
         path = os.environ.get(var)
         state = 'unset' if not path else (
@@ -183,6 +191,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     paper.add_argument('--threads', type=int, default=min(4, os.cpu_count() or 1), help='torch CPU threads')
     paper.set_defaults(func=_paper)
     info = sub.add_parser('info', help=_info.__doc__, description=_info.__doc__)
+    info.add_argument('--trainer', default='nnUNetTrainerEMCAD',
+                      help='the trainer to look for as nnU-Net does (default nnUNetTrainerEMCAD)')
     info.set_defaults(func=_info)
     convert = sub.add_parser('convert-official', help=_convert_official.__doc__,
                              description=_convert_official.__doc__ + ' Checks encoder, channels and classes '

@@ -103,6 +103,14 @@ def test_info_names_trainer_registration_and_folders(tmp_path, monkeypatch, caps
     assert 'nnUNetTrainerEMCAD: found by nnU-Net' in out
 
 
+def test_info_names_the_nearest_emcad_trainers_for_a_misspelt_name():
+    proc = subprocess.run([os.path.join(BIN, 'nnunet-emcad'), 'info', '--trainer', 'nnUNetTrainerEMCAD_Stride2Narow'],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'nnUNetTrainerEMCAD_Stride2Narow: no trainer of that name; nearest EMCAD trainers: ' \
+           'nnUNetTrainerEMCAD_Stride2Narrow, ' in proc.stdout
+
+
 def test_help_and_info_open_with_their_own_words_not_warnings(tmp_path):
     """The console script as a user runs it: without pytest's warning filters (pytest.ini hides torch's)."""
     env = {k: v for k, v in os.environ.items() if k not in ('PYTHONWARNINGS', 'nnUNet_results')}

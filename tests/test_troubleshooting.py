@@ -218,6 +218,10 @@ def predict_truncated(root, env, tmp):
     return _predict(env, 'nnUNetTrainerEMCAD_PVTb0_smoke')
 
 
+def misspelt_trainer(root, env, tmp):
+    return _train(env, 'nnUNetTrainerEMCAD_Stride2Narow')
+
+
 def pvt_odd_size(root, env, tmp):
     return _python("import torch; from nnunet_emcad import create_emcad_pvt; "
                    "create_emcad_pvt('pvt_v2_b0', 3, 1)(torch.zeros(1, 1, 50, 50))", env)
@@ -242,6 +246,7 @@ SCENARIOS = {
     'nnUNet_results is not set': results_unset,
     'is not writable': results_not_writable,
     'nnUNet_preprocessed is not defined': preprocessed_unset,
+    'Could not find requested nnunet trainer': misspelt_trainer,
     "nnUNetPlans.json'": not_planned,
     'nnUNet_EMCAD_PVT_WEIGHTS=': pvt_weights_missing,
     'cannot read weight file': pvt_weights_truncated,
