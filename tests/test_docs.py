@@ -60,6 +60,6 @@ def test_every_measurement_in_the_readme_is_in_a_report_its_paragraph_links():
         prose = re.sub(r'\]\([^)]*\)', ']', re.sub(r'`[^`]*`', '', paragraph))
         for match in MEASUREMENT.finditer(prose):
             number = match.group(1) or match.group(2)
-            if number not in text:
+            if not re.search(rf'(?<![\d.]){re.escape(number)}(?![\d])', text):  # the number, not a part of one
                 unsourced.append(f"{match.group(0)!r} in: {' '.join(paragraph.split())[:120]}")
     assert not unsourced, 'numbers without a report that holds them:\n' + '\n'.join(unsourced)
