@@ -47,7 +47,7 @@ def _paper(args: argparse.Namespace) -> int:
 
 def _info(args: argparse.Namespace) -> int:
     """Versions, device, whether nnU-Net finds a trainer (the nearest EMCAD trainers' names where it does not),
-    and the state of the nnUNet_* folders."""
+    the state of the nnUNet_* folders and the trained models in nnUNet_results."""
     from importlib.metadata import PackageNotFoundError, version
 
     print(f"python {platform.python_version()} on {platform.platform()}")
@@ -83,7 +83,29 @@ def _info(args: argparse.Namespace) -> int:
         state = 'unset' if not path else (
             'writable' if os.access(path, os.W_OK) else 'not writable' if os.path.isdir(path) else 'missing')
         print(f"{var}: {path or ''} ({state})")
+    results = os.environ.get('nnUNet_results')
+    if results and os.path.isdir(results):
+        trained = trained_models(results)
+        print("trained in nnUNet_results (-d, -tr, -p, -c for nnUNetv2_predict):" if trained else
+              "trained in nnUNet_results: none")
+        for model, folds in trained:
+            print(f"  {model} (folds {', '.join(map(str, folds))})")
     return 0
+
+
+def trained_models(results: str) -> List[tuple]:
+    """(DATASET/TRAINER__PLANS__CONFIGURATION, folds with a final checkpoint) of every trained model under
+    ``results``, as nnU-Net lays them out."""
+    found = []
+    for dataset in sorted(os.listdir(results)):
+        folder = os.path.join(results, dataset)
+        for model in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+            folds = sorted(int(f[len('fold_'):]) for f in os.listdir(os.path.join(folder, model))
+                           if f.startswith('fold_') and f[len('fold_'):].isdigit()
+                           and os.path.isfile(os.path.join(folder, model, f, 'checkpoint_final.pth')))
+            if model.count('__') == 2 and folds:
+                found.append((f"{dataset}/{model}", folds))
+    return found
 
 
 def _convert_official(args: argparse.Namespace) -> int:

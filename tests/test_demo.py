@@ -103,6 +103,21 @@ def test_info_names_trainer_registration_and_folders(tmp_path, monkeypatch, caps
     assert 'nnUNetTrainerEMCAD: found by nnU-Net' in out
 
 
+def test_info_lists_the_trained_models_with_their_folds(tmp_path, monkeypatch, capsys):
+    model = tmp_path / 'Dataset027_ACDC' / 'nnUNetTrainerEMCAD__nnUNetPlans__2d'
+    for fold, trained in ((0, True), (1, False), (3, True)):
+        (model / f'fold_{fold}').mkdir(parents=True)
+        if trained:
+            (model / f'fold_{fold}' / 'checkpoint_final.pth').write_bytes(b'')
+    (tmp_path / 'Dataset027_ACDC' / 'nnUNetTrainer__nnUNetPlans__2d' / 'fold_0').mkdir(parents=True)  # stopped
+    monkeypatch.setenv('nnUNet_results', str(tmp_path))
+    assert cli.main(['info']) == 0
+    out = capsys.readouterr().out
+    assert 'trained in nnUNet_results (-d, -tr, -p, -c for nnUNetv2_predict):\n' \
+           '  Dataset027_ACDC/nnUNetTrainerEMCAD__nnUNetPlans__2d (folds 0, 3)\n' in out
+    assert 'nnUNetTrainer__' not in out
+
+
 def test_info_names_the_nearest_emcad_trainers_for_a_misspelt_name():
     proc = subprocess.run([os.path.join(BIN, 'nnunet-emcad'), 'info', '--trainer', 'nnUNetTrainerEMCAD_Stride2Narow'],
                           capture_output=True, text=True, timeout=300)
