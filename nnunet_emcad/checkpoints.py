@@ -8,6 +8,7 @@ import logging
 import os
 from typing import Dict, Mapping, Union
 
+import timm
 import torch
 from safetensors.torch import load_file
 from timm.models import adapt_input_conv
@@ -71,6 +72,22 @@ def check_state_dict(expected: Mapping[str, torch.Tensor], state_dict: Mapping[s
                               + (block('unexpected keys', unexpected) if unexpected else '')
                               + (block('shape mismatches', mis_shaped) if mis_shaped else '')
                               + (f"\n{fix}" if fix else ''))
+
+
+TIMM_PRETRAINED = 'timm'
+"""The weights-setting value that asks for timm's own pretrained weights instead of a local file."""
+
+
+def timm_pretrained_weights(variant: str) -> StateDict:
+    """ImageNet weights of PVTv2 ``variant`` through timm's own pretrained mechanism: the Hugging Face hub
+    (``timm/<variant>.in1k``), downloaded on first use into its cache (``$HF_HOME``, by default
+    ``~/.cache/huggingface``) and read from there after; with ``HF_HUB_OFFLINE=1`` from the cache alone."""
+    try:
+        return timm.create_model(variant, pretrained=True, num_classes=0).state_dict()
+    except (OSError, RuntimeError, ValueError) as e:
+        raise CheckpointError(f"timm could not fetch the ImageNet {variant} weights ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}): reach the Hugging Face hub once (timm "
+                              f"caches them), or put the checkpoint in a folder and point the variable at it") from e
 
 
 def load_pvt_v2_weights(model: nn.Module, source: CheckpointSource) -> None:

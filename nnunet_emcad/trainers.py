@@ -8,7 +8,7 @@ never reads files: ImageNet weights are loaded in ``initialize``, during trainin
 import math
 import os
 import zipfile
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from nnunet_emcad.checkpoints import CheckpointError
+from nnunet_emcad.checkpoints import TIMM_PRETRAINED, CheckpointError, StateDict, timm_pretrained_weights
 from nnunet_emcad.emcad import PVT_V2_STRIDE, EMCADNet, create_emcad_pvt
 from nnunet_emcad.losses import FirstTargetLoss, MutationLoss, PaperDiceCELoss
 from nnunet_emcad.plans import (configuration_arch_kwargs, configuration_encoder_kind, create_emcad_unet,
@@ -311,17 +311,20 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
-        self.pvt_weights = self._pvt_weights_file()  # before nnU-Net's __init__ writes anything
+        self.pvt_weights = self._pvt_weights()  # before nnU-Net's __init__ writes anything
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 1e-4
         self.weight_decay = 1e-4
         self._fit_patch_size()
 
-    def _pvt_weights_file(self) -> Optional[str]:
-        """The ImageNet checkpoint named by ``nnUNet_EMCAD_PVT_WEIGHTS`` (checked now, loaded at initialize)."""
+    def _pvt_weights(self) -> Union[None, str, StateDict]:
+        """The ImageNet checkpoint named by ``nnUNet_EMCAD_PVT_WEIGHTS`` (checked now, loaded at initialize), or,
+        where it says ``timm``, the weights timm's pretrained mechanism fetches (now)."""
         source = os.environ.get(PVT_WEIGHTS_ENV)
         if not source:
             return None
+        if source == TIMM_PRETRAINED:
+            return timm_pretrained_weights(self.pvt_variant)
         path = os.path.join(source, f'{self.pvt_variant}.pth') if os.path.isdir(source) else source
         if not os.path.isfile(path):
             raise CheckpointError(f"{PVT_WEIGHTS_ENV}={source}, but {path} does not exist: put the ImageNet "
@@ -356,7 +359,9 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
         super().initialize()
         if self.pvt_weights and not was_initialized:
             unwrap(self.network).encoder.load_pretrained(self.pvt_weights)
-            self.print_to_log_file(f"loaded ImageNet {self.pvt_variant} weights from {self.pvt_weights}")
+            where = ("through timm's pretrained cache" if isinstance(self.pvt_weights, dict) else
+                     f"from {self.pvt_weights}")
+            self.print_to_log_file(f"loaded ImageNet {self.pvt_variant} weights {where}")
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay)

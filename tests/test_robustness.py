@@ -2,6 +2,8 @@
 import json
 import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -213,3 +215,57 @@ def test_prediction_with_another_trainers_checkpoint_names_both_networks(tmp_pat
     message = str(info.value)
     assert re.search(r'weights of a stock nnU-Net U-Net .* do not fit the model; nothing was loaded', message)
     assert 'This network is EMCAD over an nnU-Net encoder' in message and 'Use the trainer (-tr)' in message
+
+
+def _timm_cache_entry(home, weights: dict) -> None:
+    """``weights`` as the Hugging Face hub cache under ``home`` holds timm's ImageNet pvt_v2_b0 after a download."""
+    from safetensors.torch import save_file
+
+    repo, revision = home / 'hub' / 'models--timm--pvt_v2_b0.in1k', '0' * 40
+    (repo / 'refs').mkdir(parents=True)
+    (repo / 'refs' / 'main').write_text(revision)
+    (repo / 'snapshots' / revision).mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in weights.items()}, repo / 'snapshots' / revision / 'model.safetensors')
+
+
+def test_pvt_weights_set_to_timm_come_through_timms_pretrained_cache_offline(tmp_path):
+    import timm
+
+    imagenet = timm.create_model('pvt_v2_b0', pretrained=False).state_dict()  # stands in for the download
+    _timm_cache_entry(tmp_path / 'hf', imagenet)
+    torch.save(imagenet, tmp_path / 'expected.pth')
+    # a fresh interpreter: the hub reads HF_HOME and HF_HUB_OFFLINE when it is imported
+    code = ("import torch; from nnunet_emcad.checkpoints import timm_pretrained_weights as w; "
+            "from nnunet_emcad.emcad import create_emcad_pvt; "
+            f"got, want = w('pvt_v2_b0'), torch.load({str(tmp_path / 'expected.pth')!r}); "
+            "create_emcad_pvt('pvt_v2_b0', 3, 1).encoder.load_pretrained(got); "
+            "print(sorted(got) == sorted(k for k in want if not k.startswith('head.')) "
+            "and all(torch.equal(got[k], want[k]) for k in got))")
+    env = dict(os.environ, HF_HOME=str(tmp_path / 'hf'), HF_HUB_OFFLINE='1')
+    proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split()[-1] == 'True', proc.stderr[-3000:]
+    # nothing in the cache, and no hub to reach: the error names both ways out
+    env['HF_HOME'] = str(tmp_path / 'empty')
+    proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert re.search(r'CheckpointError: timm could not fetch the ImageNet pvt_v2_b0 weights .*reach the Hugging '
+                     r'Face hub once .* or put the checkpoint in a folder', proc.stderr), proc.stderr[-3000:]
+
+
+def test_a_pvt_trainer_told_timm_loads_what_timms_pretrained_mechanism_gives(monkeypatch):
+    import timm
+
+    imagenet = timm.create_model('pvt_v2_b0', pretrained=False, num_classes=0).state_dict()
+    asked = []
+    monkeypatch.setattr(T, 'timm_pretrained_weights', lambda variant: asked.append(variant) or imagenet)
+    monkeypatch.setenv(T.PVT_WEIGHTS_ENV, 'timm')
+    trainer = T.nnUNetTrainerEMCAD_PVTb0(make_plans(5, [64, 64]), '2d', 0, DATASET_JSON, device=torch.device('cpu'))
+    assert asked == ['pvt_v2_b0']  # fetched at construction, before nnU-Net writes anything
+    # nnU-Net's initialize infers the data set's format from the file endings of its preprocessed folder
+    os.makedirs(trainer.preprocessed_dataset_folder, exist_ok=True)
+    open(os.path.join(trainer.preprocessed_dataset_folder, 'case_0.b2nd'), 'w').close()
+    trainer.initialize()
+    loaded = trainer.network.encoder.body.state_dict()
+    assert torch.equal(loaded['stages_0.blocks.0.attn.q.weight'], imagenet['stages.0.blocks.0.attn.q.weight'])
+    with open(trainer.log_file) as f:
+        assert "loaded ImageNet pvt_v2_b0 weights through timm's pretrained cache" in f.read()
