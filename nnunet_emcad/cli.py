@@ -99,7 +99,8 @@ def trained_models(results: str) -> List[tuple]:
     found = []
     for dataset in sorted(os.listdir(results)):
         folder = os.path.join(results, dataset)
-        for model in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        models = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+        for model in (m for m in models if os.path.isdir(os.path.join(folder, m))):
             folds = sorted(int(f[len('fold_'):]) for f in os.listdir(os.path.join(folder, model))
                            if f.startswith('fold_') and f[len('fold_'):].isdigit()
                            and os.path.isfile(os.path.join(folder, model, f, 'checkpoint_final.pth')))

@@ -110,6 +110,7 @@ def test_info_lists_the_trained_models_with_their_folds(tmp_path, monkeypatch, c
         if trained:
             (model / f'fold_{fold}' / 'checkpoint_final.pth').write_bytes(b'')
     (tmp_path / 'Dataset027_ACDC' / 'nnUNetTrainer__nnUNetPlans__2d' / 'fold_0').mkdir(parents=True)  # stopped
+    (tmp_path / 'Dataset027_ACDC' / 'notes.txt').write_text('')  # not a model
     monkeypatch.setenv('nnUNet_results', str(tmp_path))
     assert cli.main(['info']) == 0
     out = capsys.readouterr().out
