@@ -22,9 +22,9 @@ from typing import Callable, Dict, List
 import torch
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
-from nnunet_emcad.benchmarking import (STOCK, acdc_plans, add_output_options, add_plans_options, add_republish_option,
-                                       answer_worker, machine, malloc_note, measure_trainers, plans_at_patch,
-                                       republish, reproduce_command, worker_env, write_results)
+from nnunet_emcad.benchmarking import (STOCK, add_output_options, add_plans_options, add_republish_option,
+                                       answer_worker, machine, measure_trainers, plans_at_patch, republish,
+                                       start_plans_benchmark, write_results)
 from nnunet_emcad.counting import saved_activation_bytes
 from nnunet_emcad.emcad import EMCADNet, total_strides
 from nnunet_emcad.profiling import build_trainer, first_call_s, training_step
@@ -206,12 +206,7 @@ def main(argv=None) -> int:
     if args.republish:
         republish(args, report, 'trainers')
         return 0
-    args.command = reproduce_command('benchmarks/against_stock.py', parser, args, leave_out=('out', 'worker'))
-    if args.plans is None:
-        args.plans = acdc_plans()['default']
-    args.plans = os.path.abspath(args.plans)
-    env = worker_env(args.configuration)
-    args.malloc = malloc_note(env)
+    env = start_plans_benchmark('benchmarks/against_stock.py', parser, args)
     info = machine()
 
     def publish(results: List[dict]) -> None:

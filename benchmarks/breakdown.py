@@ -20,9 +20,9 @@ from typing import Dict, List
 import torch
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
-from nnunet_emcad.benchmarking import (STOCK, acdc_plans, add_output_options, add_plans_options, add_republish_option,
-                                       answer_worker, machine, malloc_note, measure_trainers, plans_at_patch,
-                                       republish, reproduce_command, worker_env, write_results)
+from nnunet_emcad.benchmarking import (STOCK, add_output_options, add_plans_options, add_republish_option,
+                                       answer_worker, machine, measure_trainers, plans_at_patch, republish,
+                                       start_plans_benchmark, write_results)
 from nnunet_emcad.profiling import STAGE, breakdown, build_trainer, first_call_s, median_ms, training_step
 
 DEFAULT_TRAINERS = [STOCK, 'nnUNetTrainerEMCAD']
@@ -252,12 +252,7 @@ def main(argv=None) -> int:
     if args.republish:
         republish(args, report, 'networks')
         return 0
-    args.command = reproduce_command('benchmarks/breakdown.py', parser, args, leave_out=('out', 'worker'))
-    if args.plans is None:
-        args.plans = acdc_plans()['default']
-    args.plans = os.path.abspath(args.plans)
-    env = worker_env(args.configuration)
-    args.malloc = malloc_note(env)
+    env = start_plans_benchmark('benchmarks/breakdown.py', parser, args)
     with tempfile.TemporaryDirectory(prefix='breakdown-') as tmp:
         spec = dict(plans=plans_at_patch(args.plans, args.configuration, args.batch, args.patch_size, tmp),
                     configuration=args.configuration, batch=args.batch, repeats=args.repeats, threads=args.threads,

@@ -113,6 +113,17 @@ def worker_env(configuration: str, glibc_malloc_defaults: bool = False) -> Dict[
     return env
 
 
+def start_plans_benchmark(script: str, parser: argparse.ArgumentParser, args: argparse.Namespace) -> Dict[str, str]:
+    """For a benchmark with ``add_plans_options``: sets its reproduce command (``args.command``), its plans file,
+    absolute (ACDC's where none is named; ``args.plans``) and glibc malloc's note (``args.malloc``); returns the
+    environment its workers run in."""
+    args.command = reproduce_command(script, parser, args, leave_out=('out', 'worker'))
+    args.plans = os.path.abspath(args.plans or acdc_plans()['default'])
+    env = worker_env(args.configuration)
+    args.malloc = malloc_note(env)
+    return env
+
+
 def answer_worker(args: argparse.Namespace, measure: Callable[[dict], dict]) -> bool:
     """In a worker process (``--worker SPEC``): print ``measure(SPEC)`` as JSON for ``run_worker`` and say so."""
     if args.worker:
