@@ -9,10 +9,15 @@ ROOT = os.path.dirname(README)
 DOCUMENTS = [README] + sorted(glob.glob(os.path.join(ROOT, 'docs', '*.md')))
 
 
+def _without_code(path: str) -> str:
+    """A Markdown file's text, its code blocks left out."""
+    with open(path) as f:
+        return re.sub(r'```.*?```', '', f.read(), flags=re.S)
+
+
 def _anchors(path: str) -> set:
     """GitHub's anchors of a Markdown file's headings (lower case, punctuation dropped, spaces to hyphens)."""
-    with open(path) as f:
-        text = re.sub(r'```.*?```', '', f.read(), flags=re.S)
+    text = _without_code(path)
     return {re.sub(r'[^\w\- ]', '', h.strip().lower()).replace(' ', '-')
             for h in re.findall(r'^#+ (.*)$', text, re.M)}
 
@@ -27,8 +32,7 @@ def test_the_readme_is_under_300_lines_and_the_design_notes_live_in_docs():
 def test_every_relative_link_in_the_readme_and_docs_leads_to_a_file_and_heading_that_exist():
     broken = []
     for document in DOCUMENTS:
-        with open(document) as f:
-            text = re.sub(r'```.*?```', '', f.read(), flags=re.S)
+        text = _without_code(document)
         for target in re.findall(r'\]\(([^)\s]+)\)', text):
             if re.match(r'[a-z]+:', target):
                 continue  # http(s), mailto
@@ -46,14 +50,14 @@ MEASUREMENT = re.compile(r'(?<![\w.])(\d+(?:\.\d+)?)(?:x|\s?(?:%|ms|s|min|minute
                          r'|(?<![\w.])(0\.\d{3})(?!\d)')
 
 
-def _paragraphs(text: str) -> list:
-    """Paragraphs, list items and table rows of Markdown ``text``, code blocks left out."""
-    return re.split(r'\n\s*\n|\n(?=- |\| )', re.sub(r'```.*?```', '', text, flags=re.S))
+def _paragraphs(path: str) -> list:
+    """Paragraphs, list items and table rows of a Markdown file, code blocks left out."""
+    return re.split(r'\n\s*\n|\n(?=- |\| )', _without_code(path))
 
 
 def test_every_measurement_in_the_readme_is_in_a_report_its_paragraph_links():
     unsourced = []
-    for paragraph in _paragraphs(open(README).read()):
+    for paragraph in _paragraphs(README):
         cited = re.findall(r'\]\(((?:benchmarks/results|docs)/[^)#]+\.md)', paragraph)
         sources = [os.path.join(ROOT, p) for p in cited]
         text = ''.join(open(p).read() for p in sources if os.path.isfile(p))
