@@ -28,7 +28,7 @@ class EditableWheelWithPth(editable_wheel):
 
 setup(
     name='nnunet-emcad',
-    version='0.1.0',
+    version='0.2.0',
     description='EMCAD (CVPR 2024) decoders for nnU-Net v2: PVTv2 and residual encoders, trainers, benchmarks',
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',

@@ -29,8 +29,8 @@ from nnunet_emcad.counting import saved_activation_bytes
 from nnunet_emcad.emcad import EMCADNet, total_strides
 from nnunet_emcad.profiling import build_trainer, first_call_s, training_step
 
-DEFAULT_TRAINERS = ['nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Stride2', 'nnUNetTrainerEMCAD_Stride2Refine',
-                    'nnUNetTrainerEMCAD_Stride2Narrow', 'nnUNetTrainerEMCAD_Stride2NarrowRefine',
+DEFAULT_TRAINERS = ['nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Stride1', 'nnUNetTrainerEMCAD_Stride2',
+                    'nnUNetTrainerEMCAD_Stride2Refine', 'nnUNetTrainerEMCAD_Stride2NarrowRefine',
                     'nnUNetTrainerEMCAD_Stride4']
 # (what, goal, stretch goal): a step's time and the training memory as fractions of stock's, prediction speed as a
 # multiple of stock's

@@ -14,9 +14,9 @@ does not train (non-finite loss, more than half of its steps skipped, or unchang
 
 The default trainers are chosen to fit about 8 minutes on one H100/H200 (compiling one training graph took about
 a minute on an H200; the whole default run is not timed yet); it leaves out nnUNetTrainerEMCAD_NoRecompute (what
-recomputing costs: nnUNetTrainerEMCAD without it), nnUNetTrainerEMCAD_ResEnc, nnUNetTrainerEMCAD_Stride4Light,
-nnUNetTrainerEMCAD_PVTb2, nnUNetTrainerEMCAD_PVTb2_MUTATION, nnUNetTrainerEMCAD3D, nnUNetTrainerEMCAD3D_ResEnc and
-stock 3D: name them with --trainers (TRAINER or TRAINER:CONFIGURATION).
+recomputing costs: nnUNetTrainerEMCAD_Stride1 without it), nnUNetTrainerEMCAD_ResEnc, nnUNetTrainerEMCAD_Stride4,
+nnUNetTrainerEMCAD_Stride4Light, nnUNetTrainerEMCAD_PVTb2, nnUNetTrainerEMCAD_PVTb2_MUTATION, nnUNetTrainerEMCAD3D,
+nnUNetTrainerEMCAD3D_ResEnc and stock 3D: name them with --trainers (TRAINER or TRAINER:CONFIGURATION).
 Writes benchmarks/results/<name>.json and .md (default name gpu) after every trainer, so that a run stopped at a
 time limit keeps the trainers it finished (the report names those still to come).
 """
@@ -33,7 +33,7 @@ from typing import Dict, List, Optional
 from nnunet_emcad.benchmarking import (STOCK, WorkerFailed, acdc_plans, add_output_options, answer_worker, machine,
                                        reproduce_command, run_worker, write_results)
 
-DEFAULT_TRAINERS = [STOCK, 'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Stride4', 'nnUNetTrainerEMCAD_PVTb0']
+DEFAULT_TRAINERS = [STOCK, 'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Stride1', 'nnUNetTrainerEMCAD_PVTb0']
 LOSS_TOLERANCE = 0.02
 """Largest relative deviation of a compiled run's loss from eager's, per step, that still counts as following it."""
 MAX_SKIPPED_FRACTION = 0.5

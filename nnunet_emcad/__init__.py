@@ -5,7 +5,7 @@ names below load on first use.
 """
 from importlib import import_module
 
-__version__ = '0.1.0'
+__version__ = '0.2.0'
 
 _EXPORTS = {
     'EMCADNet': 'nnunet_emcad.emcad',

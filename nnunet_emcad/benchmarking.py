@@ -23,8 +23,9 @@ RESULTS = os.path.join(BENCHMARKS, 'results')
 CACHE = os.path.join(BENCHMARKS, '.cache')
 
 STOCK = 'nnUNetTrainer'
-EMCAD_TRAINERS = ['nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Stride4', 'nnUNetTrainerEMCAD_Stride4Light',
-                  'nnUNetTrainerEMCAD_Stride2', 'nnUNetTrainerEMCAD_Stride2Refine', 'nnUNetTrainerEMCAD_Stride2Narrow',
+# nnUNetTrainerEMCAD_Stride2Narrow is left out: its network is nnUNetTrainerEMCAD's
+EMCAD_TRAINERS = ['nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Stride1', 'nnUNetTrainerEMCAD_Stride4',
+                  'nnUNetTrainerEMCAD_Stride4Light', 'nnUNetTrainerEMCAD_Stride2', 'nnUNetTrainerEMCAD_Stride2Refine',
                   'nnUNetTrainerEMCAD_Stride2NarrowRefine', 'nnUNetTrainerEMCAD_ResEnc', 'nnUNetTrainerEMCAD_PVTb0',
                   'nnUNetTrainerEMCAD_PVTb2']
 # Trainers that differ from one above in cost only (the same network, outputs and gradients): the cost benchmark

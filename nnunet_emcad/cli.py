@@ -11,8 +11,8 @@ from typing import List, Optional
 
 DESCRIPTION = ("EMCAD (CVPR 2024), a light attention decoder, as an nnU-Net v2 plugin. Train, predict and evaluate "
                "with nnU-Net's own commands and -tr nnUNetTrainerEMCAD (nnUNetTrainerEMCAD_PVTb0 on a CPU); this "
-               "command runs the demo, checks the set-up (info), converts official checkpoints, exports ONNX and "
-               "runs the benchmarks.")
+               "command runs the demo, checks the set-up (info), converts official checkpoints, exports ONNX, renames "
+               "a model's trainer and runs the benchmarks.")
 
 def _demo(args: argparse.Namespace) -> int:
     """A short real EMCAD training through nnU-Net's commands: data, plan, train, predict, evaluate, overlays."""
@@ -85,28 +85,14 @@ def _info(args: argparse.Namespace) -> int:
         print(f"{var}: {path or ''} ({state})")
     results = os.environ.get('nnUNet_results')
     if results and os.path.isdir(results):
+        from nnunet_emcad.model_folders import trained_models
+
         trained = trained_models(results)
         print("trained in nnUNet_results (-d, -tr, -p, -c for nnUNetv2_predict):" if trained else
               "trained in nnUNet_results: none")
         for model, folds in trained:
             print(f"  {model} (folds {', '.join(map(str, folds))})")
     return 0
-
-
-def trained_models(results: str) -> List[tuple]:
-    """(DATASET/TRAINER__PLANS__CONFIGURATION, folds with a final checkpoint) of every trained model under
-    ``results``, as nnU-Net lays them out."""
-    found = []
-    for dataset in sorted(os.listdir(results)):
-        folder = os.path.join(results, dataset)
-        models = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
-        for model in (m for m in models if os.path.isdir(os.path.join(folder, m))):
-            folds = sorted(int(f[len('fold_'):]) for f in os.listdir(os.path.join(folder, model))
-                           if f.startswith('fold_') and f[len('fold_'):].isdigit()
-                           and os.path.isfile(os.path.join(folder, model, f, 'checkpoint_final.pth')))
-            if model.count('__') == 2 and folds:
-                found.append((f"{dataset}/{model}", folds))
-    return found
 
 
 def _convert_official(args: argparse.Namespace) -> int:
@@ -168,6 +154,22 @@ def _export_onnx(args: argparse.Namespace) -> int:
           f"{' x '.join(map(str, facts['patch_size']))}, output logits, {len(facts['labels'])} classes) and "
           f"{facts['json']}; onnxruntime vs PyTorch on random inputs (batch 1-"
           f"{facts['checked_batches']}): max abs difference {facts['max_abs_difference']:.2e}")
+    return 0
+
+
+def _rename_trainer(args: argparse.Namespace) -> int:
+    """Copy a trained model folder under another trainer's name (folder and checkpoints), for a model whose
+    trainer was renamed; checks first that its weights load into that trainer's network."""
+    from nnunet_emcad.checkpoints import CheckpointError
+    from nnunet_emcad.model_folders import rename_trainer
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net narrates its search for the trainer
+            target = rename_trainer(args.model_folder, args.trainer)
+    except (CheckpointError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(f"copied to {target}: predict with -tr {args.trainer} (the original folder is unchanged)")
     return 0
 
 
@@ -240,6 +242,13 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help='checkpoint file name in the fold folder (default checkpoint_final.pth)')
     export.add_argument('-o', '--output', required=True, help='ONNX file to write')
     export.set_defaults(func=_export_onnx)
+    rename = sub.add_parser('rename-trainer', help=_rename_trainer.__doc__, description=_rename_trainer.__doc__ +
+                            ' Example, for a model trained with nnUNetTrainerEMCAD of nnunet-emcad 0.1: nnunet-emcad '
+                            'rename-trainer $nnUNet_results/Dataset027_ACDC/nnUNetTrainerEMCAD__nnUNetPlans__2d '
+                            'nnUNetTrainerEMCAD_Stride1')
+    rename.add_argument('model_folder', help='$nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIGURATION')
+    rename.add_argument('trainer', help='the trainer the copy belongs to, e.g. nnUNetTrainerEMCAD_Stride1')
+    rename.set_defaults(func=_rename_trainer)
     bench = sub.add_parser('benchmark', help=_benchmark.__doc__, description=_benchmark.__doc__ + ' Example: '
                            'nnunet-emcad benchmark cost --help')
     bench.add_argument('name', choices=('cost', 'accuracy', 'update_docs'), help='which benchmark')

@@ -28,10 +28,10 @@ from nnunet_emcad.plans import (configuration_arch_kwargs, configuration_encoder
 from nnunet_emcad.short_training import Schedule, short_schedule
 
 __all__ = [
-    'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_NoRecompute', 'nnUNetTrainerEMCAD_ResEnc', 'nnUNetTrainerEMCAD_Stride4',
-    'nnUNetTrainerEMCAD_Stride4Light', 'nnUNetTrainerEMCAD_Stride2', 'nnUNetTrainerEMCAD_Stride2Refine',
-    'nnUNetTrainerEMCAD_Stride2Narrow', 'nnUNetTrainerEMCAD_Stride2NarrowRefine', 'nnUNetTrainerEMCAD3D',
-    'nnUNetTrainerEMCAD3D_ResEnc', 'nnUNetTrainerEMCAD3D_Stride2Narrow',
+    'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Stride1', 'nnUNetTrainerEMCAD_NoRecompute', 'nnUNetTrainerEMCAD_ResEnc',
+    'nnUNetTrainerEMCAD_Stride4', 'nnUNetTrainerEMCAD_Stride4Light', 'nnUNetTrainerEMCAD_Stride2',
+    'nnUNetTrainerEMCAD_Stride2Refine', 'nnUNetTrainerEMCAD_Stride2Narrow', 'nnUNetTrainerEMCAD_Stride2NarrowRefine',
+    'nnUNetTrainerEMCAD3D', 'nnUNetTrainerEMCAD3D_ResEnc', 'nnUNetTrainerEMCAD3D_Stride2Narrow',
     'nnUNetTrainerEMCAD_PVTb0', 'nnUNetTrainerEMCAD_PVTb2', 'nnUNetTrainerEMCAD_PVTb2_MUTATION',
     'nnUNetTrainerEMCAD_5epochs', 'nnUNetTrainerEMCAD_PVTb0_5epochs', 'nnUNetTrainerEMCAD_smoke',
     'nnUNetTrainerEMCAD3D_smoke', 'nnUNetTrainerEMCAD_PVTb0_smoke', 'nnUNetTrainerEMCAD_PVTb0_500it',
@@ -39,6 +39,8 @@ __all__ = [
 
 PVT_WEIGHTS_ENV = 'nnUNet_EMCAD_PVT_WEIGHTS'
 WEIGHTS_FIX = 'Use the trainer (-tr), plans (-p) and configuration (-c) the checkpoint was trained with.'
+# Trainer names of nnunet-emcad 0.1 whose network is another trainer's now: the default's layout changed in 0.2.
+RENAMED_TRAINERS = {'nnUNetTrainerEMCAD': 'nnUNetTrainerEMCAD_Stride1'}
 # The PVT trainers' smallest patch per axis: the deepest stage (1/32) then has more than one position to normalise.
 PVT_MIN_PATCH = 2 * PVT_V2_STRIDE
 
@@ -90,41 +92,51 @@ def unwrap(network: nn.Module) -> nn.Module:
     return network
 
 
-def for_nnunet(network: EMCADNet) -> EMCADNet:
-    """``network`` whose weight-mismatch message names the fix in nnU-Net's terms (its predictor and ``--c``
-    load checkpoints through ``load_state_dict``)."""
+def for_nnunet(network: EMCADNet, trainer_name: str) -> EMCADNet:
+    """``network`` (``trainer_name``'s) whose weight-mismatch message names the fix in nnU-Net's terms (its
+    predictor and ``--c`` load checkpoints through ``load_state_dict``), and, for a trainer whose network
+    changed, where a model trained before the change belongs now."""
     network.weights_fix = WEIGHTS_FIX
+    renamed = RENAMED_TRAINERS.get(trainer_name)
+    if renamed:
+        network.weights_fix += (f" A model trained as {trainer_name} with nnunet-emcad 0.1 holds {renamed}'s "
+                                f"network: copy it there (nnunet-emcad rename-trainer MODEL_FOLDER {renamed}) and "
+                                f"predict with -tr {renamed}.")
     return network
 
 
 class nnUNetTrainerEMCAD(nnUNetTrainer):
-    """EMCAD decoder over the plan's own encoder: the recommendation on a GPU.
+    """EMCAD's decoder over the plan's own encoder, decoding from stride 2 at one width: the default.
+
+    The decoder layout is EffiDec3D's (the EMCAD authors' CVPR 2025 follow-up), with EMCAD's blocks: the stages
+    from stride 2 down are the paper's (MSCB, CAB, SAB, LGAG, EUCB), every encoder feature is projected to one
+    width, 32 (the first stage's width in nnU-Net's plans), by a 1x1 convolution, and the stride-2 logits are
+    interpolated to the patch (the encoder's stride-1 features are not used by the decoder). It was chosen over
+    the full-resolution layout (``nnUNetTrainerEMCAD_Stride1``, the default of nnunet-emcad 0.1) by repeated
+    accuracy runs on two data sets with thin structures, and trains in less time than stock nnU-Net
+    (benchmarks/results/accuracy_acdc_p128_narrow.md, accuracy_isbi_runs2.md, cost_variants.md). Its decoder keeps
+    fewer activations than stock nnU-Net's, so no stage runs again in backward.
 
     The encoder is the one nnU-Net configured (``PlainConvEncoder`` from the default plans, ``ResidualEncoder``
-    from ResEnc plans), trained from scratch with nnU-Net's recipe (SGD 0.01, Nesterov, poly decay). Why this
-    default: it needs no ImageNet weights (none can be downloaded at run time, and medical data rarely has
-    three channels), and it inherits nnU-Net's self-configured patch, strides and depth for any dataset. Its
-    cost and accuracy against stock nnU-Net and the PVT trainers are measured in the benchmark reports
-    (benchmarks/results/cost*.md, accuracy_*.md; the README's results section). Every encoder stage gets a
-    supervised head; deep supervision uses all of them, weighted as nnU-Net does.
+    from ResEnc plans), trained from scratch with nnU-Net's recipe (SGD 0.01, Nesterov, poly decay): it needs no
+    ImageNet weights (none can be downloaded at run time, and medical data rarely has three channels), and it
+    inherits nnU-Net's self-configured patch, strides and depth for any dataset. Every decoded stage gets a
+    supervised head; deep supervision uses them, weighted as nnU-Net does.
 
     The decoder blocks normalise with the plan's norm (instance norm) instead of the official BatchNorm: with
     nnU-Net's small batches BatchNorm's running statistics do not represent the batches it trained on, so the
     same trained weights score far worse in eval mode (running statistics) than with batch statistics.
 
-    The decoder stages at strides 1, 2 and 4 run again in backward instead of keeping their activations
-    (``recompute_stride``): the same outputs and gradients for a fraction of the training memory, which the
-    cost reports compare with stock nnU-Net's; ``nnUNetTrainerEMCAD_NoRecompute`` keeps them. The encoder's
-    stages keep theirs, as in stock nnU-Net (``recompute_encoder`` runs them again too).
+    Every EMCAD trainer derives from this one; a variant changes the class attributes below.
     """
 
     encoder_kind: Optional[str] = None  # 'plain' or 'residual'; None follows the plans' architecture class
     dimensions = 2
-    decoder_stride = 1  # the finest stride decoded with EMCAD's full stages (plans.create_emcad_unet)
+    decoder_stride = 2  # the finest stride decoded with EMCAD's full stages (plans.create_emcad_unet)
     light_stages = False  # stages finer than decoder_stride decoded by EUCB and LGAG alone (else left out)
-    decoder_width: Optional[int] = None  # one width for every decoder stage (EffiDec3D's); None: the encoder's
+    decoder_width: Optional[int] = 32  # one width for every decoder stage (EffiDec3D's); None: the encoder's
     refine_channels = 0  # a LogitRefinement of this width at stride 1 when decoding starts coarser (0: none)
-    recompute_stride = 4  # decoder stages at strides up to this run again in backward (plans.create_emcad_unet)
+    recompute_stride = 0  # decoder stages at strides up to this run again in backward (plans.create_emcad_unet)
     recompute_encoder = False  # the encoder's stages up to recompute_stride too
     max_skipped_steps = 20  # steps in a row the GradScaler may skip for non-finite gradients before the run stops
     skipped_steps = 0
@@ -148,7 +160,7 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
                                             decoder_stride=cls.decoder_stride, light_stages=cls.light_stages,
                                             recompute_stride=cls.recompute_stride,
                                             recompute_encoder=cls.recompute_encoder, width=cls.decoder_width,
-                                            refine_channels=cls.refine_channels))
+                                            refine_channels=cls.refine_channels), cls.__name__)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """nnU-Net's loading (``--c``, ``--val``), after checking that a file is a checkpoint at all."""
@@ -196,28 +208,45 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
         return [list(1 / np.array(s, dtype=float)) for s in unwrap(self.network).output_strides()]
 
 
-class nnUNetTrainerEMCAD_NoRecompute(nnUNetTrainerEMCAD):
-    """``nnUNetTrainerEMCAD`` keeping every decoder activation for backward: a faster training step for several
-    times the training memory (both measured in the cost report); for a GPU with memory to spare."""
+class nnUNetTrainerEMCAD_Stride1(nnUNetTrainerEMCAD):
+    """The paper's EMCAD decoder at every stage of the plan's own encoder, down to stride 1, at the encoder's
+    widths: the default of nnunet-emcad 0.1 (its models load here; ``nnunet-emcad rename-trainer`` moves one
+    trained as ``nnUNetTrainerEMCAD`` then). Every encoder stage gets a supervised head.
+
+    The decoder stages at strides 1, 2 and 4 run again in backward instead of keeping their activations
+    (``recompute_stride``): the same outputs and gradients for a fraction of the training memory, which the
+    cost reports compare with stock nnU-Net's; ``nnUNetTrainerEMCAD_NoRecompute`` keeps them. The encoder's
+    stages keep theirs, as in stock nnU-Net (``recompute_encoder`` runs them again too). Every trainer below that
+    decodes at the encoder's widths derives from this one.
+    """
+
+    decoder_stride = 1
+    decoder_width = None
+    recompute_stride = 4
+
+
+class nnUNetTrainerEMCAD_NoRecompute(nnUNetTrainerEMCAD_Stride1):
+    """``nnUNetTrainerEMCAD_Stride1`` keeping every decoder activation for backward: a faster training step for
+    several times the training memory (both measured in the cost report); for a GPU with memory to spare."""
 
     recompute_stride = 0
 
 
-class nnUNetTrainerEMCAD_ResEnc(nnUNetTrainerEMCAD):
-    """EMCAD over nnU-Net's residual encoder, from ResEnc plans (``-p nnUNetResEncUNetMPlans`` / ``L``) or, with
-    the default plans, with the ResEnc planners' blocks per stage. Self-configuring, trained from scratch.
-    The encoder's stages at strides 1, 2 and 4 run again in backward too (their activations are most of its
-    training memory)."""
+class nnUNetTrainerEMCAD_ResEnc(nnUNetTrainerEMCAD_Stride1):
+    """``nnUNetTrainerEMCAD_Stride1`` over nnU-Net's residual encoder, from ResEnc plans (``-p
+    nnUNetResEncUNetMPlans`` / ``L``) or, with the default plans, with the ResEnc planners' blocks per stage.
+    Self-configuring, trained from scratch. The encoder's stages at strides 1, 2 and 4 run again in backward too
+    (their activations are most of its training memory)."""
 
     encoder_kind = 'residual'
     recompute_encoder = True
 
 
-class nnUNetTrainerEMCAD_Stride4(nnUNetTrainerEMCAD):
+class nnUNetTrainerEMCAD_Stride4(nnUNetTrainerEMCAD_Stride1):
     """The paper's decoder layout over the plan's encoder: EMCAD decodes from the stage at stride 4 (as it
     decodes a PVT's four stages), and the logits are upsampled bilinearly to the patch, as the official code
     does; the encoder's stride-1 and stride-2 features are not used by the decoder. Its finest stage runs
-    again in backward, as in ``nnUNetTrainerEMCAD``."""
+    again in backward, as in ``nnUNetTrainerEMCAD_Stride1``."""
 
     decoder_stride = 4
 
@@ -229,10 +258,10 @@ class nnUNetTrainerEMCAD_Stride4Light(nnUNetTrainerEMCAD_Stride4):
     light_stages = True
 
 
-class nnUNetTrainerEMCAD_Stride2(nnUNetTrainerEMCAD):
-    """EMCAD decoding from stride 2, as EffiDec3D (the authors' CVPR 2025 follow-up) decodes by default: the
-    stride-2 stage's logits are interpolated to the patch (bilinear, trilinear in 3D) and the encoder's stride-1
-    features are not used by the decoder. The stages decoded are the paper's, at the encoder's widths."""
+class nnUNetTrainerEMCAD_Stride2(nnUNetTrainerEMCAD_Stride1):
+    """EMCAD decoding from stride 2 at the encoder's widths, as EffiDec3D (the authors' CVPR 2025 follow-up)
+    decodes by default: the stride-2 stage's logits are interpolated to the patch (bilinear, trilinear in 3D)
+    and the encoder's stride-1 features are not used by the decoder (``nnUNetTrainerEMCAD`` also narrows it)."""
 
     decoder_stride = 2
 
@@ -247,25 +276,20 @@ class nnUNetTrainerEMCAD_Stride2Refine(nnUNetTrainerEMCAD_Stride2):
     refine_channels = 8
 
 
-class nnUNetTrainerEMCAD_Stride2Narrow(nnUNetTrainerEMCAD_Stride2):
-    """EffiDec3D's decoder layout with EMCAD's blocks: decoding from stride 2 at one width for every stage, 32
-    (the first stage's width in nnU-Net's plans; EffiDec3D takes its encoder's narrowest, 48), each encoder
-    feature projected to it by a 1x1 convolution. Its decoder keeps fewer activations than stock nnU-Net's
-    without running any stage again in backward, so none does."""
-
-    decoder_width = 32
-    recompute_stride = 0
+class nnUNetTrainerEMCAD_Stride2Narrow(nnUNetTrainerEMCAD):
+    """``nnUNetTrainerEMCAD`` under the name it was measured with before it became the default (the benchmark
+    reports name it); its models and ``nnUNetTrainerEMCAD``'s are the same network."""
 
 
-class nnUNetTrainerEMCAD_Stride2NarrowRefine(nnUNetTrainerEMCAD_Stride2Narrow):
-    """``nnUNetTrainerEMCAD_Stride2Narrow`` with ``nnUNetTrainerEMCAD_Stride2Refine``'s full-resolution
-    refinement."""
+class nnUNetTrainerEMCAD_Stride2NarrowRefine(nnUNetTrainerEMCAD):
+    """``nnUNetTrainerEMCAD`` with ``nnUNetTrainerEMCAD_Stride2Refine``'s full-resolution refinement."""
 
     refine_channels = 8
 
 
-class nnUNetTrainerEMCAD3D(nnUNetTrainerEMCAD):
-    """EMCAD beyond the paper, in 3D: the decoder over the plan's own 3D encoder (``3d_fullres``, ``3d_lowres``).
+class nnUNetTrainerEMCAD3D(nnUNetTrainerEMCAD_Stride1):
+    """EMCAD beyond the paper, in 3D: ``nnUNetTrainerEMCAD_Stride1``'s decoder over the plan's own 3D encoder
+    (``3d_fullres``, ``3d_lowres``).
 
     Every block is built with ``Conv3d``; the decoder's kernels follow the plan's per-stage kernel sizes (an
     anisotropic stage with kernel (1, 3, 3) gets MSDC kernels (1, k, k), LGAG and EUCB (1, 3, 3); SAB, shared by
@@ -284,9 +308,11 @@ class nnUNetTrainerEMCAD3D_ResEnc(nnUNetTrainerEMCAD3D):
     recompute_encoder = True
 
 
-class nnUNetTrainerEMCAD3D_Stride2Narrow(nnUNetTrainerEMCAD_Stride2Narrow, nnUNetTrainerEMCAD3D):
-    """``nnUNetTrainerEMCAD_Stride2Narrow`` in 3D (EffiDec3D is a 3D decoder): ``nnUNetTrainerEMCAD3D`` decoding
-    from stride 2 (along the most-strided axis) at one width, 32."""
+class nnUNetTrainerEMCAD3D_Stride2Narrow(nnUNetTrainerEMCAD):
+    """``nnUNetTrainerEMCAD`` in 3D (EffiDec3D is a 3D decoder): ``nnUNetTrainerEMCAD3D``'s blocks decoding from
+    stride 2 (along the most-strided axis) at one width, 32."""
+
+    dimensions = 3
 
 
 class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
@@ -307,6 +333,7 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
 
     pvt_variant = 'pvt_v2_b2'
     upsample_outputs = 'first'
+    recompute_stride = 4
     recompute_encoder = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
@@ -352,7 +379,7 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
                                            upsample_outputs=cls.upsample_outputs,
                                            norm_op=plan_norm(configuration_arch_kwargs(configuration_manager)),
                                            recompute_stride=cls.recompute_stride,
-                                           recompute_encoder=cls.recompute_encoder))
+                                           recompute_encoder=cls.recompute_encoder), cls.__name__)
 
     def initialize(self) -> None:
         was_initialized = self.was_initialized

@@ -67,23 +67,25 @@ def test_cost_benchmark_on_a_tiny_plan(tmp_path):
 
 def test_the_breakdown_benchmark_times_stock_and_emcad_part_by_part_at_a_patch_of_its_own(tmp_path):
     plans_file = _tiny_plans_file(tmp_path)
-    proc = subprocess.run([sys.executable, os.path.join(BENCHMARKS, 'breakdown.py'), '--plans',
-                           plans_file, '--patch-size', '32', '32', '--batch', '2',
-                           '--repeats', '1', '--out', str(tmp_path / 'results')], capture_output=True, text=True,
-                          timeout=600)
+    # the full-resolution decoder: stages at every stride, three of them run again in backward
+    proc = subprocess.run([sys.executable, os.path.join(BENCHMARKS, 'breakdown.py'), '--plans', plans_file,
+                           '--trainers', 'nnUNetTrainer', 'nnUNetTrainerEMCAD_Stride1', '--patch-size', '32', '32',
+                           '--batch', '2', '--repeats', '1', '--out', str(tmp_path / 'results')],
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / 'results' / 'breakdown.json').read_text())
     stock, emcad = result['networks']
-    assert (stock['name'], emcad['name']) == ('nnUNetTrainer', 'nnUNetTrainerEMCAD')
+    assert (stock['name'], emcad['name']) == ('nnUNetTrainer', 'nnUNetTrainerEMCAD_Stride1')
     for network, heads in ((stock, {1, 2, 4}), (emcad, {1, 2, 4, 8})):  # 4 stages at 32x32
         assert network['patch_size'] == [32, 32] and network['step_ms'] > 0 and network['predict_ms'] > 0
         assert {r['stride'] for r in network['rows'] if r['kind'] == 'head'} == heads
     assert {r['kind'] for r in emcad['rows']} == {'encoder', 'EUCB', 'LGAG', 'CAB', 'SAB', 'MSCB', 'stage',
                                                   'recompute', 'head'}
     report = (tmp_path / 'results' / 'breakdown.md').read_text()
-    assert '# Where the time goes: nnUNetTrainer, nnUNetTrainerEMCAD at a 32x32 patch' in report
+    assert '# Where the time goes: nnUNetTrainer, nnUNetTrainerEMCAD_Stride1 at a 32x32 patch' in report
     ratio = f"{emcad['step_ms'] / stock['step_ms']:.2f}x"
-    assert any(line.startswith('| nnUNetTrainerEMCAD |') and f'| {ratio} |' in line for line in report.splitlines())
+    assert any(line.startswith('| nnUNetTrainerEMCAD_Stride1 |') and f'| {ratio} |' in line
+               for line in report.splitlines())
     mscb = next(r for r in emcad['rows'] if (r['kind'], r['stride']) == ('MSCB', 1))
     share = f"{(mscb['forward_ms'] + mscb['backward_ms']) / emcad['step_ms']:.1%}"
     assert any(line.startswith('| 1 | MSCB |') and f'| {share} |' in line for line in report.splitlines())
@@ -91,10 +93,10 @@ def test_the_breakdown_benchmark_times_stock_and_emcad_part_by_part_at_a_patch_o
 
     assert report.count('| | rest of the step') == 2 and 'between blocks (products, sums)' in report
     largest = report.split("## The decoder's largest parts")[1].split('## ')[0]
-    first = next(line for line in largest.splitlines() if line.startswith('| nnUNetTrainerEMCAD |'))
+    first = next(line for line in largest.splitlines() if line.startswith('| nnUNetTrainerEMCAD_Stride1 |'))
     costliest = max((r for r in table_rows(emcad) if r['kind'] != 'encoder'),
                     key=lambda r: r.get('forward_ms', 0) + r.get('backward_ms', 0))
-    assert first.startswith(f"| nnUNetTrainerEMCAD | {costliest['stride']} | {costliest['kind']} |")
+    assert first.startswith(f"| nnUNetTrainerEMCAD_Stride1 | {costliest['stride']} | {costliest['kind']} |")
     (tmp_path / 'results' / 'breakdown.md').write_text('')
     assert subprocess.run([sys.executable, os.path.join(BENCHMARKS, 'breakdown.py'), '--republish', '--out',
                            str(tmp_path / 'results')], capture_output=True, timeout=300).returncode == 0
@@ -357,7 +359,8 @@ def test_gpu_check_runs_end_to_end_as_a_cpu_dry_run_with_the_readmes_trainers(tm
                            '--out', str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     runs = json.loads((tmp_path / 'gpu.json').read_text())['runs']
-    assert [r['trainer'] for r in runs] == ['nnUNetTrainer', 'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_NoRecompute']
+    assert [r['trainer'] for r in runs] == ['nnUNetTrainer', 'nnUNetTrainerEMCAD_Stride1',
+                                            'nnUNetTrainerEMCAD_NoRecompute']
     for run in runs:
         assert run['verdict']['trains'] and run['verdict']['follows_eager']
         assert len(run['eager']['losses']) == len(run['compiled']['losses']) == 3
@@ -556,7 +559,7 @@ def test_the_readmes_against_stock_command_parses_to_the_variants_eager_and_comp
     assert command, 'the README names the against-stock command'
     args = build_parser().parse_args(command.group(1).split()[1:])
     assert args.modes == ['eager', 'compiled'] and args.trainers == DEFAULT_TRAINERS
-    assert {'nnUNetTrainerEMCAD_Stride2', 'nnUNetTrainerEMCAD_Stride2Narrow'} <= set(args.trainers)
+    assert {'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Stride1', 'nnUNetTrainerEMCAD_Stride2'} <= set(args.trainers)
 
 
 def test_a_finished_run_is_predicted_again_from_its_checkpoint_when_only_test_time_mirroring_changes(tmp_path):

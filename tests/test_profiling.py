@@ -17,7 +17,7 @@ def _network(trainer: str) -> nn.Module:
 def test_every_emcad_block_and_stage_is_recorded_once_per_call_at_its_stride_and_the_decoder_is_left_as_it_was(
         nnunet_folders):
     torch.manual_seed(0)
-    net = _network('nnUNetTrainerEMCAD')
+    net = _network('nnUNetTrainerEMCAD_Stride1')
     assert isinstance(net, EMCADNet)
     x = torch.randn(2, 1, 64, 64)
     net.eval()
@@ -31,7 +31,7 @@ def test_every_emcad_block_and_stage_is_recorded_once_per_call_at_its_stride_and
     assert sorted(found[STAGE]) == sorted(found['SAB']) == sorted(found['CAB']) == [1, 2, 4, 8, 16]
     assert sorted(found['EUCB']) == sorted(found['LGAG']) == [1, 2, 4, 8]  # the deepest stage has no upsampling
     assert sorted(found['head']) == [1, 2, 4, 8, 16]
-    # nnUNetTrainerEMCAD runs the decoder stages up to stride 4 again in backward
+    # nnUNetTrainerEMCAD_Stride1 runs the decoder stages up to stride 4 again in backward
     assert {c.stride for c in calls if c.recomputed} == {1, 2, 4}
     assert not any(c.recomputed for c in calls if c.kind in ('encoder', 'head'))
     assert '_decode_stage' not in vars(net.decoder) and '_attend' not in vars(net.decoder)
@@ -70,8 +70,8 @@ def test_stock_nnunet_blocks_are_its_transposed_convolutions_convolution_stages_
 
 
 def test_a_recomputed_stage_adds_its_forward_again_in_backward(nnunet_folders):
-    rows = {(r['kind'], r['stride']): r for r in breakdown(_network('nnUNetTrainerEMCAD'), torch.randn(1, 1, 64, 64),
-                                                            repeats=1)}
+    rows = {(r['kind'], r['stride']): r for r in breakdown(_network('nnUNetTrainerEMCAD_Stride1'),
+                                                            torch.randn(1, 1, 64, 64), repeats=1)}
     assert {s for k, s in rows if k == 'recompute'} == {1, 2, 4}
     for stride in (1, 2, 4):
         again, stage = rows[('recompute', stride)], rows[(STAGE, stride)]

@@ -273,9 +273,9 @@ def test_a_training_step_with_deep_supervision_reaches_every_parameter_but_the_h
 
 
 @pytest.mark.parametrize('cls, recomputed, encoder_recomputed', [
-    (T.nnUNetTrainerEMCAD, 3, 0), (T.nnUNetTrainerEMCAD_NoRecompute, 0, 0), (T.nnUNetTrainerEMCAD_Stride4, 3, 0),
-    (T.nnUNetTrainerEMCAD_Stride2, 3, 0), (T.nnUNetTrainerEMCAD_Stride2Narrow, 0, 0),
-    (T.nnUNetTrainerEMCAD3D_Stride2Narrow, 0, 0),
+    (T.nnUNetTrainerEMCAD, 0, 0), (T.nnUNetTrainerEMCAD_Stride1, 3, 0), (T.nnUNetTrainerEMCAD_NoRecompute, 0, 0),
+    (T.nnUNetTrainerEMCAD_Stride4, 3, 0), (T.nnUNetTrainerEMCAD_Stride2, 3, 0),
+    (T.nnUNetTrainerEMCAD_Stride2Narrow, 0, 0), (T.nnUNetTrainerEMCAD3D_Stride2Narrow, 0, 0),
     (T.nnUNetTrainerEMCAD_ResEnc, 3, 3), (T.nnUNetTrainerEMCAD3D, 3, 0), (T.nnUNetTrainerEMCAD3D_ResEnc, 3, 3),
     (T.nnUNetTrainerEMCAD_PVTb2, 1, 1), (T.nnUNetTrainerEMCAD_PVTb0, 0, 0)],
     ids=lambda v: getattr(v, '__name__', str(v)))
@@ -286,7 +286,7 @@ def test_trainers_run_the_stages_up_to_stride_4_again_in_backward_unless_told_no
     network = build(cls, plans, configuration).network
     # the decoder's stages at strides 1, 2 and 4 (Stride4 decodes only the one at 4), the residual encoders'
     # too; EMCAD-B2: its first, at stride 4, in the encoder too; EMCAD-B0, the CPU trainer, and the narrow
-    # decoders (fewer activations than stock without), none
+    # decoders (the default; fewer activations than stock without), none
     assert network.decoder.recompute_stages == recomputed
     assert getattr(network.encoder, 'recompute_stages', 0) == encoder_recomputed
     if hasattr(network.encoder, 'body'):

@@ -12,6 +12,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from helpers import official_state_dict, readme_text
+from nnunet_emcad import trainers as T
 from nnunet_emcad.emcad import create_emcad_pvt
 from nnunet_emcad.plans import create_emcad_unet
 from nnunet_emcad.scripts import nnunet_env
@@ -190,14 +191,25 @@ def official_other_encoder(root, env, tmp):
     return _convert(env, tmp, 1, 'nnUNetTrainerEMCAD_PVTb2')
 
 
-def stock_weights_in_emcad_folder(root, env, tmp):
+def _trained_as(trainer: str, trainer_class, tmp) -> bytes:
+    """A checkpoint of ``trainer_class``'s network saved under ``trainer``'s name (from which nnU-Net's predictor
+    builds the network)."""
     plans = PlansManager(make_plans(5, [64, 64]))
-    stock = nnUNetTrainer.build_network_architecture(plans, plans.get_configuration('2d'), 1, 3).state_dict()
-    checkpoint = tmp / 'stock.pth'
-    torch.save({'trainer_name': 'nnUNetTrainerEMCAD', 'init_args': {'configuration': '2d'},
-                'network_weights': stock}, checkpoint)
-    _model_folder(env, 'nnUNetTrainerEMCAD_smoke', checkpoint.read_bytes())
+    weights = trainer_class.build_network_architecture(plans, plans.get_configuration('2d'), 1, 3).state_dict()
+    checkpoint = tmp / 'checkpoint.pth'
+    torch.save({'trainer_name': trainer, 'init_args': {'configuration': '2d'}, 'network_weights': weights},
+               checkpoint)
+    return checkpoint.read_bytes()
+
+
+def stock_weights_in_emcad_folder(root, env, tmp):
+    _model_folder(env, 'nnUNetTrainerEMCAD_smoke', _trained_as('nnUNetTrainerEMCAD_smoke', nnUNetTrainer, tmp))
     return _predict(env, 'nnUNetTrainerEMCAD_smoke')
+
+
+def model_of_the_former_default(root, env, tmp):
+    _model_folder(env, 'nnUNetTrainerEMCAD', _trained_as('nnUNetTrainerEMCAD', T.nnUNetTrainerEMCAD_Stride1, tmp))
+    return _predict(env, 'nnUNetTrainerEMCAD')
 
 
 def predict_untrained(root, env, tmp):
@@ -258,6 +270,7 @@ SCENARIOS = {
     'the checkpoint was trained on 1-channel': official_other_channels,
     "the checkpoint's encoder is pvt_v2_b0": official_other_encoder,
     'weights of a stock nnU-Net U-Net': stock_weights_in_emcad_folder,
+    'with nnunet-emcad 0.1': model_of_the_former_default,
     "dataset.json'": predict_untrained,
     'UnpicklingError': predict_damaged,
     'PytorchStreamReader failed reading zip archive': predict_truncated,
