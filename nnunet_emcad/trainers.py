@@ -12,6 +12,7 @@ from typing import List, Optional, Union
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -30,7 +31,8 @@ from nnunet_emcad.short_training import Schedule, short_schedule
 __all__ = [
     'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Stride1', 'nnUNetTrainerEMCAD_NoRecompute', 'nnUNetTrainerEMCAD_ResEnc',
     'nnUNetTrainerEMCAD_Stride4', 'nnUNetTrainerEMCAD_Stride4Light', 'nnUNetTrainerEMCAD_Stride2',
-    'nnUNetTrainerEMCAD_Stride2Refine', 'nnUNetTrainerEMCAD_Stride2Narrow', 'nnUNetTrainerEMCAD_Stride2NarrowRefine',
+    'nnUNetTrainerEMCAD_Stride2Refine', 'nnUNetTrainerEMCAD_AllHeads', 'nnUNetTrainerEMCAD_Stride2Narrow',
+    'nnUNetTrainerEMCAD_Stride2NarrowRefine',
     'nnUNetTrainerEMCAD3D', 'nnUNetTrainerEMCAD3D_ResEnc', 'nnUNetTrainerEMCAD3D_Stride2Narrow',
     'nnUNetTrainerEMCAD_PVTb0', 'nnUNetTrainerEMCAD_PVTb2', 'nnUNetTrainerEMCAD_PVTb2_MUTATION',
     'nnUNetTrainerEMCAD_5epochs', 'nnUNetTrainerEMCAD_PVTb0_5epochs', 'nnUNetTrainerEMCAD_smoke',
@@ -121,7 +123,9 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
     from ResEnc plans), trained from scratch with nnU-Net's recipe (SGD 0.01, Nesterov, poly decay): it needs no
     ImageNet weights (none can be downloaded at run time, and medical data rarely has three channels), and it
     inherits nnU-Net's self-configured patch, strides and depth for any dataset. Every decoded stage gets a
-    supervised head; deep supervision uses them, weighted as nnU-Net does.
+    head (the official decoder's layout); deep supervision trains them with nnU-Net's weights, which give the
+    deepest output 0, as they give stock nnU-Net's coarsest, so that head is not trained
+    (``nnUNetTrainerEMCAD_AllHeads`` trains it, and scored lower).
 
     The decoder blocks normalise with the plan's norm (instance norm) instead of the official BatchNorm: with
     nnU-Net's small batches BatchNorm's running statistics do not represent the batches it trained on, so the
@@ -138,6 +142,7 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
     refine_channels = 0  # a LogitRefinement of this width at stride 1 when decoding starts coarser (0: none)
     recompute_stride = 0  # decoder stages at strides up to this run again in backward (plans.create_emcad_unet)
     recompute_encoder = False  # the encoder's stages up to recompute_stride too
+    train_deepest_head = False  # nnU-Net's deep-supervision weights give the deepest output 0; True: its share
     max_skipped_steps = 20  # steps in a row the GradScaler may skip for non-finite gradients before the run stops
     skipped_steps = 0
 
@@ -171,19 +176,34 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
     def train_step(self, batch: dict) -> dict:
         """nnU-Net's step; stops the run when the loss stops being finite, or when the GradScaler has skipped
         ``max_skipped_steps`` steps in a row for non-finite gradients, instead of saving a network that did not
-        learn."""
+        learn. Under DDP every rank stops at the same step with the same message: the ranks' losses are gathered
+        (a non-finite loss on one rank ends them all), and the GradScaler of every rank sees the same averaged
+        gradients, so its skips agree."""
         scale = self.grad_scaler.get_scale() if self.grad_scaler is not None else None
         result = super().train_step(batch)
-        if not np.isfinite(result['loss']).all():
-            self._stop(f"training loss became {result['loss']} in epoch {self.current_epoch}: the network "
-                       f"diverged, and continuing would only save a broken model. Lower initial_lr or check the "
-                       f"data; the last good checkpoints are in {self.output_folder}")
+        losses = self._every_ranks_loss(float(result['loss']))
+        diverged = [rank for rank, loss in enumerate(losses) if not math.isfinite(loss)]
+        if diverged:
+            where = (f" on rank{'s' if len(diverged) > 1 else ''} {', '.join(map(str, diverged))}" if self.is_ddp
+                     else '')
+            self._stop(f"training loss became {losses[diverged[0]]}{where} in epoch {self.current_epoch}: the "
+                       f"network diverged, and continuing would only save a broken model. Lower initial_lr or "
+                       f"check the data; the last good checkpoints are in {self.output_folder}")
         if scale is not None:
             skipped = self.grad_scaler.get_scale() < scale
             self.skipped_steps = self.skipped_steps + 1 if skipped else 0
             if self.skipped_steps >= self.max_skipped_steps:
                 self._stop(self._skipped_steps_message())
         return result
+
+    def _every_ranks_loss(self, loss: float) -> List[float]:
+        """This step's loss of every DDP rank, in rank order (this process's alone without DDP)."""
+        if not self.is_ddp:
+            return [loss]
+        mine = torch.tensor([loss], device=self.device)
+        gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, mine)
+        return [float(g) for g in gathered]
 
     def _skipped_steps_message(self) -> str:
         latest = os.path.join(self.output_folder, 'checkpoint_latest.pth')
@@ -200,6 +220,15 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
         """End training with ``message``, in the training log too."""
         self.print_to_log_file(message)
         raise RuntimeError(message)
+
+    def _build_loss(self) -> nn.Module:
+        """nnU-Net's loss and deep-supervision weights (halving per output from the finest, normalised, the
+        deepest output 0, under DDP 1e-6); with ``train_deepest_head`` the deepest output keeps its share."""
+        loss = super()._build_loss()
+        if self.enable_deep_supervision and self.train_deepest_head:
+            weights = np.array([1 / 2 ** i for i in range(len(loss.weight_factors))])
+            loss.weight_factors = tuple(weights / weights.sum())
+        return loss
 
     def _get_deep_supervision_scales(self) -> Optional[List[List[float]]]:
         """One scale per network output, read off the network's heads (nnU-Net assumes one less than stages)."""
@@ -274,6 +303,14 @@ class nnUNetTrainerEMCAD_Stride2Refine(nnUNetTrainerEMCAD_Stride2):
     own scale."""
 
     refine_channels = 8
+
+
+class nnUNetTrainerEMCAD_AllHeads(nnUNetTrainerEMCAD):
+    """``nnUNetTrainerEMCAD`` training its deepest head too, with its share of nnU-Net's halving weights (as the
+    paper supervises every head) instead of nnU-Net's 0: an ablation, below the default on ACDC
+    (benchmarks/results/accuracy_acdc_all_heads.md)."""
+
+    train_deepest_head = True
 
 
 class nnUNetTrainerEMCAD_Stride2Narrow(nnUNetTrainerEMCAD):

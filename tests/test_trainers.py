@@ -264,10 +264,17 @@ def test_a_training_step_with_deep_supervision_reaches_every_parameter_but_the_h
     loss = trainer.loss(outputs, [F.interpolate(target, size=o.shape[2:], mode='nearest') for o in outputs])
     loss.backward()
     unreached = {name for name, p in network.named_parameters() if p.grad is None}
-    # nnU-Net's deep-supervision weights give the deepest output 0 (all heads count in the MUTATION loss)
+    # nnU-Net's deep-supervision weights give the deepest output 0 (all heads count in the MUTATION loss, and
+    # with train_deepest_head)
     deepest = len(network.decoder.seg_layers) - 1
-    assert unreached <= {f'decoder.seg_layers.{deepest}.weight', f'decoder.seg_layers.{deepest}.bias'}
+    trained = cls.train_deepest_head or not hasattr(trainer.loss, 'weight_factors')
+    assert unreached == (set() if trained else {f'decoder.seg_layers.{deepest}.weight',
+                                                 f'decoder.seg_layers.{deepest}.bias'})
     assert all(torch.isfinite(p.grad).all() for p in network.parameters() if p.grad is not None)
+    if cls.train_deepest_head:  # nnU-Net's halving weights, the deepest output's share kept
+        weights = trainer.loss.weight_factors
+        assert len(weights) == len(outputs) and sum(weights) == pytest.approx(1)
+        assert all(w == pytest.approx(weights[0] / 2 ** i) for i, w in enumerate(weights))
     if network.decoder.refine is not None:
         assert network.decoder.refine.conv[0].weight.grad.abs().sum() > 0
 

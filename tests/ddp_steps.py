@@ -1,0 +1,157 @@
+"""Training steps of EMCAD trainers as nnU-Net's DDP runs them (``nnUNetv2_train ... -num_gpus 2``), on the CPU
+over gloo, and the same steps in one process on the whole batch; writes what ``test_ddp.py`` compares.
+
+Each rank builds the trainer as ``run_training``'s ``run_ddp`` does (inside an initialised process group, so
+nnU-Net's ``is_ddp`` holds: the DDP wrapper, the gathered Dice and losses) and trains on its half of a global batch
+of generated data. nnU-Net's DDP runs on CUDA only; what it takes to run without, and nothing else, is patched
+here: the device nnU-Net puts each rank on (``cuda:rank``), its CUDA GradScaler and DDP's ``device_ids``.
+With ``--nan-rank R`` rank R's second batch is NaN, and what each rank stopped with is written instead.
+"""
+import argparse
+import json
+import os
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from batchgenerators.utilities.file_and_folder_operations import load_json
+from torch.nn.parallel import DistributedDataParallel
+
+import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
+from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+from nnunet_emcad.trainers import unwrap
+
+WORLD = 2
+GLOBAL_BATCH = 4
+
+
+def cpu_ddp(module: torch.nn.Module, device_ids: Optional[List[int]] = None) -> DistributedDataParallel:
+    """nnU-Net's DDP wrapping (``DDP(network, device_ids=[rank])``) on the CPU, where DDP takes no device ids."""
+    return DistributedDataParallel(module)
+
+
+def make_trainer(name: str, dataset: str, batch_dice: bool = True):
+    """``name`` initialised on the tiny data set's plans, with the same initial weights in every process; without
+    ``batch_dice`` (3D plans' setting) each rank's Dice is its own, not gathered over the ranks."""
+    plans = dict(load_json(os.path.join(dataset, 'nnUNetPlans.json')), continue_training=False)  # as run_training
+    plans['configurations']['2d']['batch_dice'] = batch_dice
+    dataset_json = load_json(os.path.join(dataset, 'dataset.json'))
+    trainer = recursive_find_trainer_class_by_name(name)(plans, '2d', 0, dataset_json, device=torch.device('cpu'))
+    trainer.device = torch.device('cpu')  # nnU-Net's DDP puts rank r on cuda:r
+    trainer.grad_scaler = None  # and makes a GradScaler for CUDA
+    torch.manual_seed(0)
+    trainer.initialize()
+    return trainer
+
+
+def global_batches(trainer, steps: int) -> List[Dict[str, object]]:
+    """``steps`` batches of ``GLOBAL_BATCH`` random images and label maps, the targets at the trainer's
+    deep-supervision scales (as nnU-Net's data loader gives them)."""
+    generator = torch.Generator().manual_seed(1)
+    patch = list(trainer.configuration_manager.patch_size)
+    classes = trainer.label_manager.num_segmentation_heads
+    scales = trainer._get_deep_supervision_scales()
+    batches = []
+    for _ in range(steps):
+        data = torch.randn(GLOBAL_BATCH, 1, *patch, generator=generator)
+        target = torch.randint(0, classes, (GLOBAL_BATCH, 1, *patch), generator=generator).float()
+        targets = [F.interpolate(target, size=[round(p * s) for p, s in zip(patch, scale)], mode='nearest')
+                   for scale in scales]
+        batches.append({'data': data, 'target': targets})
+    return batches
+
+
+def part(batch: dict, rank: int) -> dict:
+    """Rank ``rank``'s share of a global batch (nnU-Net gives every rank global batch / world size)."""
+    share = slice(rank * GLOBAL_BATCH // WORLD, (rank + 1) * GLOBAL_BATCH // WORLD)
+    return {'data': batch['data'][share], 'target': [t[share] for t in batch['target']]}
+
+
+def train(trainer, batches: List[dict]) -> dict:
+    """nnU-Net's training steps on ``batches``, then its end of epoch (under DDP: the losses gathered from every
+    rank); the logged loss, the final weights and the parameters left without a gradient."""
+    outputs = [trainer.train_step(batch) for batch in batches]
+    trainer.on_train_epoch_end(outputs)
+    network = unwrap(trainer.network)
+    return {'logged_loss': float(trainer.logger.get_value('train_losses', trainer.current_epoch)),
+            'no_gradient': [n for n, p in network.named_parameters() if p.grad is None],
+            'weights': {k: v.detach().clone() for k, v in network.state_dict().items()}}
+
+
+def rank_worker(rank: int, trainers: List[str], dataset: str, steps: int, out: str, nan_rank: Optional[int]) -> None:
+    """Train each of ``trainers`` as rank ``rank``; with ``nan_rank``, that rank's second batch is NaN (and the
+    Dice per rank, so that the other ranks' losses stay finite), and what each rank stopped with is written
+    instead."""
+    dist.init_process_group('gloo', init_method=f"file://{os.path.join(out, 'process_group')}", rank=rank,
+                            world_size=WORLD)
+    nnunet_trainer_module.DDP = cpu_ddp
+    try:
+        for name in trainers:
+            trainer = make_trainer(name, dataset, batch_dice=nan_rank is None)
+            assert trainer.is_ddp and isinstance(trainer.network, DistributedDataParallel)
+            batches = [part(b, rank) for b in global_batches(trainer, steps)]
+            if nan_rank is None:
+                torch.save(train(trainer, batches), os.path.join(out, f'{name}_rank{rank}.pt'))
+                continue
+            if rank == nan_rank:
+                batches[1]['data'].fill_(float('nan'))
+            try:
+                train(trainer, batches)
+                stopped = None
+            except RuntimeError as e:
+                stopped = str(e)
+            with open(os.path.join(out, f'{name}_rank{rank}_stop.json'), 'w') as f:
+                json.dump({'stopped': stopped, 'log_file': trainer.log_file}, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def stops(trainers: List[str], out: str) -> dict:
+    """What every rank stopped with, and rank 0's training log, per trainer."""
+    summary = {}
+    for name in trainers:
+        ranks = [load_json(os.path.join(out, f'{name}_rank{r}_stop.json')) for r in range(WORLD)]
+        with open(ranks[0]['log_file']) as f:
+            summary[name] = {'stopped': [r['stopped'] for r in ranks], 'log': f.read()}
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument('dataset', help="the planned tiny data set's preprocessed folder")
+    parser.add_argument('out', help='folder for the results (summary.json)')
+    parser.add_argument('--trainers', nargs='+', required=True)
+    parser.add_argument('--steps', type=int, default=2)
+    parser.add_argument('--nan-rank', type=int, help='the rank whose second batch is NaN (the others are not)')
+    args = parser.parse_args()
+    mp.spawn(rank_worker, args=(args.trainers, args.dataset, args.steps, args.out, args.nan_rank), nprocs=WORLD,
+             join=True)
+    if args.nan_rank is not None:
+        with open(os.path.join(args.out, 'summary.json'), 'w') as f:
+            json.dump(stops(args.trainers, args.out), f, indent=1)
+        return
+    summary = {}
+    for name in args.trainers:
+        trainer = make_trainer(name, args.dataset)
+        single = train(trainer, global_batches(trainer, args.steps))
+        ranks = [torch.load(os.path.join(args.out, f'{name}_rank{r}.pt')) for r in range(WORLD)]
+        summary[name] = {
+            'deepest_head': f'decoder.seg_layers.{len(unwrap(trainer.network).decoder.seg_layers) - 1}',
+            'single_loss': single['logged_loss'], 'ddp_losses': [r['logged_loss'] for r in ranks],
+            'single_no_gradient': single['no_gradient'], 'ddp_no_gradient': [r['no_gradient'] for r in ranks],
+            'max_weight_difference': max(float((ranks[0]['weights'][k].float() - v.float()).abs().max())
+                                         for k, v in single['weights'].items()),
+            'max_rank_difference': max(float((ranks[1]['weights'][k].float() - v.float()).abs().max())
+                                       for k, v in ranks[0]['weights'].items()),
+            'max_weight_change': max(float((initial - v).abs().max()) for initial, v in
+                                     zip(make_trainer(name, args.dataset).network.state_dict().values(),
+                                         single['weights'].values()) if v.is_floating_point())}
+    with open(os.path.join(args.out, 'summary.json'), 'w') as f:
+        json.dump(summary, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()
