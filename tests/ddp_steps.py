@@ -4,10 +4,14 @@ over gloo, and the same steps in one process on the whole batch; writes what ``t
 Each rank builds the trainer as ``run_training``'s ``run_ddp`` does (inside an initialised process group, so
 nnU-Net's ``is_ddp`` holds: the DDP wrapper, the gathered Dice and losses) and trains on its half of a global batch
 of generated data. nnU-Net's DDP runs on CUDA only; what it takes to run without, and nothing else, is patched
-here: the device nnU-Net puts each rank on (``cuda:rank``), its CUDA GradScaler and DDP's ``device_ids``.
+here: the device nnU-Net puts each rank on (``cuda:rank``), its CUDA GradScaler and DDP's ``device_ids``; its
+conversion to SyncBatchNorm (CUDA only; the PVT stem's BatchNorm then normalises each rank's half on its own);
+for a trainer named ``NAME+compile``, nnU-Net's own torch.compile (off on the CPU) through the ``aot_eager``
+backend, and no drop path (a PVT's drop path draws other masks in two ranks than in one process).
 With ``--nan-rank R`` rank R's second batch is NaN, and what each rank stopped with is written instead.
 """
 import argparse
+import functools
 import json
 import os
 from typing import Dict, List, Optional
@@ -17,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from batchgenerators.utilities.file_and_folder_operations import load_json
+from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel
 
 import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
@@ -33,17 +38,24 @@ def cpu_ddp(module: torch.nn.Module, device_ids: Optional[List[int]] = None) -> 
     return DistributedDataParallel(module)
 
 
-def make_trainer(name: str, dataset: str, batch_dice: bool = True):
-    """``name`` initialised on the tiny data set's plans, with the same initial weights in every process; without
-    ``batch_dice`` (3D plans' setting) each rank's Dice is its own, not gathered over the ranks."""
+def make_trainer(spec: str, dataset: str, batch_dice: bool = True):
+    """The trainer ``spec`` names (``NAME`` or ``NAME+compile``) initialised on the tiny data set's plans, with the
+    same initial weights in every process; without ``batch_dice`` (3D plans' setting) each rank's Dice is its own,
+    not gathered over the ranks."""
+    name, _, compiled = spec.partition('+')
     plans = dict(load_json(os.path.join(dataset, 'nnUNetPlans.json')), continue_training=False)  # as run_training
     plans['configurations']['2d']['batch_dice'] = batch_dice
     dataset_json = load_json(os.path.join(dataset, 'dataset.json'))
     trainer = recursive_find_trainer_class_by_name(name)(plans, '2d', 0, dataset_json, device=torch.device('cpu'))
     trainer.device = torch.device('cpu')  # nnU-Net's DDP puts rank r on cuda:r
     trainer.grad_scaler = None  # and makes a GradScaler for CUDA
+    if compiled:
+        trainer._do_i_compile = lambda: True
     torch.manual_seed(0)
     trainer.initialize()
+    for module in trainer.network.modules():
+        if hasattr(module, 'drop_prob'):
+            module.drop_prob = 0.0
     return trainer
 
 
@@ -76,9 +88,19 @@ def train(trainer, batches: List[dict]) -> dict:
     outputs = [trainer.train_step(batch) for batch in batches]
     trainer.on_train_epoch_end(outputs)
     network = unwrap(trainer.network)
+    inner = trainer.network.module if isinstance(trainer.network, DistributedDataParallel) else trainer.network
     return {'logged_loss': float(trainer.logger.get_value('train_losses', trainer.current_epoch)),
+            'compiled': isinstance(inner, OptimizedModule),
             'no_gradient': [n for n, p in network.named_parameters() if p.grad is None],
             'weights': {k: v.detach().clone() for k, v in network.state_dict().items()}}
+
+
+def patch_for_the_cpu() -> None:
+    """What nnU-Net's DDP needs to run on the CPU (DDP without device ids, no SyncBatchNorm), and its compile
+    through ``aot_eager`` (inductor's CPU compile would take minutes)."""
+    nnunet_trainer_module.DDP = cpu_ddp
+    torch.nn.SyncBatchNorm.convert_sync_batchnorm = staticmethod(lambda module, process_group=None: module)
+    torch.compile = functools.partial(torch.compile, backend='aot_eager')
 
 
 def rank_worker(rank: int, trainers: List[str], dataset: str, steps: int, out: str, nan_rank: Optional[int]) -> None:
@@ -87,7 +109,7 @@ def rank_worker(rank: int, trainers: List[str], dataset: str, steps: int, out: s
     instead."""
     dist.init_process_group('gloo', init_method=f"file://{os.path.join(out, 'process_group')}", rank=rank,
                             world_size=WORLD)
-    nnunet_trainer_module.DDP = cpu_ddp
+    patch_for_the_cpu()
     try:
         for name in trainers:
             trainer = make_trainer(name, dataset, batch_dice=nan_rank is None)
@@ -133,19 +155,23 @@ def main() -> None:
         with open(os.path.join(args.out, 'summary.json'), 'w') as f:
             json.dump(stops(args.trainers, args.out), f, indent=1)
         return
+    patch_for_the_cpu()
     summary = {}
     for name in args.trainers:
         trainer = make_trainer(name, args.dataset)
+        parameters = {k for k, _ in unwrap(trainer.network).named_parameters()}
         single = train(trainer, global_batches(trainer, args.steps))
         ranks = [torch.load(os.path.join(args.out, f'{name}_rank{r}.pt')) for r in range(WORLD)]
         summary[name] = {
+            'compiled': [r['compiled'] for r in ranks] + [single['compiled']],
             'deepest_head': f'decoder.seg_layers.{len(unwrap(trainer.network).decoder.seg_layers) - 1}',
             'single_loss': single['logged_loss'], 'ddp_losses': [r['logged_loss'] for r in ranks],
             'single_no_gradient': single['no_gradient'], 'ddp_no_gradient': [r['no_gradient'] for r in ranks],
             'max_weight_difference': max(float((ranks[0]['weights'][k].float() - v.float()).abs().max())
                                          for k, v in single['weights'].items()),
+            # parameters (a PVT stem's BatchNorm statistics differ between ranks until DDP's next broadcast)
             'max_rank_difference': max(float((ranks[1]['weights'][k].float() - v.float()).abs().max())
-                                       for k, v in ranks[0]['weights'].items()),
+                                       for k, v in ranks[0]['weights'].items() if k in parameters),
             'max_weight_change': max(float((initial - v).abs().max()) for initial, v in
                                      zip(make_trainer(name, args.dataset).network.state_dict().values(),
                                          single['weights'].values()) if v.is_floating_point())}
