@@ -27,6 +27,8 @@ or --name, .md, a Dice-vs-GFLOPs plot and training curves) is rewritten after ev
 benchmark keeps what it measured and the same command finishes it.
 """
 import argparse
+import contextlib
+import io
 import json
 import os
 import re
@@ -207,6 +209,19 @@ def hd95_per_class(reference_folder: str, prediction_folder: str, dataset_json: 
 
 TRAIN_SETTINGS = ('batch_size', 'patch_size', 'iterations_per_epoch', 'val_iterations', 'device')
 PREDICT_SETTINGS = ('disable_tta',)
+TRAINER_SETTINGS = 'trainer_settings'
+
+
+def trainer_settings(trainer: str) -> Dict[str, str]:
+    """``trainer``'s class-level settings (decoder layout, recompute, loss switches: its public attributes that
+    are plain values), stamped on each run, so that a run of a trainer whose settings changed since (a default
+    that changed, say) is trained again instead of reused under the same name."""
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net narrates its search
+        cls = recursive_find_trainer_class_by_name(trainer)
+    values = ((k, getattr(cls, k)) for k in dir(cls) if not k.startswith('_'))
+    return {k: repr(v) for k, v in values if isinstance(v, (bool, int, float, str, tuple, type(None)))}
 
 
 def _run_folder(output: str, settings: dict) -> Optional[dict]:
@@ -216,6 +231,8 @@ def _run_folder(output: str, settings: dict) -> Optional[dict]:
     stamp = os.path.join(output, 'benchmark_settings.json')
     if os.path.isdir(output):
         stamped = _read_json(stamp) if os.path.isfile(stamp) else None
+        if stamped is not None and TRAINER_SETTINGS not in stamped:  # stamped before they were: reused as before
+            settings = {k: v for k, v in settings.items() if k != TRAINER_SETTINGS}
         if stamped is None or _trained_with(stamped) != _trained_with(settings):
             shutil.rmtree(output)
         elif stamped != settings and os.path.isfile(os.path.join(output, 'benchmark.json')):
@@ -282,8 +299,8 @@ def train_and_evaluate(env: Dict[str, str], args: argparse.Namespace, trainer: s
     model = os.path.join(env['nnUNet_results'], name, f'{tr}__{BENCH_PLANS}__{configuration}')
     output = os.path.join(model, f'fold_{fold}')
     # settings left unset or off are left out, so runs from before a setting existed are reused
-    finished = _run_folder(output, {k: getattr(args, k) for k in TRAIN_SETTINGS + PREDICT_SETTINGS
-                                    if getattr(args, k) not in (None, False)})
+    settings = {k: getattr(args, k) for k in TRAIN_SETTINGS + PREDICT_SETTINGS if getattr(args, k) not in (None, False)}
+    finished = _run_folder(output, dict(settings, **{TRAINER_SETTINGS: trainer_settings(trainer)}))
     if finished is not None:
         return finished
     if not os.path.isfile(os.path.join(output, 'checkpoint_final.pth')):

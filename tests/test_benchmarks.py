@@ -576,3 +576,25 @@ def test_a_finished_run_is_predicted_again_from_its_checkpoint_when_only_test_ti
     assert json.loads((output / 'benchmark_settings.json').read_text())['disable_tta'] is True
     assert _run_folder(str(output), dict(trained, batch_size=4, disable_tta=True)) is None  # trained otherwise:
     assert not (output / 'checkpoint_final.pth').exists()  # trained again from the start
+
+
+def test_a_run_of_a_trainer_whose_settings_changed_is_trained_again_and_one_stamped_before_they_were_is_reused(
+        tmp_path):
+    from benchmarks.accuracy import _run_folder, trainer_settings
+
+    narrow = trainer_settings('nnUNetTrainerEMCAD')
+    assert narrow['decoder_stride'] == '2' and narrow['decoder_width'] == '32'
+    assert trainer_settings('nnUNetTrainerEMCAD_Stride1')['decoder_stride'] == '1'
+    trained = {'batch_size': 8, 'device': 'cpu'}
+    for output, stamped in ((tmp_path / 'before', trained), (tmp_path / 'changed', dict(trained, trainer_settings={
+            **narrow, 'decoder_stride': '1'}))):
+        output.mkdir()
+        (output / 'benchmark_settings.json').write_text(json.dumps(stamped))
+        (output / 'checkpoint_final.pth').write_text('weights')
+        (output / 'benchmark.json').write_text(json.dumps({'dice_mean': 0.5}))
+    now = dict(trained, trainer_settings=narrow)
+    assert _run_folder(str(tmp_path / 'before'), now) == {'dice_mean': 0.5}
+    assert _run_folder(str(tmp_path / 'changed'), now) is None
+    assert not (tmp_path / 'changed' / 'checkpoint_final.pth').exists()  # trained again from the start
+    assert _run_folder(str(tmp_path / 'changed'), now) is None  # (stamped now, nothing measured yet)
+    assert json.loads((tmp_path / 'changed' / 'benchmark_settings.json').read_text()) == now
