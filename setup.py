@@ -38,9 +38,12 @@ setup(
     package_data={'nnunet_emcad': ['nnunet_trainers/*.py']},
     install_requires=[
         'nnunetv2>=2.8.1,<2.9',
-        'torch>=2.1',
+        # torch.amp.is_autocast_available (blocks.py) first shipped in torch 2.4, torch.compiler.is_compiling in 2.3
+        'torch>=2.4',
         'torchvision',
-        'timm>=1.0,<1.0.23',
+        # PVTv2's gradient checkpointing is non-reentrant (safe under compile and DDP) from timm 1.0.16 on (its
+        # wheels' timm/models/pvt_v2.py); dynamic-network-architectures caps timm below 1.0.23
+        'timm>=1.0.16,<1.0.23',
         'dynamic-network-architectures',
         'batchgenerators',
         'SimpleITK',
