@@ -160,6 +160,7 @@ def main() -> None:
     for name in args.trainers:
         trainer = make_trainer(name, args.dataset)
         parameters = {k for k, _ in unwrap(trainer.network).named_parameters()}
+        initial = {k: v.detach().clone() for k, v in unwrap(trainer.network).state_dict().items()}
         single = train(trainer, global_batches(trainer, args.steps))
         ranks = [torch.load(os.path.join(args.out, f'{name}_rank{r}.pt')) for r in range(WORLD)]
         summary[name] = {
@@ -172,9 +173,7 @@ def main() -> None:
             # parameters (a PVT stem's BatchNorm statistics differ between ranks until DDP's next broadcast)
             'max_rank_difference': max(float((ranks[1]['weights'][k].float() - v.float()).abs().max())
                                        for k, v in ranks[0]['weights'].items() if k in parameters),
-            'max_weight_change': max(float((initial - v).abs().max()) for initial, v in
-                                     zip(make_trainer(name, args.dataset).network.state_dict().values(),
-                                         single['weights'].values()) if v.is_floating_point())}
+            'max_weight_change': max(float((initial[k] - single['weights'][k]).abs().max()) for k in parameters)}
     with open(os.path.join(args.out, 'summary.json'), 'w') as f:
         json.dump(summary, f, indent=1)
 

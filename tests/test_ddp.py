@@ -45,7 +45,7 @@ def test_two_ddp_processes_train_as_one_process_on_the_whole_batch(ddp_runs, tra
     assert run['compiled'] == [trainer.endswith('+compile')] * 3
     # nnU-Net gathers the ranks' losses at the end of the epoch: every rank logs the same mean
     assert run['ddp_losses'][0] == run['ddp_losses'][1]
-    assert run['max_weight_change'] > 1e-3  # the steps trained
+    assert run['max_weight_change'] > 1e-4  # the steps trained (AdamW at 1e-4 moves EMCAD-B0's by about 1e-4 a step)
     assert run['max_rank_difference'] == 0  # DDP keeps the ranks' parameters equal
     # every parameter has a gradient on every rank: nnU-Net weights the deepest output 1e-6 under DDP without
     # compile, so that DDP finds no unused parameter (0 with compile, whose backward gives the deepest head zeros;
