@@ -97,15 +97,14 @@ def _info(args: argparse.Namespace) -> int:
 
 def _convert_official(args: argparse.Namespace) -> int:
     """Turn an official EMCAD checkpoint into a file for nnUNetv2_train's -pretrained_weights."""
-    import json
-
     import torch
+    from batchgenerators.utilities.file_and_folder_operations import load_json
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
-    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from nnunet_emcad.checkpoints import CheckpointError
+    from nnunet_emcad.model_folders import trainer_network
     from nnunet_emcad.official import official_weights_for
 
     nnUNet_preprocessed = os.environ.get('nnUNet_preprocessed')
@@ -120,14 +119,8 @@ def _convert_official(args: argparse.Namespace) -> int:
         print(f"{plans_file} does not exist: run nnUNetv2_plan_and_preprocess -d {args.dataset} first",
               file=sys.stderr)
         return 2
-    with open(os.path.join(folder, 'dataset.json')) as f:
-        dataset_json = json.load(f)
-    plans_manager = PlansManager(plans_file)
-    configuration = plans_manager.get_configuration(args.configuration)
-    trainer = recursive_find_trainer_class_by_name(args.trainer)
-    network = trainer.build_network_architecture(
-        plans_manager, configuration, determine_num_input_channels(plans_manager, configuration, dataset_json),
-        plans_manager.get_label_manager(dataset_json).num_segmentation_heads, True)
+    network = trainer_network(recursive_find_trainer_class_by_name(args.trainer), PlansManager(plans_file),
+                              args.configuration, load_json(os.path.join(folder, 'dataset.json')))
     try:
         weights = official_weights_for(network, args.checkpoint)
     except CheckpointError as e:

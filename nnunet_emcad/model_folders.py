@@ -1,17 +1,19 @@
 """Trained nnU-Net models as nnU-Net lays them out (``$nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIGURATION``,
-with ``fold_N/checkpoint_*.pth``): listing them, and copying one under another trainer's name for a trainer
-whose network was renamed (``nnUNetTrainerEMCAD`` of nnunet-emcad 0.1 is ``nnUNetTrainerEMCAD_Stride1`` now).
+with ``fold_N/checkpoint_*.pth``): listing them, the network a trainer builds for a plan, and copying a model
+under another trainer's name for a trainer whose network was renamed (``nnUNetTrainerEMCAD`` of nnunet-emcad 0.1
+is ``nnUNetTrainerEMCAD_Stride1`` now).
 """
 import glob
-import json
 import os
 import shutil
 from typing import List, Tuple
 
 import torch
+from batchgenerators.utilities.file_and_folder_operations import load_json
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+from torch import nn
 
 from nnunet_emcad.checkpoints import CheckpointError
 
@@ -32,9 +34,15 @@ def trained_models(results: str) -> List[Tuple[str, List[int]]]:
     return found
 
 
-def _read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+def trainer_network(trainer_class: type, plans_manager: PlansManager, configuration: str,
+                    dataset_json: dict) -> nn.Module:
+    """The network ``trainer_class`` builds for ``configuration`` of these plans and data set, deep supervision on
+    (as in training, and as its checkpoints hold it)."""
+    configuration_manager = plans_manager.get_configuration(configuration)
+    return trainer_class.build_network_architecture(
+        plans_manager, configuration_manager,
+        determine_num_input_channels(plans_manager, configuration_manager, dataset_json),
+        plans_manager.get_label_manager(dataset_json).num_segmentation_heads, True)
 
 
 def _load(path: str) -> dict:
@@ -58,12 +66,8 @@ def rename_trainer(model_folder: str, trainer: str) -> str:
     target = os.path.join(os.path.dirname(model_folder), '__'.join([trainer] + parts[1:]))
     if os.path.exists(target):
         raise FileExistsError(f"{target} exists already: move it away first")
-    plans = PlansManager(_read_json(os.path.join(model_folder, 'plans.json')))
-    dataset_json = _read_json(os.path.join(model_folder, 'dataset.json'))
-    configuration = plans.get_configuration(parts[2])
-    network = trainer_class.build_network_architecture(
-        plans, configuration, determine_num_input_channels(plans, configuration, dataset_json),
-        plans.get_label_manager(dataset_json).num_segmentation_heads, True)
+    network = trainer_network(trainer_class, PlansManager(os.path.join(model_folder, 'plans.json')), parts[2],
+                              load_json(os.path.join(model_folder, 'dataset.json')))
     for path in checkpoints:
         try:
             network.load_state_dict(_load(path)['network_weights'])
