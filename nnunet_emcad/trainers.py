@@ -240,7 +240,8 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
 class nnUNetTrainerEMCAD_Stride1(nnUNetTrainerEMCAD):
     """The paper's EMCAD decoder at every stage of the plan's own encoder, down to stride 1, at the encoder's
     widths: the default of nnunet-emcad 0.1 (its models load here; ``nnunet-emcad rename-trainer`` moves one
-    trained as ``nnUNetTrainerEMCAD`` then). Every encoder stage gets a supervised head.
+    trained as ``nnUNetTrainerEMCAD`` then). Every encoder stage gets a head (the deepest not trained, as in
+``nnUNetTrainerEMCAD``).
 
     The decoder stages at strides 1, 2 and 4 run again in backward instead of keeping their activations
     (``recompute_stride``): the same outputs and gradients for a fraction of the training memory, which the
