@@ -38,15 +38,16 @@ def cpu_ddp(module: torch.nn.Module, device_ids: Optional[List[int]] = None) -> 
     return DistributedDataParallel(module)
 
 
-def make_trainer(spec: str, dataset: str, batch_dice: bool = True):
-    """The trainer ``spec`` names (``NAME`` or ``NAME+compile``) initialised on the tiny data set's plans, with the
-    same initial weights in every process; without ``batch_dice`` (3D plans' setting) each rank's Dice is its own,
-    not gathered over the ranks."""
+def make_trainer(spec: str, dataset: str, configuration: str, batch_dice: bool = True):
+    """The trainer ``spec`` names (``NAME`` or ``NAME+compile``) initialised on the tiny data set's plans for
+    ``configuration``, with the same initial weights in every process; without ``batch_dice`` (3D plans' setting)
+    each rank's Dice is its own, not gathered over the ranks."""
     name, _, compiled = spec.partition('+')
     plans = dict(load_json(os.path.join(dataset, 'nnUNetPlans.json')), continue_training=False)  # as run_training
-    plans['configurations']['2d']['batch_dice'] = batch_dice
+    plans['configurations'][configuration]['batch_dice'] = batch_dice
     dataset_json = load_json(os.path.join(dataset, 'dataset.json'))
-    trainer = recursive_find_trainer_class_by_name(name)(plans, '2d', 0, dataset_json, device=torch.device('cpu'))
+    trainer = recursive_find_trainer_class_by_name(name)(plans, configuration, 0, dataset_json,
+                                                         device=torch.device('cpu'))
     trainer.device = torch.device('cpu')  # nnU-Net's DDP puts rank r on cuda:r
     trainer.grad_scaler = None  # and makes a GradScaler for CUDA
     if compiled:
@@ -103,7 +104,8 @@ def patch_for_the_cpu() -> None:
     torch.compile = functools.partial(torch.compile, backend='aot_eager')
 
 
-def rank_worker(rank: int, trainers: List[str], dataset: str, steps: int, out: str, nan_rank: Optional[int]) -> None:
+def rank_worker(rank: int, trainers: List[str], dataset: str, configuration: str, steps: int, out: str,
+                nan_rank: Optional[int]) -> None:
     """Train each of ``trainers`` as rank ``rank``; with ``nan_rank``, that rank's second batch is NaN (and the
     Dice per rank, so that the other ranks' losses stay finite), and what each rank stopped with is written
     instead."""
@@ -112,7 +114,7 @@ def rank_worker(rank: int, trainers: List[str], dataset: str, steps: int, out: s
     patch_for_the_cpu()
     try:
         for name in trainers:
-            trainer = make_trainer(name, dataset, batch_dice=nan_rank is None)
+            trainer = make_trainer(name, dataset, configuration, batch_dice=nan_rank is None)
             assert trainer.is_ddp and isinstance(trainer.network, DistributedDataParallel)
             batches = [part(b, rank) for b in global_batches(trainer, steps)]
             if nan_rank is None:
@@ -145,12 +147,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument('dataset', help="the planned tiny data set's preprocessed folder")
     parser.add_argument('out', help='folder for the results (summary.json)')
+    parser.add_argument('--configuration', default='2d', help="the plans' configuration the trainers train")
     parser.add_argument('--trainers', nargs='+', required=True)
     parser.add_argument('--steps', type=int, default=2)
     parser.add_argument('--nan-rank', type=int, help='the rank whose second batch is NaN (the others are not)')
     args = parser.parse_args()
-    mp.spawn(rank_worker, args=(args.trainers, args.dataset, args.steps, args.out, args.nan_rank), nprocs=WORLD,
-             join=True)
+    mp.spawn(rank_worker, args=(args.trainers, args.dataset, args.configuration, args.steps, args.out, args.nan_rank),
+             nprocs=WORLD, join=True)
     if args.nan_rank is not None:
         with open(os.path.join(args.out, 'summary.json'), 'w') as f:
             json.dump(stops(args.trainers, args.out), f, indent=1)
@@ -158,7 +161,7 @@ def main() -> None:
     patch_for_the_cpu()
     summary = {}
     for name in args.trainers:
-        trainer = make_trainer(name, args.dataset)
+        trainer = make_trainer(name, args.dataset, args.configuration)
         parameters = {k for k, _ in unwrap(trainer.network).named_parameters()}
         initial = {k: v.detach().clone() for k, v in unwrap(trainer.network).state_dict().items()}
         single = train(trainer, global_batches(trainer, args.steps))
