@@ -63,7 +63,7 @@ class EMCADDecoder(nn.Module):
     ``forward`` returns the head logits at each stage's own resolution, shallowest first (only the first
     when ``deep_supervision`` is off). ``axes[i]`` says along which axes stage ``i`` convolves (an anisotropic
     3D plan's kernel (1, 3, 3) -> (False, True, True)); the blocks' kernels are 1 along the other axes (SAB,
-    shared by all stages, follows stage ``first_stage``). None: every kernel is isotropic, as in the paper.
+    shared by all stages, follows the shallowest that attends). None: every kernel is isotropic, as in the paper.
 
     ``first_stage`` is the shallowest stage decoded with the full stage (CAB, SAB, MSCB); the paper decodes
     from every PVT stage (0). Shallower stages are left out (their skips unused; the first head is then at
@@ -72,6 +72,8 @@ class EMCADDecoder(nn.Module):
     (1x1 conv) and decodes all stages at that width; None keeps the encoder's. ``refine_channels`` (not in
     EMCAD) adds, when the decoder starts below stage 0, a ``LogitRefinement`` of that many channels: the first
     head's logits, interpolated to stage 0's size and corrected from stage 0's skip, become the first output.
+    ``mscb_only_stages`` (not in EMCAD) leaves CAB and SAB out of the shallowest that many stages: MSCB alone
+    refines them (0: every full stage attends, as in the paper; the deepest stage always does).
     ``recompute_stages`` trades compute for training memory: the shallowest ``recompute_stages`` stages (EUCB,
     LGAG, CAB, SAB, MSCB: most of the decoder's activations, at the finest resolutions) keep only their inputs
     for backward and run again there (``torch.utils.checkpoint``), with the same values and gradients. It needs
@@ -83,7 +85,8 @@ class EMCADDecoder(nn.Module):
                  dw_parallel: bool = True, add: bool = True, lgag_ks: int = 3, activation: str = 'relu6',
                  conv_op: Type[_ConvNd] = nn.Conv2d, norm_op: NormFactory = None,
                  axes: Optional[Sequence[Sequence[bool]]] = None, first_stage: int = 0, light_stages: bool = False,
-                 recompute_stages: int = 0, width: Optional[int] = None, refine_channels: int = 0):
+                 recompute_stages: int = 0, width: Optional[int] = None, refine_channels: int = 0,
+                 mscb_only_stages: int = 0):
         super().__init__()
         if len(channels) != len(strides):
             raise ValueError(f"need one stride per stage: {len(channels)} channels, {len(strides)} strides")
@@ -96,7 +99,11 @@ class EMCADDecoder(nn.Module):
         if refine_channels and self.first_output_stage == 0:
             raise ValueError("refine_channels refines the logits of a decoder that starts below stage 0; with "
                              "first_stage 0 or light_stages there is nothing to refine: set it to 0")
+        if not 0 <= mscb_only_stages < n:
+            raise ValueError(f"mscb_only_stages must leave the deepest of the {n} stages its attention, got "
+                             f"{mscb_only_stages}")
         self.recompute_stages = recompute_stages
+        self.first_attention_stage = max(first_stage, mscb_only_stages)
         axes = list(axes) if axes is not None else [None] * n
         decoded = range(self.first_output_stage, n)
         self.project = nn.ModuleList([conv_op(channels[i], width, 1) for i in decoded]) if width else None
@@ -111,8 +118,8 @@ class EMCADDecoder(nn.Module):
             for i in upsampled])
         self.lgag = nn.ModuleList([LGAG(channels[i], along_axes(lgag_ks, axes[i]), conv_op, norm_op)
                                    for i in upsampled])
-        self.cab = nn.ModuleList([CAB(channels[i], conv_op=conv_op) for i in full])
-        self.sab = SAB(along_axes(7, axes[first_stage]), conv_op=conv_op)
+        self.cab = nn.ModuleList([CAB(channels[i], conv_op=conv_op) for i in range(self.first_attention_stage, n)])
+        self.sab = SAB(along_axes(7, axes[self.first_attention_stage]), conv_op=conv_op)
         for part in (self.mscb, self.eucb, self.lgag, self.cab, self.sab):
             part.apply(init_emcad_weights)
         self.seg_layers = nn.ModuleList([conv_op(channels[i], num_classes, 1) for i in decoded])
@@ -123,8 +130,9 @@ class EMCADDecoder(nn.Module):
                                            "recompute nothing (recompute_stages, or recompute_stride from plans, 0)")
 
     def _attend(self, d: torch.Tensor, stage: int) -> torch.Tensor:
-        d = self.cab[stage - self.first_stage](d) * d
-        d = self.sab(d) * d
+        if stage >= self.first_attention_stage:
+            d = self.cab[stage - self.first_attention_stage](d) * d
+            d = self.sab(d) * d
         return self.mscb[stage - self.first_stage](d)
 
     def _decode_stage(self, d: torch.Tensor, skip: torch.Tensor, stage: int) -> torch.Tensor:

@@ -101,7 +101,7 @@ def plan_norm(arch_kwargs: Mapping) -> NormFactory:
 def create_emcad_unet(arch_kwargs: Mapping, input_channels: int, num_classes: int, encoder: str = 'plain',
                       deep_supervision: bool = True, arch_kwargs_req_import: Sequence[str] = REQUIRES_IMPORT,
                       decoder_norm: str = 'batch', decoder_stride: int = 1, recompute_stride: int = 0,
-                      recompute_encoder: bool = False, **decoder_kwargs) -> EMCADNet:
+                      recompute_encoder: bool = False, mscb_only_stride: int = 0, **decoder_kwargs) -> EMCADNet:
     """EMCAD over nnU-Net's own encoder, self-configured by a plans configuration's ``arch_kwargs``.
 
     One head per decoded stage: outputs come at strides ``cumprod(strides)``, highest resolution first.
@@ -110,6 +110,7 @@ def create_emcad_unet(arch_kwargs: Mapping, input_channels: int, num_classes: in
     ``EMCADDecoder``'s ``first_stage`` and ``light_stages``. The decoder stages at strides up to
     ``recompute_stride`` run again in backward instead of keeping their activations (``EMCADDecoder``'s
     ``recompute_stages``; 0: none), with ``recompute_encoder`` the encoder's too (``nnunet_emcad.encoders``).
+    The decoder stages at strides up to ``mscb_only_stride`` leave CAB and SAB out (``mscb_only_stages``).
     ``decoder_norm='batch'`` keeps the official BatchNorm in the decoder blocks; ``'plan'`` uses the plan's
     norm (instance norm in nnU-Net's plans), whose statistics do not depend on the batch.
     """
@@ -121,6 +122,7 @@ def create_emcad_unet(arch_kwargs: Mapping, input_channels: int, num_classes: in
     decoder_kwargs.setdefault('axes', [[k > 1 for k in ks] for ks in kw['kernel_sizes']])
     decoder_kwargs['first_stage'] = decoded_first_stage(kw['strides'], decoder_stride)
     decoder_kwargs['recompute_stages'] = recompute_stages
+    decoder_kwargs['mscb_only_stages'] = stages_up_to_stride(kw['strides'], mscb_only_stride)
     if decoder_norm == 'plan':
         decoder_kwargs['norm_op'] = plan_norm(kw)
     return EMCADNet(enc, num_classes, deep_supervision, 'first', **decoder_kwargs)

@@ -32,8 +32,9 @@ __all__ = [
     'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Stride1', 'nnUNetTrainerEMCAD_NoRecompute', 'nnUNetTrainerEMCAD_ResEnc',
     'nnUNetTrainerEMCAD_Stride4', 'nnUNetTrainerEMCAD_Stride4Light', 'nnUNetTrainerEMCAD_Stride2',
     'nnUNetTrainerEMCAD_Stride2Refine', 'nnUNetTrainerEMCAD_AllHeads', 'nnUNetTrainerEMCAD_Stride2Narrow',
-    'nnUNetTrainerEMCAD_Stride2NarrowRefine', 'nnUNetTrainerEMCAD3D', 'nnUNetTrainerEMCAD3D_ResEnc',
-    'nnUNetTrainerEMCAD3D_Stride2Narrow',
+    'nnUNetTrainerEMCAD_Stride2NarrowRefine', 'nnUNetTrainerEMCAD_Expansion1', 'nnUNetTrainerEMCAD_Kernel3',
+    'nnUNetTrainerEMCAD_NoFineAttention', 'nnUNetTrainerEMCAD_Lean', 'nnUNetTrainerEMCAD3D',
+    'nnUNetTrainerEMCAD3D_ResEnc', 'nnUNetTrainerEMCAD3D_Stride2Narrow',
     'nnUNetTrainerEMCAD_PVTb0', 'nnUNetTrainerEMCAD_PVTb2', 'nnUNetTrainerEMCAD_PVTb2_MUTATION',
     'nnUNetTrainerEMCAD_5epochs', 'nnUNetTrainerEMCAD_PVTb0_5epochs', 'nnUNetTrainerEMCAD_smoke',
     'nnUNetTrainerEMCAD3D_smoke', 'nnUNetTrainerEMCAD_PVTb0_smoke', 'nnUNetTrainerEMCAD_PVTb0_500it',
@@ -140,6 +141,9 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
     light_stages = False  # stages finer than decoder_stride decoded by EUCB and LGAG alone (else left out)
     decoder_width: Optional[int] = 32  # one width for every decoder stage (EffiDec3D's); None: the encoder's
     refine_channels = 0  # a LogitRefinement of this width at stride 1 when decoding starts coarser (0: none)
+    mscb_kernel_sizes = (1, 3, 5)  # MSCB's depth-wise kernels (the paper's)
+    mscb_expansion_factor = 2  # MSCB's expansion of its input width (the paper's)
+    mscb_only_stride = 0  # decoder stages at strides up to this leave CAB and SAB out (0: none; the paper's)
     recompute_stride = 0  # decoder stages at strides up to this run again in backward (plans.create_emcad_unet)
     recompute_encoder = False  # the encoder's stages up to recompute_stride too
     train_deepest_head = False  # nnU-Net's deep-supervision weights give the deepest output 0; True: its share
@@ -165,7 +169,10 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
                                             decoder_stride=cls.decoder_stride, light_stages=cls.light_stages,
                                             recompute_stride=cls.recompute_stride,
                                             recompute_encoder=cls.recompute_encoder, width=cls.decoder_width,
-                                            refine_channels=cls.refine_channels), cls.__name__)
+                                            refine_channels=cls.refine_channels,
+                                            kernel_sizes=cls.mscb_kernel_sizes,
+                                            expansion_factor=cls.mscb_expansion_factor,
+                                            mscb_only_stride=cls.mscb_only_stride), cls.__name__)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """nnU-Net's loading (``--c``, ``--val``), after checking that a file is a checkpoint at all."""
@@ -323,6 +330,36 @@ class nnUNetTrainerEMCAD_Stride2NarrowRefine(nnUNetTrainerEMCAD):
     """``nnUNetTrainerEMCAD`` with ``nnUNetTrainerEMCAD_Stride2Refine``'s full-resolution refinement."""
 
     refine_channels = 8
+
+
+class nnUNetTrainerEMCAD_Expansion1(nnUNetTrainerEMCAD):
+    """``nnUNetTrainerEMCAD`` whose MSCBs expand their input width by 1 (no expansion) instead of the paper's 2:
+    half the width of every MSCB's inner point-wise and depth-wise convolutions."""
+
+    mscb_expansion_factor = 1
+
+
+class nnUNetTrainerEMCAD_Kernel3(nnUNetTrainerEMCAD):
+    """``nnUNetTrainerEMCAD`` whose MSCBs convolve with one depth-wise 3x3 kernel instead of the paper's three
+    parallel ones (1x1, 3x3, 5x5, added)."""
+
+    mscb_kernel_sizes = (3,)
+
+
+class nnUNetTrainerEMCAD_NoFineAttention(nnUNetTrainerEMCAD):
+    """``nnUNetTrainerEMCAD`` without CAB and SAB at its finest stage (stride 2): there MSCB alone refines the
+    gated sum of the upsampled feature and the skip; the coarser stages attend as in the paper."""
+
+    mscb_only_stride = 2
+
+
+class nnUNetTrainerEMCAD_Lean(nnUNetTrainerEMCAD):
+    """``nnUNetTrainerEMCAD`` with the three fine-stage savings together: MSCBs without expansion and with one
+    3x3 kernel (``_Expansion1``, ``_Kernel3``), no CAB or SAB at stride 2 (``_NoFineAttention``)."""
+
+    mscb_expansion_factor = 1
+    mscb_kernel_sizes = (3,)
+    mscb_only_stride = 2
 
 
 class nnUNetTrainerEMCAD3D(nnUNetTrainerEMCAD_Stride1):

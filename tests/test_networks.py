@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from nnunet_emcad.counting import saved_activation_bytes
-from nnunet_emcad.emcad import create_emcad_pvt, stages_up_to_stride
+from nnunet_emcad.emcad import EMCADDecoder, create_emcad_pvt, stages_up_to_stride
 from nnunet_emcad.plans import create_emcad_unet, decoded_first_stage, first_stage_at_stride
 from helpers import assert_same_outputs_and_gradients
 
@@ -272,3 +272,8 @@ def test_decoder_norm_choice():
     assert sum(p.numel() for p in planned.parameters()) == sum(p.numel() for p in official.parameters())
     with pytest.raises(ValueError, match="decoder_norm must be 'batch' or 'plan'"):
         create_emcad_unet(ACDC_2D_ARCH, 1, 4, decoder_norm='group')
+
+
+def test_a_decoder_whose_every_stage_would_skip_attention_stops_with_the_reason():
+    with pytest.raises(ValueError, match='mscb_only_stages must leave the deepest of the 3 stages its attention'):
+        EMCADDecoder([8, 16, 32], [1, 2, 2], 3, mscb_only_stages=3)

@@ -305,3 +305,37 @@ def test_trainers_run_the_stages_up_to_stride_4_again_in_backward_unless_told_no
     # the same weights: checkpoints move between the two
     assert {k: v.shape for k, v in network.state_dict().items()} == {k: v.shape for k, v in kept.state_dict().items()}
 
+
+
+FINE_STAGE_VARIANTS = [T.nnUNetTrainerEMCAD_Expansion1, T.nnUNetTrainerEMCAD_Kernel3,
+                       T.nnUNetTrainerEMCAD_NoFineAttention, T.nnUNetTrainerEMCAD_Lean]
+
+
+@pytest.mark.parametrize('cls', FINE_STAGE_VARIANTS, ids=lambda c: c.__name__)
+def test_fine_stage_variants_change_only_their_blocks_and_train_a_step_in_3d_too(cls):
+    knobs = {k: v for k, v in vars(cls).items() if k.startswith('mscb_')}
+    assert knobs and set(vars(cls)) - {'__module__', '__qualname__', '__doc__'} == set(knobs)
+    default = build(T.nnUNetTrainerEMCAD, make_plans(5, [64, 64])).network.decoder
+    decoder = build(cls, make_plans(5, [64, 64])).network.decoder
+    for mscb in decoder.mscb:  # the default's width, 32, expanded by the variant's factor, per kernel
+        assert mscb.pconv1[0].out_channels == 32 * cls.mscb_expansion_factor
+        assert [c[0].kernel_size for c in mscb.msdc.dwconvs] == [(k, k) for k in cls.mscb_kernel_sizes]
+    # the stride-2 stage (the finest decoded) without CAB: one CAB fewer, SAB still used by the coarser stages
+    assert len(decoder.cab) == len(default.cab) - bool(cls.mscb_only_stride)
+    assert [type(m) for m in (decoder.eucb, decoder.lgag, decoder.seg_layers)] == [torch.nn.ModuleList] * 3
+    assert [len(getattr(decoder, p)) for p in ('mscb', 'eucb', 'lgag', 'seg_layers')] == [
+        len(getattr(default, p)) for p in ('mscb', 'eucb', 'lgag', 'seg_layers')]
+    # the same knobs on the default's 3D layout, on an anisotropic plan: a step reaches every parameter but the
+    # head nnU-Net's deep-supervision weights give 0
+    cls3d = type(f'{cls.__name__}3D', (T.nnUNetTrainerEMCAD3D_Stride2Narrow,), knobs)
+    trainer = build(cls3d, make_3d_plans(anisotropic=True), '3d_fullres')
+    network = trainer.network.train()
+    patch = trainer.configuration_manager.patch_size
+    outputs = network(torch.randn(2, 1, *patch))
+    target = torch.randint(0, 3, (2, 1, *patch)).float()
+    targets = [F.interpolate(target, size=o.shape[2:], mode='nearest') for o in outputs]
+    trainer._build_loss()(outputs, targets).backward()
+    deepest = len(network.decoder.seg_layers) - 1
+    assert {n for n, p in network.named_parameters() if p.grad is None} == {f'decoder.seg_layers.{deepest}.weight',
+                                                                           f'decoder.seg_layers.{deepest}.bias'}
+    assert len(network.decoder.cab) == len(network.decoder.mscb) - bool(cls.mscb_only_stride)
