@@ -51,8 +51,11 @@ class _InstanceNormThroughGroupNormOnCPU:
     running statistics or unbatched input only instance norm applies.
     """
 
+    unbatched_dim: int  # the dimension of an unbatched input (the norm's _get_no_batch_dim, which dynamo before
+    # torch 2.5 cannot call on a subclass)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type != 'cpu' or self.track_running_stats or x.dim() == self._get_no_batch_dim():
+        if x.device.type != 'cpu' or self.track_running_stats or x.dim() == self.unbatched_dim:
             return super().forward(x)
         return F.group_norm(x, self.num_features, self.weight, self.bias, self.eps)
 
@@ -60,9 +63,13 @@ class _InstanceNormThroughGroupNormOnCPU:
 class InstanceNorm2dCPU(_InstanceNormThroughGroupNormOnCPU, nn.InstanceNorm2d):
     """``nn.InstanceNorm2d`` (same parameters) whose CPU forward takes group norm's faster kernel."""
 
+    unbatched_dim = 3
+
 
 class InstanceNorm3dCPU(_InstanceNormThroughGroupNormOnCPU, nn.InstanceNorm3d):
     """``nn.InstanceNorm3d`` (same parameters) whose CPU forward takes group norm's faster kernel."""
+
+    unbatched_dim = 4
 
 
 CPU_INSTANCE_NORMS = {nn.InstanceNorm2d: InstanceNorm2dCPU, nn.InstanceNorm3d: InstanceNorm3dCPU}
@@ -185,8 +192,10 @@ class _ChannelScale:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device = x.device.type
-        autocast = (x.dtype != torch.float64 and torch.amp.is_autocast_available(device)
-                    and torch.is_autocast_enabled(device))
+        # dynamo (torch 2.4-2.6) cannot trace is_autocast_available: a graph break; the devices torch.compile
+        # runs on all have autocast
+        available = torch.compiler.is_compiling() or torch.amp.is_autocast_available(device)
+        autocast = x.dtype != torch.float64 and available and torch.is_autocast_enabled(device)
         dtype = torch.get_autocast_dtype(device) if autocast else x.dtype
         per_channel = (-1,) + (1,) * len(self.kernel_size)
         out = x.to(dtype) * self.weight.to(dtype).view(per_channel)
@@ -219,8 +228,6 @@ class _DepthwiseThenSum:
     has more than one input channel per group; LGAG's gates and SAB's 2->1 conv have two.
     """
 
-    _functional = staticmethod(F.conv2d)
-
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         if self.out_channels != self.groups or self.padding_mode != 'zeros':
@@ -231,7 +238,8 @@ class _DepthwiseThenSum:
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         out_channels, per_group = weight.shape[:2]
         depthwise = weight.reshape(out_channels * per_group, 1, *weight.shape[2:])
-        out = self._functional(x, depthwise, None, self.stride, self.padding, self.dilation, out_channels * per_group)
+        conv = F.conv3d if weight.dim() == 5 else F.conv2d  # a function held by the module: dynamo before 2.5 fails
+        out = conv(x, depthwise, None, self.stride, self.padding, self.dilation, out_channels * per_group)
         out = out.unflatten(1, (out_channels, per_group)).sum(2)
         return out if bias is None else out + bias.view(1, -1, *(1,) * (out.ndim - 2))
 
@@ -242,8 +250,6 @@ class DepthwiseSumConv2d(_DepthwiseThenSum, nn.Conv2d):
 
 class DepthwiseSumConv3d(_DepthwiseThenSum, GroupedConv3d):
     """``GroupedConv3d`` with one output channel per group, computed as a depth-wise conv and a sum per group."""
-
-    _functional = staticmethod(F.conv3d)
 
 
 def depthwise_sum_conv_op(conv_op: Type[_ConvNd]) -> Type[_ConvNd]:
