@@ -38,12 +38,16 @@ setup(
     package_data={'nnunet_emcad': ['nnunet_trainers/*.py']},
     install_requires=[
         'nnunetv2>=2.8.1,<2.9',
-        # torch.amp.is_autocast_available (blocks.py) first shipped in torch 2.4, torch.compiler.is_compiling in 2.3
-        'torch>=2.4',
+        # torch.amp.is_autocast_available (blocks.py) first shipped in torch 2.4, torch.compiler.is_compiling in 2.3;
+        # under torch 2.4 compiling PVTv2-b2's training step (drop path in recomputed stages) fails in AOT
+        # autograd's partitioner (KeyError 'bernoulli_1'): tests/check_minimum_versions.sh
+        'torch>=2.5',
         'torchvision',
         # PVTv2's gradient checkpointing is non-reentrant (safe under compile and DDP) from timm 1.0.16 on (its
-        # wheels' timm/models/pvt_v2.py); dynamic-network-architectures caps timm below 1.0.23
-        'timm>=1.0.16,<1.0.23',
+        # wheels' timm/models/pvt_v2.py); its pretrained route (nnUNet_EMCAD_PVT_WEIGHTS=timm) imports
+        # huggingface_hub's current API from 1.0.21 on (earlier releases import names huggingface_hub 1.0 removed:
+        # tests/check_minimum_versions.sh); dynamic-network-architectures caps timm below 1.0.23
+        'timm>=1.0.21,<1.0.23',
         'dynamic-network-architectures',
         'batchgenerators',
         'SimpleITK',

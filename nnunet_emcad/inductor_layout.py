@@ -24,5 +24,9 @@ def inductor_lays_out_channels_last(network: nn.Module, input_shape: Sequence[in
     inductor applies the same heuristic as to CUDA (on the CPU, with oneDNN, it always chooses channels-last).
     The copy leaves the network untouched: tracing its own parameters through ``torch.func.functional_call``
     broke CPU float16 autocast for them afterwards."""
-    graph = make_fx(copy.deepcopy(network).to('meta'))(torch.empty(tuple(input_shape), device='meta'))
+    copied = copy.deepcopy(network).to('meta')
+    state = {**dict(copied.named_parameters()), **dict(copied.named_buffers())}
+    # traced with fake tensors, so that every node carries the shape the heuristic reads (node.meta['val'])
+    graph = make_fx(lambda state, x: torch.func.functional_call(copied, state, (x,)), tracing_mode='fake')(
+        state, torch.empty(tuple(input_shape), device='meta'))
     return GraphLowering.decide_layout_opt(graph, is_inference=False)
