@@ -1,7 +1,11 @@
-"""The README stays a short user's guide, and every relative link in it and in docs/ leads somewhere."""
+"""The README stays a short user's guide, every relative link in it and in docs/ leads somewhere, and every
+measurement in them is in a benchmark report they link."""
 import glob
 import os
 import re
+import subprocess
+
+import pytest
 
 from helpers import README
 
@@ -55,15 +59,46 @@ def _paragraphs(path: str) -> list:
     return re.split(r'\n\s*\n|\n(?=- |\| )', _without_code(path))
 
 
+def _unsourced(prose: str, text: str) -> list:
+    """The measurements of ``prose`` (links and inline code left out) that ``text`` does not hold."""
+    prose = re.sub(r'\]\([^)]*\)', ']', re.sub(r'`[^`]*`', '', prose))
+    return [match.group(0) for match in MEASUREMENT.finditer(prose)
+            if not re.search(rf'(?<![\d.]){re.escape(match.group(1) or match.group(2))}(?![\d])', text)]
+
+
 def test_every_measurement_in_the_readme_is_in_a_report_its_paragraph_links():
     unsourced = []
     for paragraph in _paragraphs(README):
         cited = re.findall(r'\]\(((?:benchmarks/results|docs)/[^)#]+\.md)', paragraph)
-        sources = [os.path.join(ROOT, p) for p in cited]
-        text = ''.join(open(p).read() for p in sources if os.path.isfile(p))
-        prose = re.sub(r'\]\([^)]*\)', ']', re.sub(r'`[^`]*`', '', paragraph))
-        for match in MEASUREMENT.finditer(prose):
-            number = match.group(1) or match.group(2)
-            if not re.search(rf'(?<![\d.]){re.escape(number)}(?![\d])', text):  # the number, not a part of one
-                unsourced.append(f"{match.group(0)!r} in: {' '.join(paragraph.split())[:120]}")
+        text = ''.join(open(p).read() for p in (os.path.join(ROOT, c) for c in cited) if os.path.isfile(p))
+        unsourced += [f"{number!r} in: {' '.join(paragraph.split())[:120]}" for number in _unsourced(paragraph, text)]
     assert not unsourced, 'numbers without a report that holds them:\n' + '\n'.join(unsourced)
+
+
+def test_every_measurement_in_docs_is_in_a_benchmark_report_its_section_links():
+    """Sections, not paragraphs: a table's numbers come from the reports its section links. Reports a later run
+    overwrote are kept as they were in benchmarks/results/history."""
+    unsourced = []
+    for document in DOCUMENTS[1:]:
+        for section in re.split(r'\n(?=#+ )', _without_code(document)):
+            cited = [os.path.normpath(os.path.join(os.path.dirname(document), c))
+                     for c in re.findall(r'\]\(([^)#\s]+\.md)', section)]
+            text = ''.join(open(p).read() for p in cited
+                           if os.path.isfile(p) and os.path.join('benchmarks', 'results') in p)
+            unsourced += [f"{os.path.basename(document)}, {section.splitlines()[0]}: {number!r}"
+                          for number in _unsourced(section, text)]
+    assert not unsourced, 'numbers without a report that holds them:\n' + '\n'.join(unsourced)
+
+
+HISTORY = sorted(glob.glob(os.path.join(ROOT, 'benchmarks', 'results', 'history', '*_*.md')))
+
+
+@pytest.mark.parametrize('report', HISTORY, ids=os.path.basename)
+def test_each_earlier_report_is_the_report_as_its_commit_left_it(report):
+    name, commit = os.path.basename(report)[:-3].rsplit('_', 1)
+    git = subprocess.run(['git', 'show', f'{commit}:benchmarks/results/{name}.md'], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    if git.returncode != 0:
+        pytest.skip(f'commit {commit} is not in this clone (a shallow one?): {git.stderr.strip()[:200]}')
+    with open(report) as f:
+        assert f.read() == git.stdout
