@@ -1,5 +1,6 @@
 """Test helpers: official-format state dicts made from our networks (the inverse of the checkpoint import),
-outputs with gradients for comparing two ways of computing the same thing, and the README's sections."""
+outputs with gradients for comparing two ways of computing the same thing, and the docs' text (the README's
+sections: ``nnunet_emcad.source_tree``)."""
 import math
 import os
 import re
@@ -7,6 +8,8 @@ from typing import Callable, Dict, List
 
 import torch
 from torch import nn
+
+from nnunet_emcad.source_tree import README
 
 _TO_OFFICIAL = (
     (re.compile(r'^encoder\.stem\.'), 'conv.'),
@@ -83,26 +86,7 @@ def assert_same_outputs_and_gradients(expected: nn.Module, got: nn.Module, x: to
         torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 
-README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'README.md')
-
-
-def readme_text() -> str:
-    """The README, whole."""
-    with open(README) as f:
-        return f.read()
-
-
 def doc_text(name: str) -> str:
     """docs/``name``.md, whole."""
     with open(os.path.join(os.path.dirname(README), 'docs', f'{name}.md')) as f:
         return f.read()
-
-
-def readme_section(heading: str) -> str:
-    """The README's text under ``heading`` (e.g. '### Predicting on a CPU'), up to the next heading of level 2 or 3."""
-    return re.split(r'\n#{2,3} ', readme_text().split(f'\n{heading}\n', 1)[1], maxsplit=1)[0]
-
-
-def code_block(text: str, language: str) -> str:
-    """The first ``language`` code block in ``text``."""
-    return re.search(rf'```{language}\n(.*?)```', text, re.S).group(1)

@@ -10,9 +10,10 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import doc_text, readme_text
+from helpers import doc_text
 from nnunet_emcad.benchmarking import malloc_note
 from nnunet_emcad.scripts import nnunet_env
+from nnunet_emcad.source_tree import readme_text
 from test_trainers import DATASET_JSON, make_plans
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from helpers import README
+from nnunet_emcad.source_tree import README
 
 ROOT = os.path.dirname(README)
 DOCUMENTS = [README] + sorted(glob.glob(os.path.join(ROOT, 'docs', '*.md')))

@@ -5,6 +5,7 @@ import os
 import re
 import runpy
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -12,13 +13,15 @@ import pytest
 import torch
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-from helpers import code_block, readme_section, readme_text
+from benchmarks.cpu_route import link_dataset
 from nnunet_emcad import trainers as T
 from nnunet_emcad.demo_data import make_synthetic_dataset
 from nnunet_emcad.scripts import MALLOC_SETTINGS
+from nnunet_emcad.source_tree import code_block, readme_section, readme_text
 from test_trainers import DATASET_JSON, make_plans
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
+BENCHMARKS = os.path.join(os.path.dirname(TESTS), 'benchmarks')
 
 
 def _user_env(home) -> dict:
@@ -34,25 +37,50 @@ STAND_IN = runpy.run_path(os.path.join(TESTS, 'ext_trainers', 'short_route_train
 
 
 @pytest.mark.slow
-def test_the_cpu_route_runs_as_written_on_generated_images(tmp_path):
-    """Generated images stand in for ACDC under its name: the commands run unchanged but for the trainer, which
-    trains on a fifth of the route trainer's iterations (tests/ext_trainers; the schedule is checked below)."""
+def test_the_cpu_route_runs_as_written_on_generated_images_and_its_benchmark_times_it(tmp_path):
+    """Generated images stand in for ACDC under its name: benchmarks/cpu_route.py runs the commands unchanged but
+    for the trainer, which trains on a fifth of the route trainer's iterations (tests/ext_trainers; the schedule
+    is checked below), and reports each command's time and the Dice."""
     script = code_block(readme_section('### On a CPU: a first model in minutes'), 'bash')
     assert script.count(ROUTE_TRAINER) == 2  # the training and the prediction
-    make_synthetic_dataset(str(tmp_path / 'nnUNet_raw'), 27, n_train=10, n_test=3, name='ACDC')
-    env = dict(_user_env(tmp_path), nnUNet_extTrainer=os.path.join(TESTS, 'ext_trainers'))
-    proc = subprocess.run(['bash', '-e', '-c', script.replace(ROUTE_TRAINER, 'nnUNetTrainerEMCAD_PVTb0_route')],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1500,
+    source = make_synthetic_dataset(str(tmp_path / 'source'), 27, n_train=10, n_test=3, name='ACDC')
+    home, results = tmp_path / 'home', tmp_path / 'results'
+    proc = subprocess.run([sys.executable, os.path.join(BENCHMARKS, 'cpu_route.py'), '--source', source,
+                           '--trainer', 'nnUNetTrainerEMCAD_PVTb0_route', '--ext-trainers',
+                           os.path.join(TESTS, 'ext_trainers'), '--home', str(home), '--out', str(results)],
+                          env=_user_env(tmp_path), capture_output=True, text=True, timeout=1500,
                           stdin=subprocess.DEVNULL)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((results / 'cpu_route_acdc.json').read_text())
     model = 'nnUNetTrainerEMCAD_PVTb0_route__nnUNetPlans__2d'
-    fold = tmp_path / 'nnUNet_results' / 'Dataset027_ACDC' / model / 'fold_0'
-    log = next(fold.glob('training_log_*.txt')).read_text()
-    epochs = STAND_IN['ROUTE_EPOCHS']
-    assert re.findall(r': Epoch (\d+)\s*$', log, re.M)[-1] == str(epochs - 1) and (fold / 'progress.png').is_file()
-    with open(tmp_path / 'acdc_predictions' / 'summary.json') as f:
-        summary = json.load(f)
-    assert summary['mean']['1']['Dice'] > 0.5, summary['mean']  # an untrained network scores near 0
+    assert (home / 'nnUNet_results' / 'Dataset027_ACDC' / model / 'fold_0' / 'progress.png').is_file()
+    assert result['epochs'] == STAND_IN['ROUTE_EPOCHS'] and result['held_out_cases'] == ['caseTs000', 'caseTs001',
+                                                                                          'caseTs002']
+    seconds = result['seconds']
+    assert list(seconds) == ['nnUNetv2_plan_and_preprocess', 'nnUNetv2_train', 'nnUNetv2_predict',
+                             'nnUNetv2_evaluate_folder']
+    assert all(s > 0 for s in seconds.values()) and sum(seconds.values()) <= result['total_seconds']
+    assert 0 < result['epoch_seconds'] < seconds['nnUNetv2_train']  # its start and final validation besides
+    assert result['held_out_dice']['1'] > 0.5, result  # an untrained network scores near 0
+    assert 0 < result['validation_dice']['mean'] <= 1
+    markdown = (results / 'cpu_route_acdc.md').read_text()
+    assert f"| the whole route | {result['total_seconds']:.0f} |" in markdown
+    assert f"Reproduce: `python benchmarks/cpu_route.py --source {source} --trainer" in markdown
+
+
+def test_the_cpu_route_benchmark_holds_out_fold_0s_validation_cases_where_the_source_has_no_test_set(tmp_path):
+    source = make_synthetic_dataset(str(tmp_path / 'source'), 27, n_train=6, n_test=2, name='ACDC')
+    for folder in ('imagesTs', 'labelsTs'):
+        shutil.rmtree(os.path.join(source, folder))
+    with open(os.path.join(source, 'splits_final.json'), 'w') as f:
+        json.dump([{'train': [f'caseTr00{i}' for i in range(2, 6)], 'val': ['caseTr000', 'caseTr001']}], f)
+    target = str(tmp_path / 'linked')
+    assert link_dataset(source, target) == ['caseTr000', 'caseTr001']
+    assert sorted(os.listdir(os.path.join(target, 'imagesTs'))) == ['caseTr000_0000.png', 'caseTr001_0000.png']
+    assert sorted(os.listdir(os.path.join(target, 'labelsTs'))) == ['caseTr000.png', 'caseTr001.png']
+    assert sorted(os.listdir(os.path.join(target, 'labelsTr'))) == [f'caseTr00{i}.png' for i in range(2, 6)]
+    with open(os.path.join(target, 'dataset.json')) as f:
+        assert json.load(f)['numTraining'] == 4
 
 
 def test_the_cpu_routes_trainer_trains_500_iterations_at_batch_8_and_the_tests_stand_in_differs_only_in_epochs(
