@@ -151,6 +151,9 @@ def report(results: List[dict], args: argparse.Namespace, info: Dict[str, str]) 
              f"Training step at batch {args.batch} (each trainer's own loss with deep supervision, and optimiser), "
              f"prediction at batch 1; each trainer and stock nnU-Net run alternately in one process, medians of "
              f"{args.repeats} steps and {3 * args.repeats} predictions each; compiled: torch.compile (inductor).",
+             *(['', "GPU numbers: pending (this run had none); on a GPU `python benchmarks/gpu_check.py` measures "
+                    "the compiled AMP step and peak memory of stock and the EMCAD trainers (docs/gpu.md)."]
+               if info['gpu'] == 'none' else []),
              '', f"Reproduce: `{args.command}`", '',
              f"Goals (for decoders working at stride {GOAL_STRIDE} or finer): training step <= "
              f"{GOALS['step'][0]}x stock's time (stretch {GOALS['step'][1]}x), prediction >= "

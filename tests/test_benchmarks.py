@@ -527,6 +527,7 @@ def test_the_against_stock_benchmark_runs_each_trainer_in_turn_with_stock_and_ju
     first = _line(report, '| 1 |')
     assert first.startswith('| 1 | nnUNetTrainerEMCAD_Stride2NarrowRefine | 1 |') and f'| {step:.2f}x |' in first
     assert first.endswith(' of 3 |') and _line(report, '| 2 |').endswith('| n/a: decodes from stride 4 |')
+    assert ('GPU numbers: pending' in report) == (result['machine']['gpu'] == 'none')  # a CPU run says so
     (tmp_path / 'results' / 'against_stock.md').write_text('')
     assert subprocess.run([sys.executable, script, '--republish', '--out', str(tmp_path / 'results')],
                           capture_output=True, timeout=300).returncode == 0
