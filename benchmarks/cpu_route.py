@@ -39,12 +39,17 @@ def route_trainer(script: str) -> str:
     return re.search(r'nnUNetv2_train .*-tr (\S+)', script).group(1)
 
 
+def has_test_set(source: str) -> bool:
+    """Whether the raw data set ``source`` holds test images with their labels (imagesTs, labelsTs)."""
+    return all(os.path.isdir(os.path.join(source, folder)) for folder in ('imagesTs', 'labelsTs'))
+
+
 def link_dataset(source: str, target: str) -> List[str]:
     """``source`` (nnU-Net raw format) under ``target``, its files linked; without imagesTs / labelsTs, the cases of
     fold 0's validation split (``splits_final.json``) held out as them. Returns the held-out case names."""
     dataset_json = load_json(os.path.join(source, 'dataset.json'))
     ending = dataset_json['file_ending']
-    if os.path.isdir(os.path.join(source, 'imagesTs')) and os.path.isdir(os.path.join(source, 'labelsTs')):
+    if has_test_set(source):
         held_out = sorted(f[:-len(ending)] for f in os.listdir(os.path.join(source, 'labelsTs')) if f.endswith(ending))
         splits = {}
     else:
@@ -119,8 +124,8 @@ def report(result: dict, args: argparse.Namespace, info: Dict[str, str], command
         f"Machine: {info['cpu']}, {info['cores']} cores, GPU: {info['gpu']}; torch {info['torch']}. The README's "
         f"bash block ({SECTION[4:]}) run as written in a fresh shell (trainer {result['trainer']}), nothing else "
         f"running; held out: {len(result['held_out_cases'])} cases (" + (
-            "fold 0's validation patients of splits_final.json" if args.source == default_source() else
-            "the source's imagesTs") + "), never trained on.", '',
+            "the source's imagesTs" if has_test_set(args.source) else
+            "fold 0's validation patients of splits_final.json") + "), never trained on.", '',
         f"Reproduce: `{command}`", '',
         '| command | seconds | minutes |', '|---|---:|---:|',
         *[f"| {name} | {s:.0f} | {s / 60:.1f} |" for name, s in seconds.items()],
