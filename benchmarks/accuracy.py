@@ -42,7 +42,8 @@ from unittest import mock
 import numpy as np
 
 from nnunet_emcad.benchmarking import (BENCH_PLANS, CACHE, EMCAD_3D_TRAINERS, EMCAD_TRAINERS, RESULTS, STOCK,
-                                       bench_plans, machine, malloc_note, reproduce_command, verdict, write_results)
+                                       bench_plans, machine, malloc_note, reproduce_command, runs_summary, verdict,
+                                       versus_stock, write_results)
 from nnunet_emcad.counting import count_flops
 from nnunet_emcad.scripts import nnunet_env, plan_command, run_logged
 from nnunet_emcad.short_training import Schedule, write_trainer_module
@@ -422,33 +423,6 @@ def command_line(args: argparse.Namespace) -> str:
     return reproduce_command('benchmarks/accuracy.py', build_parser(), args, leave_out=('work', 'out'),
                              defaults={'trainers': default_trainers(args.configuration),
                                        'name': default_name(args.dataset, args.configuration)})
-
-
-def runs_summary(results: List[dict], trainer: str, budget: str) -> Optional[dict]:
-    """A trainer's runs under a budget: their mean Dice each, its mean and spread (max - min), and the mean
-    iterations, training and prediction seconds; None when it has no run there."""
-    runs = sorted((r for r in results if r['trainer'] == trainer and r['budget'] == budget),
-                  key=lambda r: r.get('run', 1))
-    if not runs:
-        return None
-    dice = [r['dice_mean'] for r in runs]
-    return {'runs': len(runs), 'dice_per_run': dice, 'dice': float(np.mean(dice)),
-            'spread': float(max(dice) - min(dice)),
-            **{key: float(np.mean([r[key] for r in runs]))
-               for key in ('iterations', 'train_seconds', 'predict_seconds')}}
-
-
-def versus_stock(mine: dict, stock: dict) -> Tuple[str, str]:
-    """How ``mine`` compares with stock's ``runs_summary``: 'ahead', 'behind', 'tie' (the difference of the means
-    is not larger than the larger of the two spreads) or 'spread unknown' (one run), and the same in words."""
-    difference = 100 * (mine['dice'] - stock['dice'])
-    spread = 100 * max(mine['spread'], stock['spread'])
-    if min(mine['runs'], stock['runs']) < 2:
-        return 'spread unknown', f"{difference:+.1f} points; one run, so its spread is unknown"
-    if abs(difference) <= spread:
-        return 'tie', f"{difference:+.1f} points, inside the {spread:.1f}-point spread: a tie"
-    side = 'ahead' if difference > 0 else 'behind'
-    return side, f"{difference:+.1f} points, beyond the {spread:.1f}-point spread: {side}"
 
 
 def summary_lines(results: List[dict], trainers: List[str]) -> List[str]:

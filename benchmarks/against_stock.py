@@ -22,8 +22,8 @@ from typing import Callable, Dict, List
 import torch
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
-from nnunet_emcad.benchmarking import (STOCK, add_output_options, add_plans_options, add_republish_option,
-                                       answer_worker, machine, measure_trainers, plans_at_patch, republish,
+from nnunet_emcad.benchmarking import (MODES, STOCK, add_output_options, add_plans_options, add_republish_option,
+                                       answer_worker, machine, measure_trainers, plans_at_patch, ratios, republish,
                                        start_plans_benchmark, write_results)
 from nnunet_emcad.counting import saved_activation_bytes
 from nnunet_emcad.emcad import EMCADNet, total_strides
@@ -37,7 +37,6 @@ DEFAULT_TRAINERS = ['nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Stride1', 'nnUNetT
 GOALS = {'step': (1.0, 0.7), 'predict': (1.5, 2.0), 'saved': (1.0, None)}
 GOAL_STRIDE = 2
 """The coarsest stride a decoder may work at for the goals to count (decoding from stride 4 loses small objects)."""
-MODES = ('eager', 'compiled')
 
 
 def in_turn(fns: Dict[str, Callable[[], object]], repeats: int) -> Dict[str, float]:
@@ -98,18 +97,6 @@ def measure(spec: dict) -> dict:
                                          for name in trainers}
         torch._dynamo.reset()
     return result
-
-
-def ratios(result: dict) -> Dict[str, float]:
-    """A trainer's step time and training memory as fractions of stock's, and its prediction speed as a multiple
-    of stock's, per mode (keys 'step eager', 'predict compiled', ..., 'saved')."""
-    out = {}
-    for mode in (m for m in MODES if m in result):
-        timed = result[mode]
-        out[f'step {mode}'] = timed['step_ms']['trainer'] / timed['step_ms']['stock']
-        out[f'predict {mode}'] = timed['predict_ms']['stock'] / timed['predict_ms']['trainer']
-    out['saved'] = result['saved_mib']['trainer'] / result['saved_mib']['stock']
-    return out
 
 
 def goal_verdicts(result: dict) -> Dict[str, str]:

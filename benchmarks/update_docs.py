@@ -1,18 +1,34 @@
-"""List the benchmark reports of benchmarks/results/*.md (the benchmarks' own reports) in docs/results.md.
+"""List the benchmark reports of benchmarks/results/*.md (the benchmarks' own reports) in docs/results.md, and
+write the README's summary table from them.
 
-python benchmarks/update_docs.py   # rewrites the part of docs/results.md between the results markers
+python benchmarks/update_docs.py   # rewrites the parts of docs/results.md and README.md between their markers
 """
 import argparse
+import json
 import os
 import re
 import sys
+from typing import Dict, List, Optional
 
-from nnunet_emcad.benchmarking import RESULTS
-from nnunet_emcad.source_tree import SOURCE_ROOT
+from nnunet_emcad.benchmarking import RESULTS, STOCK, ratios, runs_summary, versus_stock
+from nnunet_emcad.source_tree import README, SOURCE_ROOT
+from nnunet_emcad.trainers import RENAMED_TRAINERS
 
 RESULTS_DOC = os.path.join(SOURCE_ROOT, 'docs', 'results.md')
 LINK = '../benchmarks/results/'  # from docs/ to the reports
 START, END = '<!-- results:start -->', '<!-- results:end -->'
+SUMMARY_START, SUMMARY_END = '<!-- summary:start -->', '<!-- summary:end -->'
+
+# The README's summary: these trainers, by today's names; a cell comes from the first report of its column that
+# measured the trainer. Dice: two runs of the accuracy benchmark on held-out cases, per data set.
+SUMMARY_TRAINERS = (STOCK, 'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Lean', 'nnUNetTrainerEMCAD_Stride1')
+ACCURACY_REPORTS = {'ACDC': ('accuracy_acdc_p128_narrow', 'accuracy_acdc_p128_lean'),
+                    'ISBI 2012': ('accuracy_isbi_runs2', 'accuracy_isbi_lean')}
+COST_REPORTS = ('against_stock', 'against_stock_knobs')
+# Reports measured with nnunet-emcad 0.1, whose nnUNetTrainerEMCAD is today's nnUNetTrainerEMCAD_Stride1.
+MEASURED_WITH_0_1 = ('against_stock', 'accuracy_acdc_p128_narrow', 'accuracy_isbi_runs2')
+# Today's default under the name the reports measured it with before it became the default (the same network).
+SAME_NETWORK = {'nnUNetTrainerEMCAD_Stride2Narrow': 'nnUNetTrainerEMCAD'}
 
 
 def section(results_dir: str) -> str:
@@ -36,19 +52,100 @@ def section(results_dir: str) -> str:
     return '\n'.join(parts)
 
 
+def todays_name(report: str, trainer: str) -> str:
+    """The name a trainer of ``report`` goes by today."""
+    if report in MEASURED_WITH_0_1:
+        trainer = RENAMED_TRAINERS.get(trainer, trainer)
+    return SAME_NETWORK.get(trainer, trainer)
+
+
+def _load(results_dir: str, report: str) -> Optional[dict]:
+    path = os.path.join(results_dir, f'{report}.json')
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _accuracy_cells(results_dir: str, reports: tuple) -> Dict[str, List[str]]:
+    """Per trainer, its Dice cells at equal iterations and in stock's training time, from the first report that
+    ran it: each run's Dice, and against stock's runs of that report ('ahead', 'tie', 'behind')."""
+    cells = {}
+    for report in reports:
+        data = _load(results_dir, report)
+        if data is None:
+            continue
+        results = [dict(r, trainer=todays_name(report, r['trainer'])) for r in data['results']]
+        link = f"(benchmarks/results/{report}.md)"
+        for trainer in SUMMARY_TRAINERS:
+            if trainer in cells or runs_summary(results, trainer, 'equal_iterations') is None:
+                continue
+            cells[trainer] = []
+            for budget in ('equal_iterations', 'equal_time'):
+                mine, stock = runs_summary(results, trainer, budget), runs_summary(results, STOCK, budget)
+                if mine is None:
+                    cells[trainer].append('not run')
+                    continue
+                dice = ' / '.join(f'{d:.3f}' for d in mine['dice_per_run'])
+                when = (f"{mine['train_seconds'] / 60:.1f} min" if budget == 'equal_iterations'
+                        else f"{mine['iterations']:.0f} iterations")
+                side = '' if trainer == STOCK else f": {versus_stock(mine, stock)[0]}"
+                cells[trainer].append(f"[{dice} ({when}){side}]{link}")
+    return cells
+
+
+def _cost_cells(results_dir: str) -> Dict[str, List[str]]:
+    """Per trainer, its training step and prediction against stock's (eager / compiled) and its saved
+    activations, from the first cost report that ran it."""
+    cells = {}
+    for report in COST_REPORTS:
+        data = _load(results_dir, report)
+        for result in data['trainers'] if data else []:
+            trainer = todays_name(report, result['name'])
+            if trainer in SUMMARY_TRAINERS and trainer not in cells:
+                ratio, link = ratios(result), f"(benchmarks/results/{report}.md)"
+                cells[trainer] = [f"[{ratio['step eager']:.2f}x / {ratio['step compiled']:.2f}x]{link}",
+                                  f"[{ratio['predict eager']:.2f}x / {ratio['predict compiled']:.2f}x]{link}",
+                                  f"[{ratio['saved']:.0%}]{link}"]
+    return cells
+
+
+def summary(results_dir: str) -> str:
+    """The README's summary table: per trainer, each run's Dice on the held-out cases of each data set at stock's
+    iterations and in stock's training time, and its cost against stock's."""
+    accuracy = {name: _accuracy_cells(results_dir, reports) for name, reports in ACCURACY_REPORTS.items()}
+    cost = _cost_cells(results_dir)
+    head = ['trainer'] + [f"{name} Dice, {budget}" for name in ACCURACY_REPORTS
+                          for budget in ("stock's iterations", "stock's training time")]
+    head += ['step time vs stock', 'prediction speed vs stock', 'activations vs stock']
+    lines = ['| ' + ' | '.join(head) + ' |', '|---|' + '---|' * (len(head) - 1)]
+    missing = ['not measured'] * 2
+    for trainer in SUMMARY_TRAINERS:
+        row = [f'`{trainer}`'] + [cell for name in ACCURACY_REPORTS for cell in accuracy[name].get(trainer, missing)]
+        row += ['(stock)'] * 3 if trainer == STOCK else cost.get(trainer, ['not measured'] * 3)
+        lines.append('| ' + ' | '.join(row) + ' |')
+    return '\n'.join(lines) + '\n'
+
+
+def replace_between(path: str, start: str, end: str, text: str) -> None:
+    """Rewrite the part of ``path`` between its ``start`` and ``end`` markers with ``text``."""
+    with open(path) as f:
+        doc = f.read()
+    if start not in doc or end not in doc:
+        raise SystemExit(f"{path} lacks the markers {start} ... {end}")
+    head, rest = doc.split(start, 1)
+    _, tail = rest.split(end, 1)
+    with open(path, 'w') as f:
+        f.write(f"{head}{start}\n{text}{end}{tail}")
+    print(f"updated {path}")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--results', default=RESULTS)
     args = parser.parse_args(argv)
-    with open(RESULTS_DOC) as f:
-        doc = f.read()
-    if START not in doc or END not in doc:
-        raise SystemExit(f"{RESULTS_DOC} lacks the markers {START} ... {END}")
-    head, rest = doc.split(START, 1)
-    _, tail = rest.split(END, 1)
-    with open(RESULTS_DOC, 'w') as f:
-        f.write(f"{head}{START}\n{section(args.results)}{END}{tail}")
-    print(f"updated {RESULTS_DOC}")
+    replace_between(RESULTS_DOC, START, END, section(args.results))
+    replace_between(README, SUMMARY_START, SUMMARY_END, summary(args.results))
     return 0
 
 

@@ -12,7 +12,9 @@ import platform
 import shutil
 import subprocess
 import sys
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
 
 from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 
@@ -32,6 +34,8 @@ EMCAD_TRAINERS = ['nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Stride1', 'nnUNetTra
 # measures them, the accuracy benchmark leaves them out.
 COST_ONLY_TRAINERS = ['nnUNetTrainerEMCAD_NoRecompute']
 EMCAD_3D_TRAINERS = ['nnUNetTrainerEMCAD3D', 'nnUNetTrainerEMCAD3D_ResEnc', 'nnUNetTrainerEMCAD3D_Stride2Narrow']
+MODES = ('eager', 'compiled')
+"""How the cost benchmarks run a network: as it is, and under ``torch.compile``."""
 BENCH_PLANS = 'nnUNetBenchPlans'
 """The plans name of the benchmarks' own plans copies (``bench_plans``)."""
 
@@ -157,6 +161,45 @@ def measure_trainers(script: str, trainers: Sequence[str], spec: dict, env: Mapp
         if measured is not None:
             measured(results)
     return results
+
+
+def ratios(result: dict) -> Dict[str, float]:
+    """A trainer's step time and training memory as fractions of stock's, and its prediction speed as a multiple
+    of stock's, per mode (keys 'step eager', 'predict compiled', ..., 'saved')."""
+    out = {}
+    for mode in (m for m in MODES if m in result):
+        timed = result[mode]
+        out[f'step {mode}'] = timed['step_ms']['trainer'] / timed['step_ms']['stock']
+        out[f'predict {mode}'] = timed['predict_ms']['stock'] / timed['predict_ms']['trainer']
+    out['saved'] = result['saved_mib']['trainer'] / result['saved_mib']['stock']
+    return out
+
+
+def runs_summary(results: List[dict], trainer: str, budget: str) -> Optional[dict]:
+    """A trainer's runs under a budget: their mean Dice each, its mean and spread (max - min), and the mean
+    iterations, training and prediction seconds; None when it has no run there."""
+    runs = sorted((r for r in results if r['trainer'] == trainer and r['budget'] == budget),
+                  key=lambda r: r.get('run', 1))
+    if not runs:
+        return None
+    dice = [r['dice_mean'] for r in runs]
+    return {'runs': len(runs), 'dice_per_run': dice, 'dice': float(np.mean(dice)),
+            'spread': float(max(dice) - min(dice)),
+            **{key: float(np.mean([r[key] for r in runs]))
+               for key in ('iterations', 'train_seconds', 'predict_seconds')}}
+
+
+def versus_stock(mine: dict, stock: dict) -> Tuple[str, str]:
+    """How ``mine`` compares with stock's ``runs_summary``: 'ahead', 'behind', 'tie' (the difference of the means
+    is not larger than the larger of the two spreads) or 'spread unknown' (one run), and the same in words."""
+    difference = 100 * (mine['dice'] - stock['dice'])
+    spread = 100 * max(mine['spread'], stock['spread'])
+    if min(mine['runs'], stock['runs']) < 2:
+        return 'spread unknown', f"{difference:+.1f} points; one run, so its spread is unknown"
+    if abs(difference) <= spread:
+        return 'tie', f"{difference:+.1f} points, inside the {spread:.1f}-point spread: a tie"
+    side = 'ahead' if difference > 0 else 'behind'
+    return side, f"{difference:+.1f} points, beyond the {spread:.1f}-point spread: {side}"
 
 
 def verdict(ok: bool) -> str:

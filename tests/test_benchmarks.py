@@ -240,6 +240,48 @@ def test_the_results_doc_lists_every_report_cost_first(tmp_path):
     assert '### accuracy_isbi' in text and '](../benchmarks/results/accuracy_isbi.png)' in text
 
 
+def _cost(name: str, step_ms: float, predict_ms: float, saved_mib: float) -> dict:
+    """One trainer's measurements as the against_stock benchmark records them (stock: 1000 ms, 100 ms, 100 MiB)."""
+    timed = {'step_ms': {'stock': 1000.0, 'trainer': step_ms}, 'predict_ms': {'stock': 100.0, 'trainer': predict_ms}}
+    return {'name': name, 'finest_stride': 2, 'saved_mib': {'stock': 100.0, 'trainer': saved_mib},
+            'eager': timed, 'compiled': timed}
+
+
+def test_the_readme_summary_gives_each_trainers_runs_by_todays_name_against_stock_from_the_first_report_with_them(
+        tmp_path):
+    from benchmarks.update_docs import summary
+
+    budgets = ('equal_iterations', 'equal_time')
+    acdc = [_run('nnUNetTrainer', budget, dice, run) for budget in budgets for run, dice in ((1, 0.30), (2, 0.32))]
+    acdc += [_run('nnUNetTrainerEMCAD_Stride2Narrow', budget, dice, run) for budget in budgets
+             for run, dice in ((1, 0.50), (2, 0.52))]
+    acdc += [_run('nnUNetTrainerEMCAD', 'equal_iterations', dice, run) for run, dice in ((1, 0.31), (2, 0.34))]
+    lean = [_run('nnUNetTrainerEMCAD_Lean', 'equal_iterations', dice, run) for run, dice in ((1, 0.2), (2, 0.21))]
+    reports = {'accuracy_acdc_p128_narrow': {'results': acdc},  # measured with 0.1: its EMCAD is today's _Stride1
+               'accuracy_acdc_p128_lean': {'results': acdc[:4] + lean + acdc[4:]},
+               'against_stock': {'trainers': [_cost('nnUNetTrainerEMCAD', 1800, 125, 86),
+                                              _cost('nnUNetTrainerEMCAD_Stride2Narrow', 500, 50, 95)]},
+               'against_stock_knobs': {'trainers': [_cost('nnUNetTrainerEMCAD', 900, 90, 99)]}}
+    for name, payload in reports.items():
+        (tmp_path / f'{name}.json').write_text(json.dumps(payload))
+    rows = {line.split('`')[1]: [cell.strip() for cell in line.split('|')[2:-1]]
+            for line in summary(str(tmp_path)).splitlines()[2:]}
+    link = '(benchmarks/results/accuracy_acdc_p128_narrow.md)'
+    assert rows['nnUNetTrainer'][:2] == [f'[0.300 / 0.320 (1.0 min)]{link}', f'[0.300 / 0.320 (50 iterations)]{link}']
+    assert rows['nnUNetTrainerEMCAD'][:2] == [f'[0.500 / 0.520 (1.0 min): ahead]{link}',
+                                              f'[0.500 / 0.520 (50 iterations): ahead]{link}']
+    assert rows['nnUNetTrainerEMCAD_Stride1'][:2] == [f'[0.310 / 0.340 (1.0 min): tie]{link}', 'not run']
+    assert rows['nnUNetTrainerEMCAD_Lean'][0] == \
+        '[0.200 / 0.210 (1.0 min): behind](benchmarks/results/accuracy_acdc_p128_lean.md)'
+    assert all(row[2:4] == ['not measured'] * 2 for row in rows.values())  # no ISBI report
+    cost = '(benchmarks/results/against_stock.md)'
+    assert rows['nnUNetTrainerEMCAD'][4:] == [f'[0.50x / 0.50x]{cost}', f'[2.00x / 2.00x]{cost}', f'[95%]{cost}']
+    assert rows['nnUNetTrainerEMCAD_Stride1'][4:] == [f'[1.80x / 1.80x]{cost}', f'[0.80x / 0.80x]{cost}',
+                                                      f'[86%]{cost}']
+    assert rows['nnUNetTrainerEMCAD_Lean'][4:] == ['not measured'] * 3
+    assert rows['nnUNetTrainer'][4:] == ['(stock)'] * 3
+
+
 def _run(trainer: str, budget: str, dice: float, run: int = 1, predict_seconds: float = 20.0) -> dict:
     """One run's measurements as the accuracy benchmark records them."""
     return {'trainer': trainer, 'budget': budget, 'run': run, 'iterations': 50, 'train_seconds': 60.0,

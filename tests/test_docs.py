@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from nnunet_emcad.benchmarking import RESULTS
 from nnunet_emcad.source_tree import README
 
 ROOT = os.path.dirname(README)
@@ -88,6 +89,16 @@ def test_every_measurement_in_docs_is_in_a_benchmark_report_its_section_links():
             unsourced += [f"{os.path.basename(document)}, {section.splitlines()[0]}: {number!r}"
                           for number in _unsourced(section, text)]
     assert not unsourced, 'numbers without a report that holds them:\n' + '\n'.join(unsourced)
+
+
+def test_the_readme_summary_and_the_results_list_are_what_update_docs_writes_from_the_reports():
+    from benchmarks.update_docs import END, RESULTS_DOC, START, SUMMARY_END, SUMMARY_START, section, summary
+
+    fix = 'run python benchmarks/update_docs.py'
+    with open(README) as f:
+        assert f.read().split(SUMMARY_START)[1].split(SUMMARY_END)[0] == '\n' + summary(RESULTS), fix
+    with open(RESULTS_DOC) as f:
+        assert f.read().split(START)[1].split(END)[0] == '\n' + section(RESULTS), fix
 
 
 HISTORY = sorted(glob.glob(os.path.join(ROOT, 'benchmarks', 'results', 'history', '*_*.md')))
