@@ -3,10 +3,12 @@ trains on it.
 
 The package's smoke and five-epoch trainers, the tests' resumable trainer and the trainers that the demo and
 the accuracy benchmark generate (``write_trainer_module``: a module that nnU-Net finds through
-``nnUNet_extTrainer``, one line per trainer) are all made this way. Torch-free, like the package's import.
+``nnUNet_extTrainer``, one line per trainer) are all made this way; the accuracy benchmark's also keep the network
+at chosen epochs (``Schedule.snapshots``). Torch-free, like the package's import.
 """
 import inspect
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
@@ -17,7 +19,8 @@ class Schedule:
     """A short training: ``epochs``, and where given (None keeps the trainer's own) training and validation
     iterations per epoch, the batch size, a checkpoint every ``save_every`` epochs; ``final_validation=False``
     leaves out the validation after training (for a caller that runs nnUNetv2_predict and
-    nnUNetv2_evaluate_folder itself)."""
+    nnUNetv2_evaluate_folder itself). ``snapshots``: epochs (each a multiple of ``save_every``, before the last)
+    after which nnU-Net's latest checkpoint is also kept as ``snapshot_file(iterations so far)``."""
 
     epochs: int
     iterations: Optional[int] = None
@@ -25,6 +28,13 @@ class Schedule:
     val_iterations: Optional[int] = None
     save_every: Optional[int] = None
     final_validation: bool = True
+    snapshots: Tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        for epoch in self.snapshots:
+            if not 0 < epoch < self.epochs or not self.save_every or epoch % self.save_every:
+                raise ValueError(f"snapshot epoch {epoch}: give epochs before the last ({self.epochs}), each a "
+                                 f"multiple of save_every ({self.save_every}), where nnU-Net saves its checkpoint")
 
     def apply(self, trainer) -> None:
         """Set this schedule on a constructed nnU-Net trainer."""
@@ -60,6 +70,31 @@ class IterationProgress:
         return result
 
 
+def snapshot_file(iterations: int) -> str:
+    """The file name a ``Schedule.snapshots`` checkpoint takes after ``iterations`` training iterations."""
+    return f'checkpoint_it{iterations}.pth'
+
+
+class Snapshots:
+    """Trainer mixin for ``Schedule.snapshots``: after each of those epochs, a copy of the checkpoint nnU-Net has
+    just saved (``checkpoint_latest.pth``) as ``snapshot_file``. Every checkpoint is written to a scratch name and
+    then renamed, so a training killed while it saves keeps its previous checkpoint whole (for ``--c``)."""
+
+    def save_checkpoint(self, filename: str) -> None:
+        super().save_checkpoint(f'{filename}.partial')
+        if os.path.isfile(f'{filename}.partial'):  # nnU-Net saves on the first rank only
+            os.replace(f'{filename}.partial', filename)
+
+    def on_epoch_end(self) -> None:
+        super().on_epoch_end()
+        epochs = self.current_epoch  # nnU-Net counts the finished epoch at the end of on_epoch_end
+        if epochs in self.schedule.snapshots and self.local_rank == 0:
+            latest = os.path.join(self.output_folder, 'checkpoint_latest.pth')
+            snapshot = os.path.join(self.output_folder, snapshot_file(epochs * self.num_iterations_per_epoch))
+            shutil.copy(latest, f'{snapshot}.partial')
+            os.replace(f'{snapshot}.partial', snapshot)
+
+
 def _no_final_validation(self, save_probabilities: bool = False) -> None:
     self.print_to_log_file("no final validation on this schedule (Schedule.final_validation is False)")
 
@@ -84,6 +119,7 @@ def short_schedule(base: type, schedule: Schedule, name: str, module: Optional[s
                  '__doc__': f"``{base.__name__}`` on a short schedule: {schedule}."}
     if not schedule.final_validation:
         namespace['perform_actual_validation'] = _no_final_validation
+    mixins = (*mixins, Snapshots) if schedule.snapshots else tuple(mixins)
     cls = type(name, (*mixins, base), namespace)
     return cls
 

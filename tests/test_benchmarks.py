@@ -322,6 +322,60 @@ def test_accuracy_report_gives_each_trainers_runs_mean_and_spread_and_calls_a_di
            "cases (class 1: 0.250); stock nnU-Net's mean at equal iterations lies 36.0 points above it." in floored
 
 
+def _with_points(run: dict, dice_at: dict) -> dict:
+    """``run`` with its Dice at each --eval-at point (the last its final Dice)."""
+    points = [dict(_run(run['trainer'], run['budget'], d, run['run']), iterations=n) for n, d in dice_at.items()]
+    return dict(run, points=points, dice_mean=points[-1]['dice_mean'], iterations=points[-1]['iterations'])
+
+
+def _step_times(path, batch: int, patch: list) -> str:
+    """An against_stock report's JSON with stock at 1.0 s and the default at 0.5 s per eager step."""
+    step = {'eager': {'step_ms': {'stock': 1000.0, 'trainer': 500.0}}}
+    path.write_text(json.dumps({'trainers': [dict(step, name='nnUNetTrainerEMCAD', batch=batch, patch_size=patch)]}))
+    return str(path)
+
+
+def test_accuracy_report_gives_the_dice_at_each_eval_point_on_minutes_from_step_times_and_the_points_reached(
+        tmp_path):
+    from benchmarks.accuracy import parse_args, point_plots, report, step_seconds
+
+    args = parse_args(['--trainers', 'nnUNetTrainer', 'nnUNetTrainerEMCAD', '--iterations', '200', '--runs', '2',
+                       '--no-equal-time', '--eval-at', '100', '--step-times', 'against_stock_p128.json'])
+    assert args.eval_at == [100, 200]
+    stock = [_with_points(_run('nnUNetTrainer', 'equal_iterations', 0, run), {100: d, 200: d + 0.2})
+             for run, d in ((1, 0.40), (2, 0.42))]
+    emcad = _with_points(_run('nnUNetTrainerEMCAD', 'equal_iterations', 0, 1), {100: 0.50, 200: 0.60})
+    stopped = dict(_with_points(_run('nnUNetTrainerEMCAD', 'equal_iterations', 0, 2), {100: 0.52}), stopped=True)
+    seconds = step_seconds(_step_times(tmp_path / 'steps.json', 8, [128, 128]), 8, [128, 128])
+    assert seconds == {'nnUNetTrainerEMCAD': 0.5, 'nnUNetTrainer': 1.0}
+    text = report([*stock, emcad], {'nnUNetTrainer': 1.0, 'nnUNetTrainerEMCAD': 1.0}, args,
+                  {'cpu': 'CPU', 'cores': '2', 'gpu': 'none'}, stopped=[stopped], seconds=seconds)
+    points = text.split('## Dice at each evaluated iteration')[1]
+    assert '| nnUNetTrainer | 100 | 1.7 | 2 | 0.400, 0.420 | 0.410 | 2.0 |  |' in points
+    assert '| nnUNetTrainerEMCAD | 100 | 0.8 | 2 | 0.500, 0.520 | 0.510 | 2.0 | +10.0 points, beyond the 2.0-point ' \
+           'spread: ahead |' in points
+    assert '| nnUNetTrainerEMCAD | 200 | 1.7 | 1 | 0.600 | 0.600 | 0.0 | -1.0 points; one run, so its spread is ' \
+           'unknown |' in points  # the stopped run has not reached 200
+    assert 'measured in turn with stock (against_stock_p128.json)' in points
+    assert 'Points reached: nnUNetTrainer run 1: 100, 200; nnUNetTrainer run 2: 100, 200; nnUNetTrainerEMCAD run ' \
+           '1: 100, 200; nnUNetTrainerEMCAD run 2: 100 (stopped; the same command continues it).' in points
+    png = point_plots([*stock, emcad, stopped], seconds, str(tmp_path / 'curves'))
+    assert os.path.getsize(png) > 0
+    with pytest.raises(SystemExit, match=r'patch 128x128.* at batch 8, patch 96x96\. Measure with: python '
+                                         r'benchmarks/against_stock\.py --batch 8 --patch-size 96 96 --modes eager'):
+        step_seconds(str(tmp_path / 'steps.json'), 8, [96, 96])
+
+
+@pytest.mark.parametrize('eval_at, message', [(['110'], 'multiples of --iterations-per-epoch (25)'),
+                                              (['400'], 'up to --iterations (200)')])
+def test_accuracy_benchmark_refuses_eval_points_it_cannot_save(eval_at, message, capsys):
+    from benchmarks.accuracy import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(['--iterations', '200', '--eval-at', *eval_at])
+    assert message in capsys.readouterr().err
+
+
 def test_accuracy_report_judges_no_goal_on_one_run_and_wants_equal_time_ahead_beyond_the_spread():
     from benchmarks.accuracy import parse_args, report
 
@@ -471,7 +525,8 @@ def test_gpu_check_help_says_what_it_measures():
 
 
 @pytest.mark.slow
-def test_accuracy_benchmark_on_tiny_data_reuses_finished_runs_and_trains_a_stopped_one_again(tmp_path, tiny_planned):
+def test_accuracy_benchmark_on_tiny_data_scores_each_eval_point_and_continues_a_stopped_run_from_its_checkpoint(
+        tmp_path, tiny_planned):
     from tiny_data import copy_planned
 
     work, out = tmp_path / 'work', tmp_path / 'results'
@@ -479,25 +534,43 @@ def test_accuracy_benchmark_on_tiny_data_reuses_finished_runs_and_trains_a_stopp
     command = [sys.executable, os.path.join(BENCHMARKS, 'accuracy.py'), '--dataset', 'Dataset901_Tiny', '--raw',
                str(tmp_path / 'raw'), '--trainers', 'nnUNetTrainer', '--no-equal-time', '--iterations', '2',
                '--iterations-per-epoch', '1', '--val-iterations', '1', '--batch-size', '2', '--patch-size', '32', '32',
-               '--disable-tta', '--work', str(work), '--out', str(out)]
+               '--disable-tta', '--eval-at', '1', '--work', str(work), '--out', str(out)]
     log = work / 'Dataset901_Tiny' / 'commands.log'
 
-    def benchmark(runs: int) -> list:
-        """The benchmark with ``runs`` runs; the nnU-Net trainers it trained."""
+    def benchmark(*extra: str) -> str:
+        """The benchmark with ``extra`` options; what it appended to the command log."""
         before = log.read_text() if log.exists() else ''
-        proc = subprocess.run(command + ['--runs', str(runs)], capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(command + list(extra), capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-        return re.findall(r'nnUNetv2_train 901 2d 0 -tr (\S+)', log.read_text()[len(before):])
+        return log.read_text()[len(before):]
 
-    assert benchmark(1) == ['Bench_nnUNetTrainer_it2']
+    # stopped at the time limit before its first checkpoint: the report says so, nothing is scored
+    assert re.findall(r'nnUNetv2_train 901 2d 0 -tr (\S+)', benchmark('--max-minutes', '0.01')) == \
+        ['Bench_nnUNetTrainer_it2']
+    report = (out / 'accuracy_Dataset901_Tiny.md').read_text()
+    assert 'Points reached: nnUNetTrainer run 1: none yet (stopped; the same command continues it).' in report
+    assert json.loads((out / 'accuracy_Dataset901_Tiny.json').read_text())['results'] == []
+
+    new = benchmark('--runs', '1')
+    assert re.findall(r'nnUNetv2_train 901 2d 0 -tr (\S+)', new) == ['Bench_nnUNetTrainer_it2']
+    predicted = [line for line in new.splitlines() if line.startswith('$ nnUNetv2_predict ')]
+    assert [line.split(' -chk ')[1] for line in predicted] == ['checkpoint_it1.pth --disable_tta',
+                                                              'checkpoint_final.pth --disable_tta']
     first = json.loads((out / 'accuracy_Dataset901_Tiny.json').read_text())['results']
-    # a second run stopped while it trained: its folder without the final checkpoint and the measurements
+    assert [(p['iterations'], p['epochs']) for p in first[0]['points']] == [(1, 1), (2, 2)]
+    assert first[0]['points'][-1]['dice_mean'] == first[0]['dice_mean']
+
+    # a second run stopped after its first epoch: the checkpoint nnU-Net saved then, and nothing measured
     folders = work / 'Dataset901_Tiny' / 'results' / 'Dataset901_Tiny'
     stopped = folders / 'Bench_nnUNetTrainer_it2_run2__nnUNetBenchPlans__2d' / 'fold_0'
     shutil.copytree(folders / 'Bench_nnUNetTrainer_it2__nnUNetBenchPlans__2d' / 'fold_0', stopped)
-    (stopped / 'checkpoint_final.pth').unlink()
-    (stopped / 'benchmark.json').unlink()
-    assert benchmark(2) == ['Bench_nnUNetTrainer_it2_run2']  # the first run reused, the stopped one trained again
+    for name in ('checkpoint_final.pth', 'benchmark.json', 'points.json'):
+        (stopped / name).unlink()
+    shutil.copy(stopped / 'checkpoint_it1.pth', stopped / 'checkpoint_latest.pth')
+    new = benchmark('--runs', '2')
+    # the first run reused, the stopped one continued from epoch 1 (nnU-Net's --c), not trained again
+    assert re.findall(r'nnUNetv2_train 901 2d 0 -tr (\S+) .* --c\n', new) == ['Bench_nnUNetTrainer_it2_run2']
+    assert re.findall(r': Epoch (\d+)$', new, re.MULTILINE) == ['1']
     result = json.loads((out / 'accuracy_Dataset901_Tiny.json').read_text())
     assert result['results'][0] == first[0] and (stopped / 'benchmark.json').is_file()
     assert [(r['run'], r['budget']) for r in result['results']] == [(1, 'equal_iterations'), (2, 'equal_iterations')]
@@ -505,10 +578,13 @@ def test_accuracy_benchmark_on_tiny_data_reuses_finished_runs_and_trains_a_stopp
     report = (out / 'accuracy_Dataset901_Tiny.md').read_text()
     assert f"| {', '.join(f'{d:.3f}' for d in dice)} | {np.mean(dice):.3f} | {100 * (max(dice) - min(dice)):.1f} |" \
         in report
-    assert '--runs 2' in _line(report, 'Reproduce: ') and 'patch 32x32 (--patch-size' in report
+    at_one = [r['points'][0]['dice_mean'] for r in result['results']]
+    assert f"| nnUNetTrainer | 1 | not measured | 2 | {', '.join(f'{d:.3f}' for d in at_one)} |" in report
+    assert 'Points reached: nnUNetTrainer run 1: 1, 2; nnUNetTrainer run 2: 1, 2.' in report
+    assert (out / 'accuracy_Dataset901_Tiny_dice_at_iterations.png').is_file()
+    assert '--runs 2' in _line(report, 'Reproduce: ') and '--eval-at 1 2' in _line(report, 'Reproduce: ')
+    assert 'patch 32x32 (--patch-size' in report
     assert "prediction without nnU-Net's test-time mirroring (--disable-tta)" in report
-    predicted = [line for line in log.read_text().splitlines() if line.startswith('$ nnUNetv2_predict ')]
-    assert len(predicted) == 2 and all(line.endswith(' --disable_tta') for line in predicted)
     assert 0 < result['constant_dice']['mean'] < 1 and f"Dice of {result['constant_dice']['mean']:.3f}" in report
 
 
@@ -534,6 +610,12 @@ def test_the_results_docs_accuracy_benchmark_options_parse():
     patch = re.search(r'`(--patch-size[\d ]+)`\s+trains\s+every\s+trainer\s+on\s+a\s+smaller', text).group(1).split()
     assert parse_args(patch).patch_size == [int(p) for p in patch[1:]]
     assert re.search(r'`--disable-tta`\s+predicts\s+without', text) and parse_args(['--disable-tta']).disable_tta
+    curve = re.search(r'`(--eval-at[\d ]+--iterations \d+)`\s+scores\s+every\s+run', text).group(1).split()
+    assert parse_args(curve).eval_at == [int(n) for n in curve[1:-2]]
+    steps = re.search(r'`(--step-times \S+)`', text).group(1).split()
+    assert parse_args(curve + steps).step_times == steps[1]
+    stop = re.search(r'`(--max-minutes \d+)`\s+stops\s+it', text).group(1).split()
+    assert parse_args(stop).max_minutes == float(stop[1])
 
 
 def test_the_results_docs_breakdown_command_and_its_small_patch_parse():
