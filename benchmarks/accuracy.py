@@ -520,8 +520,10 @@ def default_name(dataset: str, configuration: str) -> str:
 
 
 def command_line(args: argparse.Namespace) -> str:
-    """The command that reproduces a run's settings (work and output folders left at their defaults)."""
-    return reproduce_command('benchmarks/accuracy.py', build_parser(), args, leave_out=('work', 'out'),
+    """The command that reproduces a run's settings (work and output folders left at their defaults, and
+    --max-minutes, which decides when a command stops, not what it measures)."""
+    return reproduce_command('benchmarks/accuracy.py', build_parser(), args,
+                             leave_out=('work', 'out', 'max_minutes'),
                              defaults={'trainers': default_trainers(args.configuration),
                                        'name': default_name(args.dataset, args.configuration)})
 
