@@ -1,6 +1,7 @@
 import fcntl
 import os
 import warnings
+from typing import Callable
 
 import pytest
 import torch
@@ -14,12 +15,16 @@ SHARED = os.path.dirname(shared_data_dir())
 
 
 @pytest.fixture(scope='session')
-def shared_dir() -> str:
-    """The project's shared folder (above its shared data: ../shared of a clone); tests that need it skip where
-    it is absent (a user's clone)."""
-    if not os.path.isdir(SHARED):
-        pytest.skip(f"{SHARED} is absent: it holds the project's reference files and real data (present in CI)")
-    return SHARED
+def shared_file() -> Callable[[str], str]:
+    """``shared_file('reference/official_emcad_keys_b2.tsv')``: that path in the project's shared folder (above its
+    shared data: ../shared of a clone). The test skips, naming the path, where it is absent: a user's clone has no
+    ../shared, or one with only the data the README tells them to put there."""
+    def path(relative: str) -> str:
+        full = os.path.join(SHARED, relative)
+        if not os.path.exists(full):
+            pytest.skip(f"{full} is absent: the project's shared folder holds it (present in CI)")
+        return full
+    return path
 
 
 @pytest.fixture

@@ -49,7 +49,8 @@ def test_demo_fast_path_trains_predicts_evaluates_and_draws(tmp_path):
                                                     'summary.json'])
 
 
-def test_acdc_subset_keeps_test_patients_out_of_training(tmp_path, shared_dir):
+def test_acdc_subset_keeps_test_patients_out_of_training(tmp_path, shared_file):
+    acdc = shared_file('data/Dataset027_ACDC')
     facts = prepare_data('acdc', str(tmp_path / 'raw'), str(tmp_path / 'pre'), str(tmp_path / 'cache'), print)
     folder = facts['folder']
     patients = {split: {f.split('_')[0] for f in os.listdir(os.path.join(folder, f'labels{split}'))}
@@ -62,7 +63,7 @@ def test_acdc_subset_keeps_test_patients_out_of_training(tmp_path, shared_dir):
     with open(os.path.join(folder, 'dataset.json')) as f:
         assert json.load(f)['numTraining'] == 24
     assert os.path.realpath(os.path.join(folder, 'imagesTr', f"{sorted(patients['Tr'])[0]}_frame01_0000.nii.gz"))\
-        .startswith(os.path.realpath(shared_dir))
+        .startswith(os.path.realpath(acdc))
 
 
 def test_without_acdc_the_demo_names_the_variable_that_points_it_there(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
 """The README's own-dataset CPU route and its own-schedule recipe, run as the README writes them (the route on a
 shorter schedule of its trainer)."""
+import ast
 import json
 import os
 import re
@@ -138,3 +139,29 @@ def test_the_quick_check_from_the_readme_leaves_out_the_slow_tests_and_only_them
     assert {name.split('::')[0] for name in slow} >= {'tests/test_nnunet_end_to_end.py', 'tests/test_nnunet_3d.py'}
     assert not [name for name in quick if name.startswith(('tests/test_nnunet_end_to_end.py::',
                                                            'tests/test_nnunet_3d.py::'))]
+
+
+def _tests_taking(fixture: str) -> list:
+    """The node ids of the test functions in tests/ that take ``fixture`` as an argument."""
+    found = []
+    for name in sorted(os.listdir(TESTS)):
+        if name.startswith('test_') and name.endswith('.py'):
+            with open(os.path.join(TESTS, name)) as f:
+                tree = ast.parse(f.read())
+            found += [f'tests/{name}::{node.name}' for node in tree.body if isinstance(node, ast.FunctionDef)
+                      and node.name.startswith('test_') and fixture in [a.arg for a in node.args.args]]
+    return found
+
+
+def test_the_test_command_beside_a_data_only_shared_folder_skips_what_needs_other_shared_files(tmp_path):
+    # the README's layout for a user: ../shared/data with their data sets, nothing else of the project's shared folder
+    (tmp_path / 'shared' / 'data').mkdir(parents=True)
+    tests = _tests_taking('shared_file')
+    assert 'tests/test_reference_numbers.py::test_official_key_names_and_shapes' in tests
+    proc = subprocess.run([sys.executable, '-m', 'pytest', '-n', '0', '-rs', '-p', 'no:cacheprovider', *tests],
+                          cwd=os.path.dirname(TESTS), capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, NNUNET_EMCAD_SHARED_DATA=str(tmp_path / 'shared' / 'data')))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f'{len(tests)} skipped' in proc.stdout.splitlines()[-1]
+    assert f"{tmp_path / 'shared' / 'reference' / 'official_emcad_keys_b2.tsv'} is absent" in proc.stdout
+    assert f"{tmp_path / 'shared' / 'data' / 'Dataset027_ACDC'} is absent" in proc.stdout

@@ -1,5 +1,4 @@
 """The official code's parameter counts, FLOPs and decoder fingerprint, reproduced exactly."""
-import os
 
 import pytest
 import torch
@@ -57,9 +56,8 @@ def test_decoder_fingerprint_through_checkpoint_import():
     assert pred[0, 1, 3, 5].item() == pytest.approx(20.57772953, rel=1e-9)
 
 
-def test_official_key_names_and_shapes(shared_dir):
-    rows = [line.split('\t') for line in
-            open(os.path.join(shared_dir, 'reference', 'official_emcad_keys_b2.tsv')).read().splitlines()]
+def test_official_key_names_and_shapes(shared_file):
+    rows = [line.split('\t') for line in open(shared_file('reference/official_emcad_keys_b2.tsv')).read().splitlines()]
     reference = {name: shape for name, shape, _ in rows}
     ours = {k: str(tuple(v.shape)) for k, v in
             official_state_dict(create_emcad_pvt('pvt_v2_b2', num_classes=9, in_channels=1)).items()
