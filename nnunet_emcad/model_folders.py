@@ -1,7 +1,7 @@
 """Trained nnU-Net models as nnU-Net lays them out (``$nnUNet_results/DatasetXXX/TRAINER__PLANS__CONFIGURATION``,
 with ``fold_N/checkpoint_*.pth``): listing them, the network a trainer builds for a plan, and copying a model
-under another trainer's name for a trainer whose network was renamed (``nnUNetTrainerEMCAD`` of nnunet-emcad 0.1
-is ``nnUNetTrainerEMCAD_Stride1`` now).
+under another trainer's name for a trainer whose network was renamed (``nnUNetTrainerEMCAD`` of nnunet-emcad 0.1,
+and its ``_5epochs`` and ``_smoke``, built what ``nnUNetTrainerEMCAD_Stride1`` builds now).
 """
 import glob
 import os

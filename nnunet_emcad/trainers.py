@@ -42,8 +42,10 @@ __all__ = [
 
 PVT_WEIGHTS_ENV = 'nnUNet_EMCAD_PVT_WEIGHTS'
 WEIGHTS_FIX = 'Use the trainer (-tr), plans (-p) and configuration (-c) the checkpoint was trained with.'
-# Trainer names of nnunet-emcad 0.1 whose network is another trainer's now: the default's layout changed in 0.2.
-RENAMED_TRAINERS = {'nnUNetTrainerEMCAD': 'nnUNetTrainerEMCAD_Stride1'}
+# Trainer names of nnunet-emcad 0.1 whose network is another trainer's now: the default's layout changed in 0.2, and
+# with it its short schedules'.
+RENAMED_TRAINERS = dict.fromkeys(('nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_5epochs', 'nnUNetTrainerEMCAD_smoke'),
+                                 'nnUNetTrainerEMCAD_Stride1')
 # The PVT trainers' smallest patch per axis: the deepest stage (1/32) then has more than one position to normalise.
 PVT_MIN_PATCH = 2 * PVT_V2_STRIDE
 

@@ -78,8 +78,23 @@ def test_only_the_renamed_trainer_points_a_mismatched_model_elsewhere():
     plans = make_plans(5, [64, 64])
     model = old_default_model(os.environ['nnUNet_results'])
     weights = torch.load(os.path.join(model, 'fold_0', 'checkpoint_final.pth'), weights_only=False)['network_weights']
-    for cls in (T.nnUNetTrainerEMCAD_Stride2Narrow, T.nnUNetTrainerEMCAD_smoke):
+    for cls in (T.nnUNetTrainerEMCAD_Stride2Narrow, T.nnUNetTrainerEMCAD_PVTb0_smoke, T.nnUNetTrainerEMCAD_Stride4):
         with pytest.raises(CheckpointError) as e:
             build(cls, plans).network.load_state_dict(weights)
         assert 'Use the trainer (-tr), plans (-p) and configuration (-c)' in str(e.value)
         assert 'rename-trainer' not in str(e.value)
+
+
+# The trainer names whose network in nnunet-emcad 0.1 is nnUNetTrainerEMCAD_Stride1's now: found by building every
+# trainer's network on the same plans at 0.1 (the commit before db50dfb) and at 0.2 and comparing the weights' shapes.
+BUILT_STRIDE1_IN_0_1 = ('nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_5epochs', 'nnUNetTrainerEMCAD_smoke')
+
+
+@pytest.mark.parametrize('name', BUILT_STRIDE1_IN_0_1)
+def test_every_trainer_whose_network_changed_since_0_1_names_where_its_old_models_belong(name):
+    plans = make_plans(5, [64, 64])
+    old = build(T.nnUNetTrainerEMCAD_Stride1, plans).network.state_dict()
+    with pytest.raises(CheckpointError, match=rf"A model trained as {name} with nnunet-emcad 0.1 holds "
+                                              r"nnUNetTrainerEMCAD_Stride1's network: copy it there \(nnunet-emcad "
+                                              r"rename-trainer MODEL_FOLDER nnUNetTrainerEMCAD_Stride1\)"):
+        build(getattr(T, name), plans).network.load_state_dict(old)
