@@ -163,5 +163,6 @@ def test_the_test_command_beside_a_data_only_shared_folder_skips_what_needs_othe
                           env=dict(os.environ, NNUNET_EMCAD_SHARED_DATA=str(tmp_path / 'shared' / 'data')))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f'{len(tests)} skipped' in proc.stdout.splitlines()[-1]
+    assert 'slowest 10 durations' in proc.stdout  # every run shows where the suite's minutes go (docs/testing.md)
     assert f"{tmp_path / 'shared' / 'reference' / 'official_emcad_keys_b2.tsv'} is absent" in proc.stdout
     assert f"{tmp_path / 'shared' / 'data' / 'Dataset027_ACDC'} is absent" in proc.stdout
