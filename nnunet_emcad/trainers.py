@@ -48,6 +48,11 @@ RENAMED_TRAINERS = dict.fromkeys(('nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_5epo
                                  'nnUNetTrainerEMCAD_Stride1')
 # The PVT trainers' smallest patch per axis: the deepest stage (1/32) then has more than one position to normalise.
 PVT_MIN_PATCH = 2 * PVT_V2_STRIDE
+# nnUNetTrainerEMCAD's decoder-layout attributes, each with the one value the PVT trainers build: the paper's decoder
+# over PVTv2's four stages (strides 4 to 32, at PVTv2's widths).
+PVT_DECODER_LAYOUT = {'encoder_kind': None, 'decoder_stride': 4, 'light_stages': False, 'decoder_width': None,
+                      'refine_channels': 0, 'mscb_kernel_sizes': (1, 3, 5), 'mscb_expansion_factor': 2,
+                      'mscb_only_stride': 0}
 
 
 def require_dimensions(configuration_manager: ConfigurationManager, trainer_name: str, dimensions: int) -> None:
@@ -410,16 +415,30 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
 
     pvt_variant = 'pvt_v2_b2'
     upsample_outputs = 'first'
+    decoder_stride = PVT_DECODER_LAYOUT['decoder_stride']
+    decoder_width = PVT_DECODER_LAYOUT['decoder_width']
     recompute_stride = 4
     recompute_encoder = True
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
-        self.pvt_weights = self._pvt_weights()  # before nnU-Net's __init__ writes anything
+        self.check_decoder_layout()  # before nnU-Net's __init__ writes anything
+        self.pvt_weights = self._pvt_weights()
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 1e-4
         self.weight_decay = 1e-4
         self._fit_patch_size()
+
+    @classmethod
+    def check_decoder_layout(cls) -> None:
+        """Stop, naming what the PVT trainers build, where a subclass gives a decoder-layout attribute another
+        value than ``PVT_DECODER_LAYOUT``'s (its network would silently be the paper's)."""
+        changed = {k: getattr(cls, k) for k, v in PVT_DECODER_LAYOUT.items() if getattr(cls, k) != v}
+        if changed:
+            raise RuntimeError(f"{cls.__name__} sets {', '.join(f'{k} = {v!r}' for k, v in changed.items())}, but "
+                               f"the PVT trainers build only the paper's decoder over PVTv2's four stages ("
+                               f"{', '.join(f'{k} = {v!r}' for k, v in PVT_DECODER_LAYOUT.items())}): derive from "
+                               f"nnUNetTrainerEMCAD for another decoder layout, over nnU-Net's encoder")
 
     def _pvt_weights(self) -> Union[None, str, StateDict]:
         """The ImageNet checkpoint named by ``nnUNet_EMCAD_PVT_WEIGHTS`` (checked now, loaded at initialize), or,
@@ -451,6 +470,7 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
                                    num_input_channels: int, num_output_channels: int,
                                    enable_deep_supervision: bool = True) -> nn.Module:
         require_dimensions(configuration_manager, cls.__name__, cls.dimensions)
+        cls.check_decoder_layout()
         return for_nnunet(create_emcad_pvt(cls.pvt_variant, num_output_channels, num_input_channels,
                                            deep_supervision=enable_deep_supervision,
                                            upsample_outputs=cls.upsample_outputs,

@@ -1,5 +1,6 @@
 """The trainers' contracts with nnU-Net, in process: deep supervision, patch sizes, 3D refusal, optimisers."""
 import copy
+import re
 import os
 
 import pytest
@@ -339,3 +340,18 @@ def test_fine_stage_variants_change_only_their_blocks_and_train_a_step_in_3d_too
     assert {n for n, p in network.named_parameters() if p.grad is None} == {f'decoder.seg_layers.{deepest}.weight',
                                                                            f'decoder.seg_layers.{deepest}.bias'}
     assert len(network.decoder.cab) == len(network.decoder.mscb) - bool(cls.mscb_only_stride)
+
+
+@pytest.mark.parametrize('attribute, value', [('decoder_stride', 2), ('decoder_width', 32), ('refine_channels', 8),
+                                              ('mscb_kernel_sizes', (3,)), ('encoder_kind', 'residual')])
+def test_a_pvt_trainer_changing_the_decoder_layout_is_refused_naming_what_the_pvt_trainers_build(
+        attribute, value, nnunet_folders):
+    variant = type('nnUNetTrainerEMCAD_PVTb0_Variant', (T.nnUNetTrainerEMCAD_PVTb0,), {attribute: value})
+    said = rf"nnUNetTrainerEMCAD_PVTb0_Variant sets {attribute} = {re.escape(repr(value))}, but the PVT trainers " \
+        r"build only the paper's decoder .*decoder_stride = 4.*: derive from nnUNetTrainerEMCAD"
+    with pytest.raises(RuntimeError, match=said):
+        build(variant, make_plans(5, [64, 64]))
+    assert not os.path.exists(os.environ['nnUNet_results'])  # refused before nnU-Net wrote anything
+    trainer = build(T.nnUNetTrainerEMCAD_PVTb0, make_plans(5, [64, 64]))  # what the predictor builds, refused too
+    with pytest.raises(RuntimeError, match=said):
+        variant.build_network_architecture(trainer.plans_manager, trainer.configuration_manager, 1, 3)
