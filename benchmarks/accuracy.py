@@ -610,11 +610,13 @@ def points_lines(runs: Sequence[dict], args: argparse.Namespace, seconds: Option
     records = point_records(runs)
     trainers = list(dict.fromkeys(r['trainer'] for r in records))
     minutes = f"the point's iterations times the trainer's seconds per training step, measured in turn with " \
-        f"stock ({os.path.basename(args.step_times)}), not these runs' wall clock" if seconds else \
-        'not given (--step-times)'
+        f"stock ({os.path.basename(args.step_times)}; the step alone, without data loading and nnU-Net's " \
+        f"per-epoch validation), not these runs' wall clock" if seconds else 'not given (--step-times)'
     lines = ['', '## Dice at each evaluated iteration', '',
              f"Every equal-iteration run scored with the network it had at each point of --eval-at (the last is "
-             f"its final checkpoint) on the same held-out cases. Minutes: {minutes}.", '',
+             f"its final checkpoint) on the same held-out cases. A point before the last is a network part-way "
+             f"through the whole schedule (nnU-Net's learning rate decays over all {args.iterations} iterations), "
+             f"not what a training of that many iterations would reach. Minutes: {minutes}.", '',
              '| trainer | iterations | minutes | runs | Dice per run | mean Dice | spread | against stock |',
              '|---|---:|---:|---:|---|---:|---:|---|']
     for n in args.eval_at:

@@ -359,7 +359,8 @@ def test_accuracy_report_gives_the_dice_at_each_eval_point_on_minutes_from_step_
            'spread: ahead |' in points
     assert '| nnUNetTrainerEMCAD | 200 | 1.7 | 1 | 0.600 | 0.600 | 0.0 | -1.0 points; one run, so its spread is ' \
            'unknown |' in points  # the stopped run has not reached 200
-    assert 'measured in turn with stock (against_stock_p128.json)' in points
+    assert 'measured in turn with stock (against_stock_p128.json; the step alone' in points
+    assert "nnU-Net's learning rate decays over all 200 iterations" in points
     assert 'Points reached: nnUNetTrainer run 1: 100, 200; nnUNetTrainer run 2: 100, 200; nnUNetTrainerEMCAD run ' \
            '1: 100, 200; nnUNetTrainerEMCAD run 2: 100 (stopped; the same command continues it).' in points
     png = point_plots([*stock, emcad, stopped], seconds, str(tmp_path / 'curves'))
