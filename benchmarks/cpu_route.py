@@ -74,7 +74,7 @@ def command_seconds(trace: str, end: float) -> Dict[str, float]:
     """Each nnU-Net command's seconds, from the start stamps of bash's trace to the next command's (the last
     one's to ``end``)."""
     starts = [(float(t), name) for t, name in TRACE.findall(trace)]
-    return {name: round(later - t, 1) for (t, name), later in zip(starts, [s for s, _ in starts[1:]] + [end])}
+    return {name: later - t for (t, name), later in zip(starts, [s for s, _ in starts[1:]] + [end])}
 
 
 def _foreground_dice(summary_file: str) -> Dict[str, float]:
@@ -111,7 +111,7 @@ def run_route(source: str, home: str, trainer: Optional[str] = None, ext_trainer
     with open(log) as f:
         epochs = [float(s) for s in re.findall(r'Epoch time: ([\d.]+) s', f.read())]
     return {'trainer': trainer, 'held_out_cases': held_out, 'seconds': command_seconds(proc.stderr, end),
-            'total_seconds': round(end - start, 1), 'epochs': len(epochs), 'epoch_seconds': round(sum(epochs), 1),
+            'total_seconds': end - start, 'epochs': len(epochs), 'epoch_seconds': sum(epochs),
             'validation_dice': _foreground_dice(os.path.join(fold, 'validation', 'summary.json')),
             'held_out_dice': _foreground_dice(os.path.join(home, 'acdc_predictions', 'summary.json'))}
 

@@ -82,7 +82,7 @@ def assert_same_outputs_and_gradients(expected: nn.Module, got: nn.Module, x: to
     torch.manual_seed(1)
     want = outputs_and_gradients(expected, expected, x)
     torch.manual_seed(1)
-    for a, b in zip(want, outputs_and_gradients(got, got, x)):
+    for a, b in zip(want, outputs_and_gradients(got, got, x), strict=True):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
 
 

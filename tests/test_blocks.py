@@ -29,7 +29,7 @@ def test_msdc_parallel_branches_read_the_same_input():
     x = torch.randn(2, 8, 12, 12)
     outs = msdc(x)
     assert len(outs) == 3
-    for branch, out in zip(msdc.dwconvs, outs):
+    for branch, out in zip(msdc.dwconvs, outs, strict=True):
         torch.testing.assert_close(out, branch(x))
     assert [b[0].kernel_size for b in msdc.dwconvs] == [(1, 1), (3, 3), (5, 5)]
     assert all(b[0].groups == 8 and b[0].bias is None for b in msdc.dwconvs)
@@ -45,7 +45,7 @@ def test_msdc_sequential_adds_each_branch_to_the_next_input():
     y0 = msdc.dwconvs[0](x)
     y1 = msdc.dwconvs[1](x + y0)
     y2 = msdc.dwconvs[2](x + y0 + y1)
-    for got, want in zip(outs, (y0, y1, y2)):
+    for got, want in zip(outs, (y0, y1, y2), strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -92,7 +92,7 @@ def test_mscb_with_the_shuffle_in_its_weight_equals_shuffling_the_features_in_ou
     assert block.shuffle_groups == 12 and block.combined_channels == (24 if add else 72)  # a real shuffle
     # float32: the weight gradient sums the same products in another order
     tolerance = dict(rtol=1e-5, atol=1e-4) if dtype == torch.float32 else {}
-    for got, want in zip(*results):
+    for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want, **tolerance)
 
 
@@ -144,7 +144,7 @@ def test_cab_batching_its_two_paths_equals_the_official_two_calls_in_outputs_and
         return torch.sigmoid(sum(cab.fc2(cab.activation(cab.fc1(p))) for p in pools))
 
     results = [outputs_and_gradients(forward, cab, x) for forward in (cab, official)]
-    for got, want in zip(*results):
+    for got, want in zip(*results, strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -203,7 +203,7 @@ def test_instance_norm_through_the_group_norm_kernel_equals_instance_norm_in_out
     assert list(got.state_dict()) == list(want.state_dict()) and isinstance(got, torch_norm)
     x = 3 * torch.randn(2, 6, *((9, 7) if dims == 2 else (5, 6, 4)), dtype=dtype) + 2
     results = [outputs_and_gradients(norm, norm, x) for norm in (want, got)]
-    for a, b in zip(*results):
+    for a, b in zip(*results, strict=True):
         torch.testing.assert_close(b, a)
     with torch.profiler.profile() as profile:
         got(x)
@@ -240,7 +240,8 @@ def _assert_rewrite_of_conv(conv: nn.Module, rewritten: nn.Module, x: torch.Tens
     assert [(n, p.shape) for n, p in rewritten.named_parameters()] == \
         [(n, p.shape) for n, p in conv.named_parameters()]
     rewritten.load_state_dict(conv.state_dict())
-    for got, want in zip(outputs_and_gradients(rewritten, rewritten, x), outputs_and_gradients(conv, conv, x)):
+    for got, want in zip(outputs_and_gradients(rewritten, rewritten, x), outputs_and_gradients(conv, conv, x),
+                         strict=True):
         torch.testing.assert_close(got, want)
 
 

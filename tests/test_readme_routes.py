@@ -60,9 +60,7 @@ def test_the_cpu_route_runs_as_written_on_generated_images_and_its_benchmark_tim
     seconds = result['seconds']
     assert list(seconds) == ['nnUNetv2_plan_and_preprocess', 'nnUNetv2_train', 'nnUNetv2_predict',
                              'nnUNetv2_evaluate_folder']
-    # each time is rounded to 0.1 s: their sum may pass the rounded total by half a tenth per command
-    assert all(s > 0 for s in seconds.values())
-    assert sum(seconds.values()) <= result['total_seconds'] + 0.05 * len(seconds)
+    assert all(s > 0 for s in seconds.values()) and sum(seconds.values()) <= result['total_seconds']
     assert 0 < result['epoch_seconds'] < seconds['nnUNetv2_train']  # its start and final validation besides
     assert result['held_out_dice']['1'] > 0.5, result  # an untrained network scores near 0
     assert 0 < result['validation_dice']['mean'] <= 1
