@@ -6,10 +6,11 @@ mis-shaped keys instead of leaving half a model initialised.
 """
 import logging
 import os
-from typing import Dict, Mapping, Union
+from typing import Callable, Dict, Mapping, TypeVar, Union
 
 import timm
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file
 from timm.models import adapt_input_conv
 from timm.models.pvt_v2 import checkpoint_filter_fn
@@ -18,6 +19,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 StateDict = Dict[str, torch.Tensor]
+Fetched = TypeVar('Fetched')
 CheckpointSource = Union[str, os.PathLike, Mapping[str, torch.Tensor]]
 
 
@@ -78,12 +80,28 @@ TIMM_PRETRAINED = 'timm'
 """The weights-setting value that asks for timm's own pretrained weights instead of a local file."""
 
 
+def first_rank_first(fetch: Callable[[], Fetched]) -> Fetched:
+    """``fetch()`` on the first rank of a torch.distributed process group before the others (which then find
+    what it cached), on each rank alike without one. Should the first rank fail, the others go on and fail alike
+    instead of waiting."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return fetch()
+    if dist.get_rank() == 0:
+        try:
+            return fetch()
+        finally:
+            dist.barrier()
+    dist.barrier()
+    return fetch()
+
+
 def timm_pretrained_weights(variant: str) -> StateDict:
     """ImageNet weights of PVTv2 ``variant`` through timm's own pretrained mechanism: the Hugging Face hub
     (``timm/<variant>.in1k``), downloaded on first use into its cache (``$HF_HOME``, by default
-    ``~/.cache/huggingface``) and read from there after; with ``HF_HUB_OFFLINE=1`` from the cache alone."""
+    ``~/.cache/huggingface``) and read from there after; with ``HF_HUB_OFFLINE=1`` from the cache alone. Under
+    DDP the first rank downloads while the others wait for the cache (``first_rank_first``)."""
     try:
-        return timm.create_model(variant, pretrained=True, num_classes=0).state_dict()
+        return first_rank_first(lambda: timm.create_model(variant, pretrained=True, num_classes=0).state_dict())
     except (OSError, RuntimeError, ValueError) as e:
         raise CheckpointError(f"timm could not fetch the ImageNet {variant} weights ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''}): reach the Hugging Face hub once (timm "

@@ -3,7 +3,7 @@ preprocessing, augmentation, cross-validation, validation, evaluation, ensemblin
 
 ``build_network_architecture`` is a classmethod here (so a variant changes a class attribute, not the method);
 nnU-Net calls it with the same arguments as the stock static method, in training and in the predictor. It
-never reads files: ImageNet weights are loaded in ``initialize``, during training only.
+never reads files: ImageNet weights are loaded when a new training starts, never for ``--c`` or ``--val``.
 """
 import math
 import os
@@ -17,8 +17,10 @@ from torch import nn
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from nnunetv2 import paths as nnunet_paths
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.file_path_utilities import get_output_folder
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from nnunet_emcad.checkpoints import TIMM_PRETRAINED, CheckpointError, StateDict, timm_pretrained_weights
@@ -407,10 +409,11 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
     gradient checkpointing).
 
     ImageNet weights: set ``nnUNet_EMCAD_PVT_WEIGHTS`` to a checkpoint file, or to a folder holding
-    ``pvt_v2_b2.pth`` (timm or original PVT format); they are loaded strictly when training starts. Unset, the
-    encoder trains from scratch. A patch size not divisible by 32 is rounded up to the next multiple of 32, and
-    to at least 64 (the deepest stage, at 1/32, then has more than one position for instance norm to normalise);
-    logged, and saved in the results' plans.json so prediction uses it too.
+    ``pvt_v2_b2.pth`` (timm or original PVT format); they are loaded strictly when a new training starts (not
+    for ``--c`` or ``--val``, whose checkpoint holds the encoder). Unset, the encoder trains from scratch. A
+    patch size not divisible by 32 is rounded up to the next multiple of 32, and to at least 64 (the deepest
+    stage, at 1/32, then has more than one position for instance norm to normalise); logged, and saved in the
+    results' plans.json so prediction uses it too.
     """
 
     pvt_variant = 'pvt_v2_b2'
@@ -422,12 +425,29 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
-        self.check_decoder_layout()  # before nnU-Net's __init__ writes anything
-        self.pvt_weights = self._pvt_weights()
+        # before nnU-Net's __init__ writes anything: a new training whose weights cannot be had stops here
+        self.check_decoder_layout()
+        self.pvt_weights, self.pvt_weights_error, self.imagenet_loaded = None, None, False
+        if not plans.get('continue_training'):  # --c: the checkpoint brings the weights
+            try:
+                self.pvt_weights = self._pvt_weights()
+            except CheckpointError as e:
+                if not self._has_final_checkpoint(plans, configuration, fold):
+                    raise
+                self.pvt_weights_error = e  # --val needs none; a new training of this fold stops at its start
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.initial_lr = 1e-4
         self.weight_decay = 1e-4
         self._fit_patch_size()
+
+    @classmethod
+    def _has_final_checkpoint(cls, plans: dict, configuration: str, fold: Union[int, str]) -> bool:
+        """Whether the fold's folder holds a final checkpoint, as ``--val`` needs."""
+        if nnunet_paths.nnUNet_results is None:
+            return False
+        manager = PlansManager(plans)
+        return os.path.isfile(os.path.join(get_output_folder(manager.dataset_name, cls.__name__, manager.plans_name,
+                                                             configuration, fold), 'checkpoint_final.pth'))
 
     @classmethod
     def check_decoder_layout(cls) -> None:
@@ -482,10 +502,26 @@ class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
         was_initialized = self.was_initialized
         super().initialize()
         if self.pvt_weights and not was_initialized:
-            unwrap(self.network).encoder.load_pretrained(self.pvt_weights)
-            where = ("through timm's pretrained cache" if isinstance(self.pvt_weights, dict) else
-                     f"from {self.pvt_weights}")
-            self.print_to_log_file(f"loaded ImageNet {self.pvt_variant} weights {where}")
+            self._load_imagenet_weights()
+
+    def on_train_start(self) -> None:
+        """nnU-Net's start of training; a training that starts from epoch 0 where the weights were not resolved
+        at construction (``--c`` with no checkpoint to continue from, or a new training of a fold that has a
+        final checkpoint) gets them now, or stops with why."""
+        super().on_train_start()
+        if self.current_epoch == 0 and not self.imagenet_loaded:
+            if self.pvt_weights_error is not None:
+                raise self.pvt_weights_error
+            self.pvt_weights = self._pvt_weights()
+            if self.pvt_weights:
+                self._load_imagenet_weights()
+
+    def _load_imagenet_weights(self) -> None:
+        unwrap(self.network).encoder.load_pretrained(self.pvt_weights)
+        self.imagenet_loaded = True
+        where = ("through timm's pretrained cache" if isinstance(self.pvt_weights, dict) else
+                 f"from {self.pvt_weights}")
+        self.print_to_log_file(f"loaded ImageNet {self.pvt_variant} weights {where}")
 
     def configure_optimizers(self):
         optimizer = torch.optim.AdamW(self.network.parameters(), self.initial_lr, weight_decay=self.weight_decay)

@@ -83,3 +83,48 @@ def test_a_loss_that_diverges_on_one_rank_stops_every_rank_at_that_step_with_one
     assert stopped[0] == stopped[1], 'every rank stops with the same message'
     assert stopped[0].startswith('training loss became nan on rank 1 in epoch 0: the network diverged')
     assert stopped[0] in result['nnUNetTrainerEMCAD']['log']  # rank 0 writes nnU-Net's training log
+
+
+
+FIRST_RANK_FIRST = '''
+import json, os, sys, time
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from nnunet_emcad.checkpoints import first_rank_first
+
+
+def worker(rank, out):
+    dist.init_process_group('gloo', init_method=f"file://{os.path.join(out, 'group')}", rank=rank, world_size=2)
+
+    def fetch():
+        start = time.time()
+        time.sleep(1.0 if rank == 0 else 0.0)
+        return {'start': start, 'end': time.time()}
+
+    def fail():
+        raise RuntimeError(f'no hub on rank {rank}')
+
+    said = {'fetched': first_rank_first(fetch)}
+    try:
+        first_rank_first(fail)
+    except RuntimeError as e:
+        said['failed'] = str(e)
+    with open(os.path.join(out, f'rank{rank}.json'), 'w') as f:
+        json.dump(said, f)
+
+
+if __name__ == '__main__':
+    mp.start_processes(worker, args=(sys.argv[1],), nprocs=2, start_method='fork')
+'''
+
+
+def test_under_ddp_the_first_rank_fetches_the_weights_while_the_others_wait_and_none_waits_for_a_failed_fetch(
+        tmp_path):
+    script = tmp_path / 'first_rank_first.py'
+    script.write_text(FIRST_RANK_FIRST)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)  # a rank left waiting would hang
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = (json.loads((tmp_path / f'rank{r}.json').read_text()) for r in (0, 1))
+    assert second['fetched']['start'] >= first['fetched']['end']  # rank 1 fetched after rank 0 had (its cache)
+    assert (first['failed'], second['failed']) == ('no hub on rank 0', 'no hub on rank 1')

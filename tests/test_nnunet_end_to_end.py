@@ -136,6 +136,16 @@ def test_pvt_trainer_with_imagenet_weights_from_a_local_file(planned, tmp_path):
                         'nnUNetTrainerEMCAD_PVTb0_smoke__nnUNetPlans__2d', 'fold_0')
     # 4 smoke epochs at the PVT trainers' learning rate (1e-4) leave it far from converged; untrained it scores near 0
     assert _dice(os.path.join(fold, 'validation', 'summary.json'))['1'] > 0.3
+    # --c and --val load the trained checkpoint: they need neither the weights file, now gone, nor the hub
+    weights.unlink()
+    out = run(['nnUNetv2_train', '901', '2d', '0', '-tr', 'nnUNetTrainerEMCAD_PVTb0_smoke', '-device', 'cpu', '--c'],
+              env, log)
+    assert 'loaded ImageNet' not in out
+    offline = dict(env, nnUNet_EMCAD_PVT_WEIGHTS='timm', HF_HUB_OFFLINE='1', HF_HOME=str(tmp_path / 'empty_cache'))
+    os.remove(os.path.join(fold, 'validation', 'summary.json'))
+    out = run(['nnUNetv2_train', '901', '2d', '0', '-tr', 'nnUNetTrainerEMCAD_PVTb0_smoke', '-device', 'cpu', '--val'],
+              offline, log)
+    assert 'loaded ImageNet' not in out and _dice(os.path.join(fold, 'validation', 'summary.json'))['1'] > 0.3
 
 
 @pytest.mark.xdist_group('trained_fold')

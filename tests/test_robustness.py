@@ -31,6 +31,17 @@ def test_pvt_weights_named_but_missing_stop_at_construction(tmp_path, monkeypatc
         build(T.nnUNetTrainerEMCAD_PVTb0, make_plans(5, [64, 64]))
 
 
+def test_missing_pvt_weights_stop_neither_a_continued_training_nor_a_validation_of_a_finished_fold(tmp_path,
+                                                                                                    monkeypatch):
+    fold = build(T.nnUNetTrainerEMCAD_PVTb0, make_plans(5, [64, 64])).output_folder
+    monkeypatch.setenv(T.PVT_WEIGHTS_ENV, str(tmp_path / 'gone.pth'))
+    continued = build(T.nnUNetTrainerEMCAD_PVTb0, dict(make_plans(5, [64, 64]), continue_training=True))  # --c
+    assert continued.pvt_weights is None and continued.pvt_weights_error is None
+    open(os.path.join(fold, 'checkpoint_final.pth'), 'w').close()
+    finished = build(T.nnUNetTrainerEMCAD_PVTb0, make_plans(5, [64, 64]))  # --val; a new training stops at its start
+    assert finished.pvt_weights is None and 'gone.pth does not exist' in str(finished.pvt_weights_error)
+
+
 def test_pvt_weights_of_another_model_fail_with_the_key_lists(tmp_path, monkeypatch):
     torch.save(create_emcad_unet(ACDC_2D_ARCH, 1, 2).state_dict(), tmp_path / 'pvt_v2_b0.pth')
     monkeypatch.setenv(T.PVT_WEIGHTS_ENV, str(tmp_path))
