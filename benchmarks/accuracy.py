@@ -311,13 +311,14 @@ def _model_folder(env: Dict[str, str], args: argparse.Namespace, tr: str) -> str
                         f'{tr}__{BENCH_PLANS}__{args.configuration}')
 
 
-def _predict_and_score(env: Dict[str, str], args: argparse.Namespace, tr: str, checkpoint: str, log: str) -> dict:
+def _predict_and_score(env: Dict[str, str], args: argparse.Namespace, tr: str, checkpoint: str, log: str,
+                       logging: dict) -> dict:
     """nnUNetv2_predict with ``checkpoint`` of ``tr``'s fold on the fold's validation cases (timed end to end), and
-    their scores; the fold's training time and iterations up to that checkpoint."""
+    their scores; the fold's training time and iterations up to that checkpoint, from its training log
+    ``logging``."""
     dataset_id, name = dataset_id_and_name(args.dataset)
     model = _model_folder(env, args, tr)
-    output = os.path.join(model, f'fold_{args.fold}')
-    epoch_seconds = _epoch_seconds(_training_log(output, checkpoint))
+    epoch_seconds = _epoch_seconds(logging)
     val_cases = validation_cases(env, name, args.fold)
     inputs = os.path.join(model, f'val_inputs_{args.fold}')
     _validation_inputs(env, name, val_cases, inputs)
@@ -343,7 +344,8 @@ def _scored_points(env: Dict[str, str], args: argparse.Namespace, tr: str, itera
     for n in args.eval_at or ():
         if n < iterations and n not in [p['iterations'] for p in points] \
                 and os.path.isfile(os.path.join(output, snapshot_file(n))):
-            points.append(_predict_and_score(env, args, tr, snapshot_file(n), log))
+            points.append(_predict_and_score(env, args, tr, snapshot_file(n), log,
+                                             _training_log(output, snapshot_file(n))))
             with open(cache, 'w') as f:
                 json.dump(points, f, indent=1)
     return sorted(points, key=lambda p: p['iterations'])
@@ -382,8 +384,8 @@ def train_and_evaluate(env: Dict[str, str], args: argparse.Namespace, trainer: s
             return {'trainer': trainer, 'bench_trainer': tr, 'run': run, 'iterations': iterations, 'stopped': True,
                     'points': _scored_points(env, args, tr, iterations, log)}
     points = _scored_points(env, args, tr, iterations, log)
-    final = _predict_and_score(env, args, tr, 'checkpoint_final.pth', log)
     logging = _training_log(output)
+    final = _predict_and_score(env, args, tr, 'checkpoint_final.pth', log, logging)
     result = {'trainer': trainer, 'bench_trainer': tr, 'run': run, **final, 'iterations': iterations,
               'seconds_per_iteration': final['train_seconds'] / max(1, iterations), 'malloc': malloc_note(env),
               'curve': {'ema_pseudo_dice': [float(v) for v in logging['ema_fg_dice']],
