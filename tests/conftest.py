@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from nnunet_emcad.source_tree import shared_data_dir
-from tiny_data import plan_tiny_dataset
+from tiny_data import plan_tiny_3d_dataset, plan_tiny_dataset
 
 warnings.filterwarnings('ignore', category=FutureWarning)
 
@@ -54,17 +54,29 @@ def pytest_configure(config) -> None:
         torch.set_num_threads(int(share))
 
 
-@pytest.fixture(scope='session')
-def tiny_planned(tmp_path_factory) -> str:
-    """Dataset901_Tiny planned and preprocessed by nnU-Net once per test run (the first xdist worker to ask plans
-    it, the others wait for it); tests take copies (``copy_planned``)."""
+def _planned_once(tmp_path_factory, name: str, plan: Callable[[str], str]) -> str:
+    """``plan(folder)`` once per test run: the first xdist worker to ask plans, the others wait for it."""
     if not os.environ.get('PYTEST_XDIST_WORKER'):
-        return plan_tiny_dataset(str(tmp_path_factory.mktemp('tiny_planned')))
-    root = tmp_path_factory.getbasetemp().parent / 'tiny_planned'  # the run's folder, above each worker's own
+        return plan(str(tmp_path_factory.mktemp(name)))
+    root = tmp_path_factory.getbasetemp().parent / name  # the run's folder, above each worker's own
     with open(f'{root}.lock', 'w') as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not (root / 'planned').exists():
             root.mkdir(exist_ok=True)
-            plan_tiny_dataset(str(root))
+            plan(str(root))
             (root / 'planned').touch()
     return str(root)
+
+
+@pytest.fixture(scope='session')
+def tiny_planned(tmp_path_factory) -> str:
+    """Dataset901_Tiny planned and preprocessed for 2d by nnU-Net once per test run; tests take copies
+    (``copy_planned``)."""
+    return _planned_once(tmp_path_factory, 'tiny_planned', plan_tiny_dataset)
+
+
+@pytest.fixture(scope='session')
+def tiny_planned_3d(tmp_path_factory) -> str:
+    """Dataset902_Tiny3D planned and preprocessed for 3d_fullres by nnU-Net once per test run; tests take copies
+    (``copy_planned``)."""
+    return _planned_once(tmp_path_factory, 'tiny_planned_3d', plan_tiny_3d_dataset)

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from nnunet_emcad.scripts import nnunet_env, plan_command
-from tiny_data import copy_planned, make_3d_dataset, run
+from nnunet_emcad.scripts import nnunet_env
+from tiny_data import copy_planned
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 # 2D: the default (nothing recomputed), the full-resolution decoder (its stages at strides 1-4 run again in
@@ -41,17 +41,18 @@ def ddp_steps_2d(tiny_planned: str, root, *args: str) -> dict:
 
 
 @pytest.fixture(scope='module')
-def ddp_runs(tiny_planned, tmp_path_factory) -> dict:
+def ddp_runs(tiny_planned, tiny_planned_3d, tmp_path_factory) -> dict:
+    """Every trainer's steps, run once: its tests share one xdist worker (their group ``ddp_runs``)."""
     runs = ddp_steps_2d(tiny_planned, tmp_path_factory.mktemp('ddp'), '--trainers', *TRAINERS['2d'])
     root = tmp_path_factory.mktemp('ddp3d')
     env = nnunet_env(str(root), package_settings=False, configuration='3d_fullres')
-    make_3d_dataset(env['nnUNet_raw'])
-    run(plan_command('902', '3d_fullres', env), env, str(root / 'log.txt'))
+    copy_planned(tiny_planned_3d, env)
     runs.update(ddp_steps(env, 'Dataset902_Tiny3D', root / 'out', '--configuration', '3d_fullres', '--trainers',
                           *TRAINERS['3d_fullres']))
     return runs
 
 
+@pytest.mark.xdist_group('ddp_runs')
 @pytest.mark.parametrize('trainer', [t for trainers in TRAINERS.values() for t in trainers])
 def test_two_ddp_processes_train_as_one_process_on_the_whole_batch(ddp_runs, trainer):
     result = ddp_runs[trainer]

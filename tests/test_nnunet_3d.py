@@ -4,18 +4,17 @@ import os
 
 import pytest
 
-from nnunet_emcad.scripts import nnunet_env, plan_command
-from tiny_data import assert_onnx_matches_pytorch, export_trained_fold, make_3d_dataset, run
+from nnunet_emcad.scripts import nnunet_env
+from tiny_data import assert_onnx_matches_pytorch, copy_planned, export_trained_fold, run
 
 
 @pytest.mark.slow
-def test_3d_fullres_train_predict_evaluate_and_export(tmp_path):
+def test_3d_fullres_train_predict_evaluate_and_export(tiny_planned_3d, tmp_path):
     root = str(tmp_path)
     # none of the developer's nnU-Net or nnunet-emcad settings
     env = nnunet_env(root, package_settings=False, configuration='3d_fullres')
-    make_3d_dataset(env['nnUNet_raw'])
+    copy_planned(tiny_planned_3d, env)
     log = os.path.join(root, 'log.txt')
-    run(plan_command('902', '3d_fullres', env), env, log)
     with open(os.path.join(env['nnUNet_preprocessed'], 'Dataset902_Tiny3D', 'nnUNetPlans.json')) as f:
         arch = json.load(f)['configurations']['3d_fullres']['architecture']['arch_kwargs']
     assert [1, 3, 3] in arch['kernel_sizes'], arch['kernel_sizes']  # nnU-Net planned it anisotropic

@@ -21,9 +21,18 @@ def plan_tiny_dataset(root: str) -> str:
     return root
 
 
+def plan_tiny_3d_dataset(root: str) -> str:
+    """Dataset902_Tiny3D generated under ``root`` and planned and preprocessed for 3d_fullres by nnU-Net, in the
+    folders ``scripts.nnunet_env(root)`` names; returns ``root``."""
+    env = scripts.nnunet_env(root, package_settings=False, configuration='3d_fullres')
+    make_3d_dataset(env['nnUNet_raw'])
+    run(scripts.plan_command('902', '3d_fullres', env), env, os.path.join(root, 'log.txt'))
+    return root
+
+
 def copy_planned(source_root: str, env: Dict[str, str]) -> None:
-    """The raw and preprocessed folders of ``plan_tiny_dataset(source_root)`` copied into ``env``'s nnU-Net
-    folders, so that a test writes into copies of its own."""
+    """The raw and preprocessed folders of ``plan_tiny_dataset(source_root)`` (or ``plan_tiny_3d_dataset``)
+    copied into ``env``'s nnU-Net folders, so that a test writes into copies of its own."""
     source = scripts.nnunet_env(source_root, package_settings=False)
     for folder in ('nnUNet_raw', 'nnUNet_preprocessed'):
         shutil.copytree(source[folder], env[folder], dirs_exist_ok=True)
