@@ -95,8 +95,31 @@ def test_short_schedules_change_only_the_schedule():
         assert cls.__bases__[0] in NETWORK_TRAINERS + EMCAD_3D_TRAINERS, cls
 
 
-@pytest.mark.parametrize('n_stages', [5, 6, 7, 8])
-@pytest.mark.parametrize('cls', NETWORK_TRAINERS, ids=lambda c: c.__name__)
+# What sets a 2D network's outputs (how many, at which scales): a trainer that shares these with one listed before
+# it differs only inside blocks (widths, kernels, attention, recomputing, the loss weights), so its outputs are
+# checked on the 5-stage plans only; the first trainer of each kind on every plan from 5 to 8 stages
+TOPOLOGY = ('encoder_kind', 'decoder_stride', 'light_stages', 'refine_channels', 'upsample_outputs')
+
+
+def deep_supervision_cases() -> list:
+    """(trainer, n_stages) for the deep-supervision test."""
+    cases, seen = [], set()
+    for cls in NETWORK_TRAINERS:
+        topology = tuple(getattr(cls, name, None) for name in TOPOLOGY)
+        cases += [(cls, n) for n in ([5] if topology in seen else [5, 6, 7, 8])]
+        seen.add(topology)
+    return cases
+
+
+def test_every_network_trainer_has_deep_supervision_cases_and_each_topology_every_stage_count():
+    cases = deep_supervision_cases()
+    assert {cls for cls, _ in cases} == set(NETWORK_TRAINERS)
+    for topology in {tuple(getattr(cls, name, None) for name in TOPOLOGY) for cls in NETWORK_TRAINERS}:
+        assert {n for cls, n in cases if tuple(getattr(cls, name, None) for name in TOPOLOGY) == topology} == \
+            {5, 6, 7, 8}
+
+
+@pytest.mark.parametrize('cls, n_stages', deep_supervision_cases(), ids=lambda c: getattr(c, '__name__', str(c)))
 def test_deep_supervision_outputs_match_the_loss_scales(cls, n_stages):
     trainer = build(cls, make_plans(n_stages, PATCH_FOR_STAGES[n_stages]))
     patch = trainer.configuration_manager.patch_size
