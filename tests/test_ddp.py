@@ -12,14 +12,15 @@ from nnunet_emcad.scripts import nnunet_env
 from tiny_data import copy_planned
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
-# 2D: the default (nothing recomputed), the full-resolution decoder (its stages at strides 1-4 run again in
-# backward), the decoder from stride 4, the default under nnU-Net's torch.compile (through aot_eager), and
-# EMCAD-B0, whose stem's BatchNorm nnU-Net syncs over the ranks with SyncBatchNorm, which needs CUDA: on the CPU
-# each rank normalises its own half, so it is checked for ranks in step, not against one process.
-# 3D: the full-resolution decoder (recomputed) and the default's layout
-TRAINERS = {'2d': ['nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Stride1', 'nnUNetTrainerEMCAD_Stride4',
-                   'nnUNetTrainerEMCAD+compile', 'nnUNetTrainerEMCAD_PVTb0'],
-            '3d_fullres': ['nnUNetTrainerEMCAD3D', 'nnUNetTrainerEMCAD3D_Stride2Narrow']}
+# One trainer per path DDP takes. 2D: the default (nothing recomputed), the full-resolution decoder (its stages at
+# strides 1-4 run again in backward; _Stride4's decoder from stride 4 recomputes the same way), the default under
+# nnU-Net's torch.compile (through aot_eager), and EMCAD-B0, whose stem's BatchNorm nnU-Net syncs over the ranks
+# with SyncBatchNorm, which needs CUDA: on the CPU each rank normalises its own half, so it is checked for ranks in
+# step, not against one process. 3D: the full-resolution decoder (recomputed); the 3D default's layout recomputes
+# nothing, as the 2D default does
+TRAINERS = {'2d': ['nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Stride1', 'nnUNetTrainerEMCAD+compile',
+                   'nnUNetTrainerEMCAD_PVTb0'],
+            '3d_fullres': ['nnUNetTrainerEMCAD3D']}
 
 
 def ddp_steps(env: dict, dataset: str, out, *args: str) -> dict:
