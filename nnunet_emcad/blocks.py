@@ -155,8 +155,8 @@ class GroupedConv3d(nn.Conv3d):
     """``nn.Conv3d`` for depth-wise and grouped convolutions (same parameters), run channels-last on the CPU.
 
     In the default layout PyTorch's CPU backward of grouped 3D convolutions takes a slow generic kernel;
-    channels-last input sends it to oneDNN (the 3D cost report, benchmarks/results/cost_3d.md, measures the
-    networks built with it). In 2D it did not pay (the layout change slowed the norms around it), so 2D keeps
+    channels-last input sends it to oneDNN (the 3D cost report in docs/results.md measures the networks built
+    with it). In 2D it did not pay (the layout change slowed the norms around it), so 2D keeps
     ``nn.Conv2d``. float64 (no oneDNN kernel) keeps the default layout.
     """
 

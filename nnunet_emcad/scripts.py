@@ -15,7 +15,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 # glibc's malloc, told to keep freed memory for reuse: no memory map of its own for a block below 2 GiB and no
 # return of freed memory to the system below 2 GiB. PyTorch's CPU allocator keeps no cache, so under glibc's
 # defaults every large tensor of a training step is mapped, and its pages faulted in and zeroed, again at every
-# step. Faster CPU steps for a higher resident set: benchmarks/results/cost.md against cost_glibc_malloc.md.
+# step. Faster CPU steps for a higher resident set (the cost reports with and without: docs/results.md).
 # For 2D configurations only: in 3D the heap's fragmentation raised the resident set past the machine's memory
 # (README, "On a CPU"). Other C libraries ignore these variables; a user's own values win.
 MALLOC_SETTINGS = {'MALLOC_MMAP_THRESHOLD_': str(2 ** 31), 'MALLOC_TRIM_THRESHOLD_': str(2 ** 31)}

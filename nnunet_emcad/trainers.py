@@ -125,9 +125,8 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
     width, 32 (the first stage's width in nnU-Net's plans), by a 1x1 convolution, and the stride-2 logits are
     interpolated to the patch (the encoder's stride-1 features are not used by the decoder). It was chosen over
     the full-resolution layout (``nnUNetTrainerEMCAD_Stride1``, the default of nnunet-emcad 0.1) by repeated
-    accuracy runs on two data sets with thin structures, and trains in less time than stock nnU-Net
-    (benchmarks/results/accuracy_acdc_p128_narrow.md, accuracy_isbi_runs2.md, cost_variants.md). Its decoder keeps
-    fewer activations than stock nnU-Net's, so no stage runs again in backward.
+    accuracy runs on two data sets with thin structures, and trains in less time than stock nnU-Net (the runs:
+    docs/results.md). Its decoder keeps fewer activations than stock nnU-Net's, so no stage runs again in backward.
 
     The encoder is the one nnU-Net configured (``PlainConvEncoder`` from the default plans, ``ResidualEncoder``
     from ResEnc plans), trained from scratch with nnU-Net's recipe (SGD 0.01, Nesterov, poly decay): it needs no
@@ -135,7 +134,7 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
     inherits nnU-Net's self-configured patch, strides and depth for any dataset. Every decoded stage gets a
     head (the official decoder's layout); deep supervision trains them with nnU-Net's weights, which give the
     deepest output 0, as they give stock nnU-Net's coarsest, so that head is not trained
-    (``nnUNetTrainerEMCAD_AllHeads`` trains it, and scored lower).
+    (``nnUNetTrainerEMCAD_AllHeads`` trains it: an ablation, in docs/results.md).
 
     The decoder blocks normalise with the plan's norm (instance norm) instead of the official BatchNorm: with
     nnU-Net's small batches BatchNorm's running statistics do not represent the batches it trained on, so the
@@ -324,8 +323,7 @@ class nnUNetTrainerEMCAD_Stride2Refine(nnUNetTrainerEMCAD_Stride2):
 
 class nnUNetTrainerEMCAD_AllHeads(nnUNetTrainerEMCAD):
     """``nnUNetTrainerEMCAD`` training its deepest head too, with its share of nnU-Net's halving weights (as the
-    paper supervises every head) instead of nnU-Net's 0: an ablation, below the default on ACDC
-    (benchmarks/results/accuracy_acdc_all_heads.md)."""
+    paper supervises every head) instead of nnU-Net's 0: an ablation (its runs: docs/results.md)."""
 
     train_deepest_head = True
 
@@ -563,8 +561,8 @@ nnUNetTrainerEMCAD_PVTb0_5epochs = short_schedule(nnUNetTrainerEMCAD_PVTb0, FIVE
 nnUNetTrainerEMCAD_smoke = short_schedule(nnUNetTrainerEMCAD, SMOKE, 'nnUNetTrainerEMCAD_smoke')
 nnUNetTrainerEMCAD3D_smoke = short_schedule(nnUNetTrainerEMCAD3D, SMOKE, 'nnUNetTrainerEMCAD3D_smoke')
 nnUNetTrainerEMCAD_PVTb0_smoke = short_schedule(nnUNetTrainerEMCAD_PVTb0, SMOKE, 'nnUNetTrainerEMCAD_PVTb0_smoke')
-# 20 epochs of 25 iterations at batch 8 (2 validation iterations): the ACDC accuracy benchmark's 500-iteration
-# budget (benchmarks/results/accuracy_acdc_it500.md), a first model in minutes on a CPU.
+# 20 epochs of 25 iterations at batch 8 (2 validation iterations): the 500-iteration budget of an ACDC accuracy
+# benchmark (docs/results.md), a first model in minutes on a CPU.
 FIVE_HUNDRED_ITERATIONS = Schedule(epochs=20, iterations=25, batch_size=8, val_iterations=2)
 nnUNetTrainerEMCAD_PVTb0_500it = short_schedule(nnUNetTrainerEMCAD_PVTb0, FIVE_HUNDRED_ITERATIONS,
                                                 'nnUNetTrainerEMCAD_PVTb0_500it')

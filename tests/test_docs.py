@@ -1,12 +1,16 @@
 """The README stays a short user's guide, every relative link in it and in docs/ leads somewhere, and every
 measurement in them is in a benchmark report they link."""
+import ast
 import glob
+import io
 import os
 import re
 import subprocess
+import tokenize
 
 import pytest
 
+import nnunet_emcad
 from nnunet_emcad.benchmarking import RESULTS
 from nnunet_emcad.source_tree import README
 
@@ -113,3 +117,32 @@ def test_each_earlier_report_is_the_report_as_its_commit_left_it(report):
         pytest.skip(f'commit {commit} is not in this clone (a shallow one?): {git.stderr.strip()[:200]}')
     with open(report) as f:
         assert f.read() == git.stdout
+
+
+def _docstrings_and_comments(path: str) -> list:
+    """(line, text) of every docstring and comment in a Python file."""
+    with open(path) as f:
+        source = f.read()
+    found = [(t.start[0], t.string) for t in tokenize.generate_tokens(io.StringIO(source).readline)
+             if t.type == tokenize.COMMENT]
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant) \
+                    and isinstance(first.value.value, str):
+                found.append((first.lineno, first.value.value))
+    return found
+
+
+def test_the_packages_docstrings_and_comments_name_no_benchmark_report_and_quote_no_measurement():
+    """A report is rerun and renamed, and its numbers change; docs/results.md lists the current ones, and the code
+    points there."""
+    reports = {os.path.splitext(name)[0] for name in os.listdir(RESULTS) if name.endswith('.md')}
+    named = []
+    for path in glob.glob(os.path.join(os.path.dirname(nnunet_emcad.__file__), '**', '*.py'), recursive=True):
+        for line, text in _docstrings_and_comments(path):
+            names = [n for n in re.findall(r'[\w/]+\.md\b', text) if os.path.basename(n)[:-3] in reports]
+            measured = re.findall(r'\b\d+(?:\.\d+)?(?:x\b|\s?%|\s(?:ms|s|min)\b)', text)
+            named += [f'{os.path.basename(path)}:{line}: {n}'
+                      for n in names + measured + re.findall(r'benchmarks/results', text)]
+    assert not named, named
