@@ -157,6 +157,7 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
     train_deepest_head = False  # nnU-Net's deep-supervision weights give the deepest output 0; True: its share
     max_skipped_steps = 20  # steps in a row the GradScaler may skip for non-finite gradients before the run stops
     skipped_steps = 0
+    scale_after_last_step: Optional[float] = None  # the GradScaler's scale, read once per step
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -191,30 +192,39 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
     def train_step(self, batch: dict) -> dict:
         """nnU-Net's step; stops the run when the loss stops being finite, or when the GradScaler has skipped
         ``max_skipped_steps`` steps in a row for non-finite gradients, instead of saving a network that did not
-        learn. Under DDP every rank stops at the same step with the same message: the ranks' losses are gathered
-        (a non-finite loss on one rank ends them all), and the GradScaler of every rank sees the same averaged
-        gradients, so its skips agree."""
-        scale = self.grad_scaler.get_scale() if self.grad_scaler is not None else None
+        learn. It reads the loss nnU-Net has moved to the CPU and the GradScaler's scale once per step.
+
+        Under DDP every rank stops at the same step with the same message. The ranks' gradients are averaged, so
+        a non-finite loss on one rank makes every rank's GradScaler skip the step, and the GradScalers' skips
+        agree: the ranks gather their losses at a skipped step only; a step the GradScaler took had finite
+        gradients on every rank. Without a GradScaler (nnU-Net's DDP makes one on CUDA) they gather every step."""
+        if self.grad_scaler is not None and self.scale_after_last_step is None:
+            self.scale_after_last_step = self.grad_scaler.get_scale()
         result = super().train_step(batch)
-        losses = self._every_ranks_loss(float(result['loss']))
-        diverged = [rank for rank, loss in enumerate(losses) if not math.isfinite(loss)]
+        skipped = False
+        if self.grad_scaler is not None:
+            scale, self.scale_after_last_step = self.scale_after_last_step, self.grad_scaler.get_scale()
+            skipped = self.scale_after_last_step < scale
+        loss = float(result['loss'])
+        if not self.is_ddp:
+            losses = [loss]
+        else:
+            losses = self._every_ranks_loss(loss) if skipped or self.grad_scaler is None else []
+        diverged = [rank for rank, value in enumerate(losses) if not math.isfinite(value)]
         if diverged:
             where = (f" on rank{'s' if len(diverged) > 1 else ''} {', '.join(map(str, diverged))}" if self.is_ddp
                      else '')
             self._stop(f"training loss became {losses[diverged[0]]}{where} in epoch {self.current_epoch}: the "
                        f"network diverged, and continuing would only save a broken model. Lower initial_lr or "
                        f"check the data; the last good checkpoints are in {self.output_folder}")
-        if scale is not None:
-            skipped = self.grad_scaler.get_scale() < scale
+        if self.grad_scaler is not None:
             self.skipped_steps = self.skipped_steps + 1 if skipped else 0
             if self.skipped_steps >= self.max_skipped_steps:
                 self._stop(self._skipped_steps_message())
         return result
 
     def _every_ranks_loss(self, loss: float) -> List[float]:
-        """This step's loss of every DDP rank, in rank order (this process's alone without DDP)."""
-        if not self.is_ddp:
-            return [loss]
+        """This step's loss of every DDP rank, in rank order."""
         mine = torch.tensor([loss], device=self.device)
         gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, mine)

@@ -8,7 +8,9 @@ here: the device nnU-Net puts each rank on (``cuda:rank``), its CUDA GradScaler 
 conversion to SyncBatchNorm (CUDA only; the PVT stem's BatchNorm then normalises each rank's half on its own);
 for a trainer named ``NAME+compile``, nnU-Net's own torch.compile (off on the CPU) through the ``aot_eager``
 backend, and no drop path (a PVT's drop path draws other masks in two ranks than in one process).
-With ``--nan-rank R`` rank R's second batch is NaN, and what each rank stopped with is written instead.
+With ``--nan-rank R`` rank R's second batch is NaN, and what each rank stopped with is written instead, with how
+many times it gathered the ranks' losses; ``--grad-scaler`` gives each trainer a GradScaler (on the CPU), as
+nnU-Net's DDP does on CUDA.
 """
 import argparse
 import functools
@@ -38,10 +40,10 @@ def cpu_ddp(module: torch.nn.Module, device_ids: Optional[List[int]] = None) -> 
     return DistributedDataParallel(module)
 
 
-def make_trainer(spec: str, dataset: str, configuration: str, batch_dice: bool = True):
+def make_trainer(spec: str, dataset: str, configuration: str, batch_dice: bool = True, grad_scaler: bool = False):
     """The trainer ``spec`` names (``NAME`` or ``NAME+compile``) initialised on the tiny data set's plans for
     ``configuration``, with the same initial weights in every process; without ``batch_dice`` (3D plans' setting)
-    each rank's Dice is its own, not gathered over the ranks."""
+    each rank's Dice is its own, not gathered over the ranks; with ``grad_scaler`` a GradScaler on the CPU."""
     name, _, compiled = spec.partition('+')
     plans = dict(load_json(os.path.join(dataset, 'nnUNetPlans.json')), continue_training=False)  # as run_training
     plans['configurations'][configuration]['batch_dice'] = batch_dice
@@ -49,7 +51,7 @@ def make_trainer(spec: str, dataset: str, configuration: str, batch_dice: bool =
     trainer = recursive_find_trainer_class_by_name(name)(plans, configuration, 0, dataset_json,
                                                          device=torch.device('cpu'))
     trainer.device = torch.device('cpu')  # nnU-Net's DDP puts rank r on cuda:r
-    trainer.grad_scaler = None  # and makes a GradScaler for CUDA
+    trainer.grad_scaler = torch.amp.GradScaler('cpu') if grad_scaler else None  # and makes it one for CUDA
     if compiled:
         trainer._do_i_compile = lambda: True
     torch.manual_seed(0)
@@ -105,16 +107,26 @@ def patch_for_the_cpu() -> None:
 
 
 def rank_worker(rank: int, trainers: List[str], dataset: str, configuration: str, steps: int, out: str,
-                nan_rank: Optional[int]) -> None:
+                nan_rank: Optional[int], grad_scaler: bool) -> None:
     """Train each of ``trainers`` as rank ``rank``; with ``nan_rank``, that rank's second batch is NaN (and the
     Dice per rank, so that the other ranks' losses stay finite), and what each rank stopped with is written
-    instead."""
+    instead, with the number of all_gather calls."""
     dist.init_process_group('gloo', init_method=f"file://{os.path.join(out, 'process_group')}", rank=rank,
                             world_size=WORLD)
     patch_for_the_cpu()
+    gathers = []
+    all_gather = dist.all_gather
+
+    def counted_all_gather(*args, **kwargs):
+        gathers.append(1)
+        return all_gather(*args, **kwargs)
+
+    dist.all_gather = counted_all_gather
     try:
         for name in trainers:
-            trainer = make_trainer(name, dataset, configuration, batch_dice=nan_rank is None)
+            gathers.clear()
+            trainer = make_trainer(name, dataset, configuration, batch_dice=nan_rank is None,
+                                   grad_scaler=grad_scaler)
             assert trainer.is_ddp and isinstance(trainer.network, DistributedDataParallel)
             batches = [part(b, rank) for b in global_batches(trainer, steps)]
             if nan_rank is None:
@@ -128,7 +140,7 @@ def rank_worker(rank: int, trainers: List[str], dataset: str, configuration: str
             except RuntimeError as e:
                 stopped = str(e)
             with open(os.path.join(out, f'{name}_rank{rank}_stop.json'), 'w') as f:
-                json.dump({'stopped': stopped, 'log_file': trainer.log_file}, f)
+                json.dump({'stopped': stopped, 'log_file': trainer.log_file, 'gathers': len(gathers)}, f)
     finally:
         dist.destroy_process_group()
 
@@ -139,7 +151,8 @@ def stops(trainers: List[str], out: str) -> dict:
     for name in trainers:
         ranks = [load_json(os.path.join(out, f'{name}_rank{r}_stop.json')) for r in range(WORLD)]
         with open(ranks[0]['log_file']) as f:
-            summary[name] = {'stopped': [r['stopped'] for r in ranks], 'log': f.read()}
+            summary[name] = {'stopped': [r['stopped'] for r in ranks], 'gathers': [r['gathers'] for r in ranks],
+                             'log': f.read()}
     return summary
 
 
@@ -151,9 +164,10 @@ def main() -> None:
     parser.add_argument('--trainers', nargs='+', required=True)
     parser.add_argument('--steps', type=int, default=2)
     parser.add_argument('--nan-rank', type=int, help='the rank whose second batch is NaN (the others are not)')
+    parser.add_argument('--grad-scaler', action='store_true', help='a GradScaler (on the CPU) for every trainer')
     args = parser.parse_args()
-    mp.spawn(rank_worker, args=(args.trainers, args.dataset, args.configuration, args.steps, args.out, args.nan_rank),
-             nprocs=WORLD, join=True)
+    mp.spawn(rank_worker, args=(args.trainers, args.dataset, args.configuration, args.steps, args.out, args.nan_rank,
+                                args.grad_scaler), nprocs=WORLD, join=True)
     if args.nan_rank is not None:
         with open(os.path.join(args.out, 'summary.json'), 'w') as f:
             json.dump(stops(args.trainers, args.out), f, indent=1)

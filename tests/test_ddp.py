@@ -77,14 +77,19 @@ def test_two_ddp_processes_train_as_one_process_on_the_whole_batch(ddp_runs, tra
         assert result['max_weight_difference'] < 0.01 * result['max_weight_change']
 
 
+@pytest.mark.parametrize('grad_scaler', [False, True], ids=['without a GradScaler', 'with a GradScaler'])
 def test_a_loss_that_diverges_on_one_rank_stops_every_rank_at_that_step_with_one_message_in_the_log(tiny_planned,
-                                                                                                    tmp_path):
+                                                                                                    tmp_path,
+                                                                                                    grad_scaler):
     result = ddp_steps_2d(tiny_planned, tmp_path, '--trainers', 'nnUNetTrainerEMCAD', '--steps', '3',
-                          '--nan-rank', '1')
+                          '--nan-rank', '1', *(['--grad-scaler'] if grad_scaler else []))
     stopped = result['nnUNetTrainerEMCAD']['stopped']
     assert stopped[0] == stopped[1], 'every rank stops with the same message'
     assert stopped[0].startswith('training loss became nan on rank 1 in epoch 0: the network diverged')
     assert stopped[0] in result['nnUNetTrainerEMCAD']['log']  # rank 0 writes nnU-Net's training log
+    # the ranks gather their losses at every step without a GradScaler (steps 1 and 2, the NaN's), with one only
+    # at the step it skipped (the NaN's: a float32 step on the CPU overflows nothing at the starting scale)
+    assert result['nnUNetTrainerEMCAD']['gathers'] == ([1, 1] if grad_scaler else [2, 2])
 
 
 

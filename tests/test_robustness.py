@@ -91,6 +91,35 @@ def test_a_diverging_loss_stops_training(monkeypatch):
     assert trainer.train_step({})['loss'] == 0.5
 
 
+class CountingScaler:
+    """What the guard asks of a GradScaler: its scale, each read counted (a device sync on CUDA)."""
+
+    def __init__(self):
+        self.scale, self.reads = 1024.0, 0
+
+    def get_scale(self) -> float:
+        self.reads += 1
+        return self.scale
+
+
+def test_the_guard_reads_the_scale_once_a_step_and_stops_after_the_skipped_steps_in_a_row(monkeypatch):
+    trainer = build(T.nnUNetTrainerEMCAD, make_plans(5, [64, 64]))
+    trainer.grad_scaler, trainer.max_skipped_steps = CountingScaler(), 3
+    factors = iter([1.0, 0.5, 2.0, 0.5, 0.5, 0.5])  # the GradScaler halves its scale at a step it skips
+
+    def step(self, batch):
+        self.grad_scaler.scale *= next(factors)
+        return {'loss': np.array(0.5)}
+
+    monkeypatch.setattr(T.nnUNetTrainer, 'train_step', step)
+    for _ in range(5):
+        trainer.train_step({})
+    assert trainer.grad_scaler.reads == 6  # before the first step, then after each
+    assert trainer.skipped_steps == 2  # the last two; the growth at step 3 ended the first skip's run
+    with pytest.raises(RuntimeError, match='the last 3 optimiser steps .epoch 0. were all skipped'):
+        trainer.train_step({})
+
+
 EXTREMES = [1e4, -1e4, 1e-7, 0.0]
 
 
