@@ -12,6 +12,7 @@ import torch._inductor.config
 from torch import nn
 
 from benchmarks.gpu_check import build_rig, train
+from nnunet_emcad import trainers as T
 from nnunet_emcad.blocks import CAB, SAB
 from nnunet_emcad.inductor_layout import inductor_lays_out_channels_last
 from test_trainers import DATASET_JSON, make_plans
@@ -19,12 +20,15 @@ from test_trainers import DATASET_JSON, make_plans
 pytestmark = pytest.mark.usefixtures('nnunet_folders')
 
 # One trainer per code path a compiled step takes: the plain and the residual encoder (with its recomputed stages),
-# the decoder from stride 1 and from stride 4, PVTv2-b0 (nnU-Net's deep supervision) and -b2 with MUTATION's heads
-# (every head upsampled; its recomputed first stages, as nnUNetTrainerEMCAD_PVTb2's), 3D. Left out as the same
-# paths: nnUNetTrainerEMCAD_PVTb2 (MUTATION's network but for the upsampled heads, which b0 leaves out too) and
-# nnUNetTrainerEMCAD3D_ResEnc (the 3D decoder and the residual encoder's recomputed stages, each compiled above).
+# the decoder from stride 1 and from stride 4, PVTv2-b0 (nnU-Net's deep supervision) and MUTATION's heads (every
+# head upsampled; its recomputed first encoder stages, as nnUNetTrainerEMCAD_PVTb2's), 3D. MUTATION's step is
+# compiled over PVTv2-b0's encoder (MUTATION_ENCODER): b2's stages are b0's, deeper and wider, the same code path
+# at several times the compile time. Left out as the same paths: nnUNetTrainerEMCAD_PVTb2 (MUTATION's network but
+# for the upsampled heads, which b0 leaves out too) and nnUNetTrainerEMCAD3D_ResEnc (the 3D decoder and the
+# residual encoder's recomputed stages, each compiled above).
 TRAINERS = ['nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Stride4', 'nnUNetTrainerEMCAD_ResEnc',
             'nnUNetTrainerEMCAD_PVTb0', 'nnUNetTrainerEMCAD_PVTb2_MUTATION', 'nnUNetTrainerEMCAD3D']
+MUTATION_ENCODER = 'pvt_v2_b0'
 SETTLING_STEPS = 5  # the first steps, which the GradScaler may skip while it lowers its scale to what float16 holds
 
 
@@ -36,8 +40,9 @@ def tiny_rig(trainer: str):
 
 
 @pytest.mark.parametrize('trainer', TRAINERS)
-def test_every_emcad_training_step_compiles_as_one_graph_and_learns_under_autocast(trainer):
+def test_every_emcad_training_step_compiles_as_one_graph_and_learns_under_autocast(trainer, monkeypatch):
     torch._dynamo.reset()  # a fresh compile, as in a user's process (earlier tests' graphs slow dynamo's guards)
+    monkeypatch.setattr(T.nnUNetTrainerEMCAD_PVTb2_MUTATION, 'pvt_variant', MUTATION_ENCODER)
     rig = tiny_rig(trainer)
     rig.network = torch.compile(rig.trainer.network, backend='aot_eager', fullgraph=True)
     # steps whose float16 gradients overflow are skipped by the GradScaler, which halves its scale at each: it
