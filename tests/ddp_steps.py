@@ -17,6 +17,7 @@ import functools
 import json
 import os
 from typing import Dict, List, Optional
+from unittest import mock
 
 import torch
 import torch.distributed as dist
@@ -114,17 +115,10 @@ def rank_worker(rank: int, trainers: List[str], dataset: str, configuration: str
     dist.init_process_group('gloo', init_method=f"file://{os.path.join(out, 'process_group')}", rank=rank,
                             world_size=WORLD)
     patch_for_the_cpu()
-    gathers = []
-    all_gather = dist.all_gather
-
-    def counted_all_gather(*args, **kwargs):
-        gathers.append(1)
-        return all_gather(*args, **kwargs)
-
-    dist.all_gather = counted_all_gather
+    gathers = mock.patch.object(dist, 'all_gather', wraps=dist.all_gather).start()
     try:
         for name in trainers:
-            gathers.clear()
+            gathers.reset_mock()
             trainer = make_trainer(name, dataset, configuration, batch_dice=nan_rank is None,
                                    grad_scaler=grad_scaler)
             assert trainer.is_ddp and isinstance(trainer.network, DistributedDataParallel)
@@ -140,7 +134,7 @@ def rank_worker(rank: int, trainers: List[str], dataset: str, configuration: str
             except RuntimeError as e:
                 stopped = str(e)
             with open(os.path.join(out, f'{name}_rank{rank}_stop.json'), 'w') as f:
-                json.dump({'stopped': stopped, 'log_file': trainer.log_file, 'gathers': len(gathers)}, f)
+                json.dump({'stopped': stopped, 'log_file': trainer.log_file, 'gathers': gathers.call_count}, f)
     finally:
         dist.destroy_process_group()
 

@@ -101,22 +101,24 @@ def test_short_schedules_change_only_the_schedule():
 TOPOLOGY = ('encoder_kind', 'decoder_stride', 'light_stages', 'refine_channels', 'upsample_outputs')
 
 
+def topology(cls) -> tuple:
+    return tuple(getattr(cls, name, None) for name in TOPOLOGY)
+
+
 def deep_supervision_cases() -> list:
     """(trainer, n_stages) for the deep-supervision test."""
     cases, seen = [], set()
     for cls in NETWORK_TRAINERS:
-        topology = tuple(getattr(cls, name, None) for name in TOPOLOGY)
-        cases += [(cls, n) for n in ([5] if topology in seen else [5, 6, 7, 8])]
-        seen.add(topology)
+        cases += [(cls, n) for n in ([5] if topology(cls) in seen else [5, 6, 7, 8])]
+        seen.add(topology(cls))
     return cases
 
 
 def test_every_network_trainer_has_deep_supervision_cases_and_each_topology_every_stage_count():
     cases = deep_supervision_cases()
     assert {cls for cls, _ in cases} == set(NETWORK_TRAINERS)
-    for topology in {tuple(getattr(cls, name, None) for name in TOPOLOGY) for cls in NETWORK_TRAINERS}:
-        assert {n for cls, n in cases if tuple(getattr(cls, name, None) for name in TOPOLOGY) == topology} == \
-            {5, 6, 7, 8}
+    for kind in {topology(cls) for cls in NETWORK_TRAINERS}:
+        assert {n for cls, n in cases if topology(cls) == kind} == {5, 6, 7, 8}
 
 
 @pytest.mark.parametrize('cls, n_stages', deep_supervision_cases(), ids=lambda c: getattr(c, '__name__', str(c)))
