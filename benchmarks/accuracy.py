@@ -248,11 +248,10 @@ def _run_folder(output: str, settings: dict) -> Optional[dict]:
     stamp = os.path.join(output, 'benchmark_settings.json')
     if os.path.isdir(output):
         stamped = _read_json(stamp) if os.path.isfile(stamp) else None
-        if stamped is not None and TRAINER_SETTINGS not in stamped:  # stamped before they were: reused as before
-            settings = {k: v for k, v in settings.items() if k != TRAINER_SETTINGS}
-        if stamped is None or _trained_with(stamped) != _trained_with(settings):
+        if stamped is None or not _trained_alike(stamped, settings):
             shutil.rmtree(output)
-        elif stamped != settings and os.path.isfile(os.path.join(output, 'benchmark.json')):
+        elif (any(stamped.get(k) != settings.get(k) for k in PREDICT_SETTINGS)
+              and os.path.isfile(os.path.join(output, 'benchmark.json'))):
             os.remove(os.path.join(output, 'benchmark.json'))
     measured = os.path.join(output, 'benchmark.json')
     if os.path.isfile(measured):
@@ -263,8 +262,15 @@ def _run_folder(output: str, settings: dict) -> Optional[dict]:
     return None
 
 
-def _trained_with(settings: dict) -> dict:
-    return {k: v for k, v in settings.items() if k not in PREDICT_SETTINGS}
+def _trained_alike(stamped: dict, settings: dict) -> bool:
+    """Whether a run stamped with ``stamped`` was trained as ``settings`` asks: the same training settings, and
+    the same trainer settings where both stamps name one (a trainer setting added or removed since kept the value
+    its default stands for: the run is reused)."""
+    def trained(stamp: dict) -> dict:
+        return {k: v for k, v in stamp.items() if k not in PREDICT_SETTINGS + (TRAINER_SETTINGS,)}
+
+    before, now = stamped.get(TRAINER_SETTINGS, {}), settings.get(TRAINER_SETTINGS, {})
+    return trained(stamped) == trained(settings) and all(before[k] == now[k] for k in before.keys() & now.keys())
 
 
 def _training_log(output: str, checkpoint: str = 'checkpoint_final.pth') -> dict:

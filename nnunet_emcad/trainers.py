@@ -156,8 +156,6 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
     recompute_encoder = False  # the encoder's stages up to recompute_stride too
     train_deepest_head = False  # nnU-Net's deep-supervision weights give the deepest output 0; True: its share
     max_skipped_steps = 20  # steps in a row the GradScaler may skip for non-finite gradients before the run stops
-    skipped_steps = 0
-    scale_after_last_step: Optional[float] = None  # the GradScaler's scale, read once per step
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device('cuda')):
@@ -166,6 +164,8 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
         require_dimensions(PlansManager(plans).get_configuration(configuration), type(self).__name__,
                            self.dimensions)
         super().__init__(plans, configuration, fold, dataset_json, device)
+        self.skipped_steps = 0  # steps the GradScaler skipped in a row
+        self.scale_after_last_step: Optional[float] = None  # the GradScaler's scale, read once per step
 
     @classmethod
     def build_network_architecture(cls, plans_manager: PlansManager, configuration_manager: ConfigurationManager,

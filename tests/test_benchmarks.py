@@ -714,16 +714,20 @@ def test_a_run_of_a_trainer_whose_settings_changed_is_trained_again_and_one_stam
 
     narrow = trainer_settings('nnUNetTrainerEMCAD')
     assert narrow['decoder_stride'] == '2' and narrow['decoder_width'] == '32'
+    assert 'skipped_steps' not in narrow  # a run's state, not a setting
     assert trainer_settings('nnUNetTrainerEMCAD_Stride1')['decoder_stride'] == '1'
     trained = {'batch_size': 8, 'device': 'cpu'}
+    # stamped before a setting was added and with one since removed: the settings they share decide
+    other_names = {**{k: v for k, v in narrow.items() if k != 'decoder_width'}, 'skipped_steps': '0'}
     for output, stamped in ((tmp_path / 'before', trained), (tmp_path / 'changed', dict(trained, trainer_settings={
-            **narrow, 'decoder_stride': '1'}))):
+            **narrow, 'decoder_stride': '1'})), (tmp_path / 'renamed', dict(trained, trainer_settings=other_names))):
         output.mkdir()
         (output / 'benchmark_settings.json').write_text(json.dumps(stamped))
         (output / 'checkpoint_final.pth').write_text('weights')
         (output / 'benchmark.json').write_text(json.dumps({'dice_mean': 0.5}))
     now = dict(trained, trainer_settings=narrow)
     assert _run_folder(str(tmp_path / 'before'), now) == {'dice_mean': 0.5}
+    assert _run_folder(str(tmp_path / 'renamed'), now) == {'dice_mean': 0.5}
     assert _run_folder(str(tmp_path / 'changed'), now) is None
     assert not (tmp_path / 'changed' / 'checkpoint_final.pth').exists()  # trained again from the start
     assert _run_folder(str(tmp_path / 'changed'), now) is None  # (stamped now, nothing measured yet)
