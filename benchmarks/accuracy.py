@@ -47,13 +47,16 @@ from unittest import mock
 
 import numpy as np
 
-from nnunet_emcad.benchmarking import (BENCH_PLANS, CACHE, EMCAD_3D_TRAINERS, EMCAD_TRAINERS, RESULTS, STOCK,
-                                       bench_plans, machine, malloc_note, reproduce_command, runs_summary, verdict,
-                                       versus_stock, write_results)
+if __package__ in (None, ''):  # run as python benchmarks/<name>.py: import benchmarks.* from the checkout's root
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from benchmarks.harness import (BENCH_PLANS, CACHE, EMCAD_3D_TRAINERS, EMCAD_TRAINERS, RESULTS, STOCK, bench_plans,
+                                machine, malloc_note, reproduce_command, runs_summary, verdict, versus_stock,
+                                write_results)
 from nnunet_emcad.counting import count_flops
+from nnunet_emcad.paths import shared_data_dir
 from nnunet_emcad.scripts import CommandFailed, nnunet_env, plan_command, run_logged
 from nnunet_emcad.short_training import Schedule, snapshot_file, write_trainer_module
-from nnunet_emcad.source_tree import shared_data_dir
 
 SHARED_DATA = shared_data_dir()
 

@@ -15,6 +15,7 @@ Default plans: nnU-Net's own 2D plans for ../shared/data/Dataset027_ACDC (planne
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from typing import Callable, Dict, List
@@ -22,12 +23,15 @@ from typing import Callable, Dict, List
 import torch
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
-from nnunet_emcad.benchmarking import (MODES, STOCK, add_output_options, add_plans_options, add_republish_option,
-                                       answer_worker, machine, measure_trainers, plans_at_patch, ratios, republish,
-                                       start_plans_benchmark, write_results)
+if __package__ in (None, ''):  # run as python benchmarks/<name>.py: import benchmarks.* from the checkout's root
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from benchmarks.harness import (MODES, STOCK, add_output_options, add_plans_options, add_republish_option,
+                                answer_worker, machine, measure_trainers, plans_at_patch, ratios, republish,
+                                start_plans_benchmark, write_results)
+from benchmarks.profiling import build_trainer, first_call_s, training_step
 from nnunet_emcad.counting import saved_activation_bytes
 from nnunet_emcad.emcad import EMCADNet, total_strides
-from nnunet_emcad.profiling import build_trainer, first_call_s, training_step
 
 DEFAULT_TRAINERS = ['nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Stride1', 'nnUNetTrainerEMCAD_Stride2',
                     'nnUNetTrainerEMCAD_Stride2Refine', 'nnUNetTrainerEMCAD_Stride2NarrowRefine',

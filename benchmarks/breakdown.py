@@ -5,7 +5,7 @@ topology nnU-Net's planner gives that patch): the whole training step (the train
 supervision, and optimiser) and prediction's forward at batch 1, eager and, with ``--compiled``, under
 ``torch.compile`` (inductor on the CPU) with the seconds the first call took beyond a later one's (compiling,
 which nnU-Net does at every start of every fold); then each block and decoder stage on its own
-(``nnunet_emcad.profiling``): forward, backward, prediction, each as a share of the whole, with the
+(``benchmarks.profiling``): forward, backward, prediction, each as a share of the whole, with the
 operators it runs and the bytes they read and write (eager: a roofline-style estimate of its memory traffic).
 Writes benchmarks/results/<name>.json and .md.
 
@@ -20,10 +20,13 @@ from typing import Dict, List
 import torch
 from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
 
-from nnunet_emcad.benchmarking import (STOCK, add_output_options, add_plans_options, add_republish_option,
-                                       answer_worker, machine, measure_trainers, plans_at_patch, republish,
-                                       start_plans_benchmark, write_results)
-from nnunet_emcad.profiling import STAGE, breakdown, build_trainer, first_call_s, median_ms, training_step
+if __package__ in (None, ''):  # run as python benchmarks/<name>.py: import benchmarks.* from the checkout's root
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from benchmarks.harness import (STOCK, add_output_options, add_plans_options, add_republish_option, answer_worker,
+                                machine, measure_trainers, plans_at_patch, republish, start_plans_benchmark,
+                                write_results)
+from benchmarks.profiling import STAGE, breakdown, build_trainer, first_call_s, median_ms, training_step
 
 DEFAULT_TRAINERS = [STOCK, 'nnUNetTrainerEMCAD']
 EMCAD_BLOCKS = ('EUCB', 'LGAG', 'CAB', 'SAB', 'MSCB')
@@ -217,7 +220,7 @@ def report(results: List[dict], args: argparse.Namespace, info: Dict[str, str]) 
               *stride_lines(results, compiled)]
     for r in results:
         lines += ['', f"## {r['name']} ({r['network']}), block by block", '', *network_lines(r, compiled)]
-    lines += ['', "Each part is timed alone (nnunet_emcad.profiling): forward, and backward as forward + backward "
+    lines += ['', "Each part is timed alone (benchmarks.profiling): forward, and backward as forward + backward "
               "less forward, on copies of the inputs it got; prediction on the first sample in eval mode without "
               "autograd. An EMCAD stage is timed whole too: 'between blocks' is the stage less its blocks (the "
               "attention products and the skip sum; compiled, also what fusing the blocks together saves). "

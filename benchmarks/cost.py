@@ -20,12 +20,15 @@ import tempfile
 import time
 from typing import Dict, List
 
-from nnunet_emcad.benchmarking import (COST_ONLY_TRAINERS, EMCAD_TRAINERS, STOCK, WorkerFailed, acdc_plans,
-                                       add_output_options, answer_worker, machine, malloc_note, reproduce_command,
-                                       run_worker, verdict, worker_env, write_results)
+if __package__ in (None, ''):  # run as python benchmarks/<name>.py: import benchmarks.* from the checkout's root
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from benchmarks.harness import (COST_ONLY_TRAINERS, EMCAD_TRAINERS, STOCK, WorkerFailed, acdc_plans, add_output_options,
+                                answer_worker, machine, malloc_note, reproduce_command, run_worker, verdict, worker_env,
+                                write_results)
+from benchmarks.profiling import build_trainer, training_step
 from nnunet_emcad.counting import (flop_breakdown, paper_fidelity, paper_table, parameter_breakdown,
                                    saved_activation_bytes)
-from nnunet_emcad.profiling import build_trainer, training_step
 
 GOAL_DECODER_PARAMS = 0.10
 GOAL_DECODER_MACS = 0.20

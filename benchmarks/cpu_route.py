@@ -20,8 +20,12 @@ from typing import Dict, List, Optional
 
 from batchgenerators.utilities.file_and_folder_operations import load_json
 
-from nnunet_emcad.benchmarking import CACHE, machine, reproduce_command, write_results
-from nnunet_emcad.source_tree import code_block, readme_section, shared_data_dir
+if __package__ in (None, ''):  # run as python benchmarks/<name>.py: import benchmarks.* from the checkout's root
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from benchmarks.harness import CACHE, machine, reproduce_command, write_results
+from benchmarks.source_tree import code_block, readme_section
+from nnunet_emcad.paths import shared_data_dir
 
 SECTION = '### On a CPU: a first model in minutes'
 DATASET = 'Dataset027_ACDC'

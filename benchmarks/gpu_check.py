@@ -9,7 +9,7 @@ falling), the loss trajectory and its largest deviation from eager's, whether th
 the first step (compile time when compiled), the median step after it, and peak CUDA memory of the training
 steps; per trainer, AMP inference latency (eager) at batch 1 and at the plan's batch, and the memory layout
 inductor chooses for the training graph on CUDA (channels-last, where cuDNN's depth-wise kernels are fast, or
-the default; nnunet_emcad.inductor_layout). Each run is a process of its own. Exits 1 when a compiled trainer
+the default; benchmarks.inductor_layout). Each run is a process of its own. Exits 1 when a compiled trainer
 does not train (non-finite loss, more than half of its steps skipped, or unchanged parameters).
 
 The default trainers are chosen to fit about 8 minutes on one H100/H200 (compiling one training graph took about
@@ -30,8 +30,11 @@ import time
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
-from nnunet_emcad.benchmarking import (STOCK, WorkerFailed, acdc_plans, add_output_options, answer_worker, machine,
-                                       reproduce_command, run_worker, write_results)
+if __package__ in (None, ''):  # run as python benchmarks/<name>.py: import benchmarks.* from the checkout's root
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from benchmarks.harness import (STOCK, WorkerFailed, acdc_plans, add_output_options, answer_worker, machine,
+                                reproduce_command, run_worker, write_results)
 
 DEFAULT_TRAINERS = [STOCK, 'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Stride1', 'nnUNetTrainerEMCAD_PVTb0']
 LOSS_TOLERANCE = 0.02
@@ -163,7 +166,7 @@ def measure(spec: dict) -> dict:
     import torch
     import torch._inductor.config
 
-    from nnunet_emcad.inductor_layout import inductor_lays_out_channels_last
+    from benchmarks.inductor_layout import inductor_lays_out_channels_last
 
     amp_dtype = getattr(torch, spec['amp_dtype'])
     with open(spec['plans']) as f:

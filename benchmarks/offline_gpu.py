@@ -32,9 +32,12 @@ from typing import Dict, List, Tuple
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
 
+if __package__ in (None, ''):  # run as python benchmarks/<name>.py: import benchmarks.* from the checkout's root
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from benchmarks.harness import CACHE, RESULTS, acdc_plans
+from benchmarks.source_tree import BENCHMARKS, SOURCE_ROOT
 from nnunet_emcad._startup import register_trainer_dir
-from nnunet_emcad.benchmarking import CACHE, RESULTS, acdc_plans
-from nnunet_emcad.source_tree import BENCHMARKS, SOURCE_ROOT
 
 BUNDLE = os.path.join(CACHE, 'offline_gpu')
 PROJECT = 'nnunet-emcad'

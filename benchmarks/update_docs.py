@@ -10,8 +10,11 @@ import re
 import sys
 from typing import Dict, List, Optional
 
-from nnunet_emcad.benchmarking import RESULTS, STOCK, ratios, runs_summary, versus_stock
-from nnunet_emcad.source_tree import README, SOURCE_ROOT
+if __package__ in (None, ''):  # run as python benchmarks/<name>.py: import benchmarks.* from the checkout's root
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+from benchmarks.harness import RESULTS, STOCK, ratios, runs_summary, versus_stock
+from benchmarks.source_tree import README, SOURCE_ROOT
 from nnunet_emcad.trainers import RENAMED_TRAINERS
 
 RESULTS_DOC = os.path.join(SOURCE_ROOT, 'docs', 'results.md')

@@ -167,13 +167,13 @@ def _rename_trainer(args: argparse.Namespace) -> int:
 
 
 def _benchmark(args: argparse.Namespace) -> int:
-    """Run a benchmark of the source tree's benchmarks/ (cost, accuracy, update_docs); arguments pass on."""
-    from nnunet_emcad.source_tree import BENCHMARKS
+    """Run a benchmark of the source checkout's benchmarks/ (cost, accuracy, update_docs); arguments pass on."""
+    from nnunet_emcad.paths import checkout_benchmark
 
-    script = os.path.join(BENCHMARKS, f'{args.name}.py')
+    script = checkout_benchmark(args.name)
     if not os.path.isfile(script):
-        print(f"{script} is absent: the benchmarks ship with the source repository (install it with "
-              f"pip install -e from a clone)", file=sys.stderr)
+        print(f"{script} is absent: the benchmarks live in the source checkout, not in the installed package "
+              f"(clone the repository and install it with pip install -e .)", file=sys.stderr)
         return 2
     import subprocess
 

@@ -17,9 +17,9 @@ import numpy as np
 
 from nnunet_emcad.demo_data import (ACDC_SOURCE, PYCERR_SOURCE, SYNTHETIC_SOURCE, acdc_subset,
                                     convert_rtstruct_dataset, fetch_pycerr_dicom, make_synthetic_dataset)
+from nnunet_emcad.paths import shared_data_dir
 from nnunet_emcad.scripts import nnunet_env, plan_command, run_logged
 from nnunet_emcad.short_training import PROGRESS_PREFIX, Schedule, write_trainer_module
-from nnunet_emcad.source_tree import shared_data_dir
 
 DATA_CHOICES = ('auto', 'acdc', 'lungct', 'synthetic')
 DATASET_IDS = {'acdc': 991, 'lungct': 992, 'synthetic': 993}

@@ -1,6 +1,6 @@
 """Test helpers: official-format state dicts made from our networks (the inverse of the checkpoint import),
 outputs with gradients for comparing two ways of computing the same thing, and the docs' text (the README's
-sections: ``nnunet_emcad.source_tree``)."""
+sections: ``benchmarks.source_tree``)."""
 import math
 import os
 import re
@@ -9,7 +9,7 @@ from typing import Callable, Dict, List
 import torch
 from torch import nn
 
-from nnunet_emcad.source_tree import README
+from benchmarks.source_tree import README
 
 _TO_OFFICIAL = (
     (re.compile(r'^encoder\.stem\.'), 'conv.'),

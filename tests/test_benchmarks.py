@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from helpers import doc_text
-from nnunet_emcad.benchmarking import malloc_note
+from benchmarks.harness import malloc_note
+from benchmarks.source_tree import readme_text
 from nnunet_emcad.scripts import nnunet_env
-from nnunet_emcad.source_tree import readme_text
 from test_trainers import DATASET_JSON, make_plans
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
@@ -163,7 +163,7 @@ def test_hd95_measures_surface_distance_in_physical_units():
 def test_a_benchmark_patch_gets_the_network_topology_nnunets_planner_gives_it(tiny_planned, nnunet_folders):
     import torch
 
-    from nnunet_emcad.benchmarking import BENCH_PLANS, bench_plans
+    from benchmarks.harness import BENCH_PLANS, bench_plans
     from nnunet_emcad.trainers import nnUNetTrainerEMCAD
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from test_trainers import build

@@ -1,4 +1,5 @@
 """The demo's fast path end to end (the real nnU-Net commands), its data preparation and the CLI."""
+import ast
 import json
 import os
 import re
@@ -8,7 +9,7 @@ import sys
 import pytest
 from PIL import Image
 
-from nnunet_emcad import cli
+from nnunet_emcad import cli, paths
 from nnunet_emcad.demo import prepare_data
 
 BIN = os.path.dirname(sys.executable)
@@ -93,6 +94,26 @@ def test_every_subcommand_explains_itself(capsys):
         except SystemExit as e:
             assert e.code == 0
         assert 'usage: nnunet-emcad ' + command in capsys.readouterr().out
+
+
+def test_the_benchmark_command_runs_the_checkouts_script_and_from_a_wheel_says_where_the_benchmarks_live(
+        tmp_path, monkeypatch, capsys):
+    proc = subprocess.run([os.path.join(BIN, 'nnunet-emcad'), 'benchmark', 'update_docs', '--help'],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and 'usage: update_docs.py' in proc.stdout, proc.stderr
+    monkeypatch.setattr(paths, 'CHECKOUT', str(tmp_path))  # installed from a wheel: site-packages holds no benchmarks
+    assert cli.main(['benchmark', 'cost']) == 2
+    assert 'the benchmarks live in the source checkout' in capsys.readouterr().err
+
+
+def test_the_installed_package_imports_nothing_of_the_checkouts_benchmarks():
+    package = os.path.dirname(cli.__file__)
+    for name in sorted(os.listdir(package)):
+        if name.endswith('.py'):
+            tree = ast.parse(open(os.path.join(package, name)).read())
+            imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)] + [
+                alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
+            assert not [m for m in imported if m and m.split('.')[0] in ('benchmarks', 'tests')], name
 
 
 def test_info_names_trainer_registration_and_folders(tmp_path, monkeypatch, capsys):

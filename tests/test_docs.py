@@ -11,8 +11,8 @@ import tokenize
 import pytest
 
 import nnunet_emcad
-from nnunet_emcad.benchmarking import RESULTS
-from nnunet_emcad.source_tree import README
+from benchmarks.harness import RESULTS
+from benchmarks.source_tree import README
 
 ROOT = os.path.dirname(README)
 DOCUMENTS = [README] + sorted(glob.glob(os.path.join(ROOT, 'docs', '*.md')))

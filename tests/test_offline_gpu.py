@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from nnunet_emcad.source_tree import SOURCE_ROOT
+from benchmarks.source_tree import SOURCE_ROOT
 from test_trainers import DATASET_JSON, make_plans
 
 PROBE_SETUP = ("from setuptools import setup\n"

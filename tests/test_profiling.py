@@ -4,8 +4,8 @@ import torch
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from torch import nn
 
+from benchmarks.profiling import STAGE, Call, breakdown, record_calls, time_call, traffic
 from nnunet_emcad.emcad import EMCADNet
-from nnunet_emcad.profiling import STAGE, Call, breakdown, record_calls, time_call, traffic
 from test_trainers import build, make_plans
 
 

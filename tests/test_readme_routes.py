@@ -15,10 +15,10 @@ import torch
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
 from benchmarks.cpu_route import link_dataset
+from benchmarks.source_tree import code_block, readme_section, readme_text
 from nnunet_emcad import trainers as T
 from nnunet_emcad.demo_data import make_synthetic_dataset
 from nnunet_emcad.scripts import MALLOC_SETTINGS
-from nnunet_emcad.source_tree import code_block, readme_section, readme_text
 from test_trainers import DATASET_JSON, make_plans
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
