@@ -35,7 +35,7 @@ setup(
     license='Apache-2.0',
     python_requires='>=3.10',
     packages=find_packages(include=['nnunet_emcad', 'nnunet_emcad.*']),
-    package_data={'nnunet_emcad': ['nnunet_trainers/*.py']},
+    package_data={'nnunet_emcad.nnunet': ['nnunet_trainers/*.py']},
     install_requires=[
         'nnunetv2>=2.8.1,<2.9',
         # torch.amp.is_autocast_available (blocks.py) first shipped in torch 2.4, torch.compiler.is_compiling in 2.3;
@@ -58,5 +58,5 @@ setup(
                              'onnxruntime'],
                     'demo': ['pydicom'], 'onnx': ['onnx', 'onnxscript', 'onnxruntime']},
     cmdclass={'build_py': BuildPyWithPth, 'editable_wheel': EditableWheelWithPth},
-    entry_points={'console_scripts': ['nnunet-emcad = nnunet_emcad.cli:main']},
+    entry_points={'console_scripts': ['nnunet-emcad = nnunet_emcad.command.cli:main']},
 )

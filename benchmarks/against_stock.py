@@ -30,8 +30,8 @@ from benchmarks.harness import (MODES, STOCK, add_output_options, add_plans_opti
                                 answer_worker, machine, measure_trainers, plans_at_patch, ratios, republish,
                                 start_plans_benchmark, write_results)
 from benchmarks.profiling import build_trainer, first_call_s, training_step
-from nnunet_emcad.counting import saved_activation_bytes
-from nnunet_emcad.emcad import EMCADNet, total_strides
+from nnunet_emcad.model.counting import saved_activation_bytes
+from nnunet_emcad.model.emcad import EMCADNet, total_strides
 
 DEFAULT_TRAINERS = ['nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Stride1', 'nnUNetTrainerEMCAD_Stride2',
                     'nnUNetTrainerEMCAD_Stride2Refine', 'nnUNetTrainerEMCAD_Stride2NarrowRefine',

@@ -27,8 +27,8 @@ from benchmarks.harness import (COST_ONLY_TRAINERS, EMCAD_TRAINERS, STOCK, Worke
                                 answer_worker, machine, malloc_note, reproduce_command, run_worker, verdict, worker_env,
                                 write_results)
 from benchmarks.profiling import build_trainer, training_step
-from nnunet_emcad.counting import (flop_breakdown, paper_fidelity, paper_table, parameter_breakdown,
-                                   saved_activation_bytes)
+from nnunet_emcad.model.counting import (flop_breakdown, paper_fidelity, paper_table, parameter_breakdown,
+                                         saved_activation_bytes)
 
 GOAL_DECODER_PARAMS = 0.10
 GOAL_DECODER_MACS = 0.20
@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                              'with the C++ compiler: tens of seconds per network on 2 cores)')
     parser.add_argument('--glibc-malloc-defaults', action='store_true',
                         help="measure a 2D configuration under glibc malloc's own defaults instead of "
-                             "nnunet_emcad.scripts.MALLOC_SETTINGS (which nnU-Net's commands get from this "
+                             "nnunet_emcad.command.scripts.MALLOC_SETTINGS (which nnU-Net's commands get from this "
                              "project's scripts for 2D; 3D is measured under glibc's defaults)")
     add_output_options(parser, 'cost')
     return parser

@@ -25,7 +25,7 @@ if __package__ in (None, ''):  # run as python benchmarks/<name>.py: import benc
 
 from benchmarks.harness import CACHE, machine, reproduce_command, write_results
 from benchmarks.source_tree import code_block, readme_section
-from nnunet_emcad.paths import shared_data_dir
+from nnunet_emcad.command.paths import shared_data_dir
 
 SECTION = '### On a CPU: a first model in minutes'
 DATASET = 'Dataset027_ACDC'

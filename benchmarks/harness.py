@@ -19,8 +19,8 @@ import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
 
 from benchmarks.source_tree import BENCHMARKS
-from nnunet_emcad.paths import shared_data_dir
-from nnunet_emcad.scripts import MALLOC_SETTINGS, nnunet_env, run_logged, with_malloc_settings
+from nnunet_emcad.command.paths import shared_data_dir
+from nnunet_emcad.command.scripts import MALLOC_SETTINGS, nnunet_env, run_logged, with_malloc_settings
 
 RESULTS = os.path.join(BENCHMARKS, 'results')
 CACHE = os.path.join(BENCHMARKS, '.cache')

@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
-from nnunet_emcad.emcad import EMCADNet, total_strides
+from nnunet_emcad.model.emcad import EMCADNet, total_strides
 
 STAGE = 'stage'
 """The kind of an EMCAD decoder stage's call as a whole (its blocks are recorded on their own too)."""

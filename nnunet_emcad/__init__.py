@@ -8,18 +8,18 @@ from importlib import import_module
 __version__ = '0.2.0'
 
 _EXPORTS = {
-    'EMCADNet': 'nnunet_emcad.emcad',
-    'EMCADDecoder': 'nnunet_emcad.emcad',
-    'PVTv2Encoder': 'nnunet_emcad.emcad',
-    'create_emcad_pvt': 'nnunet_emcad.emcad',
-    'create_emcad_unet': 'nnunet_emcad.plans',
-    'emcad_pvt_v2_b0': 'nnunet_emcad.emcad',
-    'emcad_pvt_v2_b2': 'nnunet_emcad.emcad',
-    'load_official_checkpoint': 'nnunet_emcad.official',
-    'load_pvt_v2_weights': 'nnunet_emcad.checkpoints',
-    'CheckpointError': 'nnunet_emcad.checkpoints',
-    'MutationLoss': 'nnunet_emcad.losses',
-    'PaperDiceCELoss': 'nnunet_emcad.losses',
+    'EMCADNet': 'nnunet_emcad.model.emcad',
+    'EMCADDecoder': 'nnunet_emcad.model.emcad',
+    'PVTv2Encoder': 'nnunet_emcad.model.emcad',
+    'create_emcad_pvt': 'nnunet_emcad.model.emcad',
+    'create_emcad_unet': 'nnunet_emcad.nnunet.plans',
+    'emcad_pvt_v2_b0': 'nnunet_emcad.model.emcad',
+    'emcad_pvt_v2_b2': 'nnunet_emcad.model.emcad',
+    'load_official_checkpoint': 'nnunet_emcad.model.official',
+    'load_pvt_v2_weights': 'nnunet_emcad.model.checkpoints',
+    'CheckpointError': 'nnunet_emcad.model.checkpoints',
+    'MutationLoss': 'nnunet_emcad.nnunet.losses',
+    'PaperDiceCELoss': 'nnunet_emcad.nnunet.losses',
 }
 
 __all__ = sorted(_EXPORTS)

@@ -5,7 +5,7 @@ nothing heavy: this runs in every Python process of the environment.
 """
 import os
 
-TRAINER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'nnunet_trainers')
+TRAINER_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'nnunet', 'nnunet_trainers')
 
 
 def register_trainer_dir() -> None:

@@ -6,7 +6,7 @@ from typing import Callable
 import pytest
 import torch
 
-from nnunet_emcad.paths import shared_data_dir
+from nnunet_emcad.command.paths import shared_data_dir
 from tiny_data import plan_tiny_3d_dataset, plan_tiny_dataset
 
 warnings.filterwarnings('ignore', category=FutureWarning)

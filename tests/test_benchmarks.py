@@ -13,7 +13,7 @@ import pytest
 from helpers import doc_text
 from benchmarks.harness import malloc_note
 from benchmarks.source_tree import readme_text
-from nnunet_emcad.scripts import nnunet_env
+from nnunet_emcad.command.scripts import nnunet_env
 from test_trainers import DATASET_JSON, make_plans
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
@@ -164,7 +164,7 @@ def test_a_benchmark_patch_gets_the_network_topology_nnunets_planner_gives_it(ti
     import torch
 
     from benchmarks.harness import BENCH_PLANS, bench_plans
-    from nnunet_emcad.trainers import nnUNetTrainerEMCAD
+    from nnunet_emcad.nnunet.trainers import nnUNetTrainerEMCAD
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from test_trainers import build
 

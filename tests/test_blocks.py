@@ -5,12 +5,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nnunet_emcad import blocks
-from nnunet_emcad.blocks import (CAB, EUCB, LGAG, MSCB, MSDC, SAB, ChannelScaleConv2d, ChannelScaleConv3d,
-                                 DepthwiseSumConv2d, DepthwiseSumConv3d, GroupedConv3d, InstanceNorm2dCPU,
-                                 InstanceNorm3dCPU, channel_shuffle, channels_last_for_cpu_inference, fast_cpu_norm,
-                                 make_activation, max_along, spatial_max)
-from nnunet_emcad.emcad import EMCADDecoder
+from nnunet_emcad.model import blocks
+from nnunet_emcad.model.blocks import (CAB, EUCB, LGAG, MSCB, MSDC, SAB, ChannelScaleConv2d, ChannelScaleConv3d,
+                                       DepthwiseSumConv2d, DepthwiseSumConv3d, GroupedConv3d, InstanceNorm2dCPU,
+                                       InstanceNorm3dCPU, channel_shuffle, channels_last_for_cpu_inference,
+                                       fast_cpu_norm, make_activation, max_along, spatial_max)
+from nnunet_emcad.model.emcad import EMCADDecoder
 from helpers import outputs_and_gradients
 
 

@@ -6,9 +6,9 @@ import timm
 import torch
 
 from helpers import official_state_dict, timm_to_original_pvt
-from nnunet_emcad.checkpoints import CheckpointError, read_state_dict
-from nnunet_emcad.emcad import PVTv2Encoder, create_emcad_pvt
-from nnunet_emcad.official import load_official_checkpoint
+from nnunet_emcad.model.checkpoints import CheckpointError, read_state_dict
+from nnunet_emcad.model.emcad import PVTv2Encoder, create_emcad_pvt
+from nnunet_emcad.model.official import load_official_checkpoint
 
 
 @pytest.fixture(scope='module')

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from nnunet_emcad.scripts import MALLOC_SETTINGS, CommandFailed, nnunet_env, run_logged
+from nnunet_emcad.command.scripts import MALLOC_SETTINGS, CommandFailed, nnunet_env, run_logged
 
 
 def test_output_goes_to_the_log_and_to_the_caller(tmp_path):

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from nnunet_emcad.scripts import nnunet_env
+from nnunet_emcad.command.scripts import nnunet_env
 from tiny_data import copy_planned
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -97,7 +97,7 @@ FIRST_RANK_FIRST = '''
 import json, os, sys, time
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from nnunet_emcad.checkpoints import first_rank_first
+from nnunet_emcad.model.checkpoints import first_rank_first
 
 
 def worker(rank, out):

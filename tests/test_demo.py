@@ -1,5 +1,4 @@
 """The demo's fast path end to end (the real nnU-Net commands), its data preparation and the CLI."""
-import ast
 import json
 import os
 import re
@@ -9,8 +8,8 @@ import sys
 import pytest
 from PIL import Image
 
-from nnunet_emcad import cli, paths
-from nnunet_emcad.demo import prepare_data
+from nnunet_emcad.command import cli, paths
+from nnunet_emcad.command.demo import prepare_data
 
 BIN = os.path.dirname(sys.executable)
 
@@ -68,7 +67,7 @@ def test_acdc_subset_keeps_test_patients_out_of_training(tmp_path, shared_file):
 
 
 def test_without_acdc_the_demo_names_the_variable_that_points_it_there(tmp_path, monkeypatch):
-    from nnunet_emcad import demo
+    from nnunet_emcad.command import demo
 
     def no_pypi(cache: str) -> str:
         raise RuntimeError('PyPI unreachable')
@@ -104,16 +103,6 @@ def test_the_benchmark_command_runs_the_checkouts_script_and_from_a_wheel_says_w
     monkeypatch.setattr(paths, 'CHECKOUT', str(tmp_path))  # installed from a wheel: site-packages holds no benchmarks
     assert cli.main(['benchmark', 'cost']) == 2
     assert 'the benchmarks live in the source checkout' in capsys.readouterr().err
-
-
-def test_the_installed_package_imports_nothing_of_the_checkouts_benchmarks():
-    package = os.path.dirname(cli.__file__)
-    for name in sorted(os.listdir(package)):
-        if name.endswith('.py'):
-            tree = ast.parse(open(os.path.join(package, name)).read())
-            imported = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)] + [
-                alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names]
-            assert not [m for m in imported if m and m.split('.')[0] in ('benchmarks', 'tests')], name
 
 
 def test_info_names_trainer_registration_and_folders(tmp_path, monkeypatch, capsys):

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from nnunet_emcad import demo_data
-from nnunet_emcad.demo_data import PYCERR_SOURCE, convert_rtstruct_dataset, fetch_pycerr_dicom
+from nnunet_emcad.command import demo_data
+from nnunet_emcad.command.demo_data import PYCERR_SOURCE, convert_rtstruct_dataset, fetch_pycerr_dicom
 
 
 def _gtv_polygons(structure_file: str) -> Tuple[float, List[float]]:

@@ -4,7 +4,7 @@ from itertools import combinations
 import torch
 import torch.nn.functional as F
 
-from nnunet_emcad.losses import MutationLoss, PaperDiceCELoss
+from nnunet_emcad.nnunet.losses import MutationLoss, PaperDiceCELoss
 
 
 def _official_dice(logits, target, n_classes, smooth=1e-5):

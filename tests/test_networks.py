@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from nnunet_emcad.counting import saved_activation_bytes
-from nnunet_emcad.emcad import EMCADDecoder, create_emcad_pvt, stages_up_to_stride
-from nnunet_emcad.plans import create_emcad_unet, decoded_first_stage, first_stage_at_stride
+from nnunet_emcad.model.counting import saved_activation_bytes
+from nnunet_emcad.model.emcad import EMCADDecoder, create_emcad_pvt, stages_up_to_stride
+from nnunet_emcad.nnunet.plans import create_emcad_unet, decoded_first_stage, first_stage_at_stride
 from helpers import assert_same_outputs_and_gradients
 
 ACDC_2D_ARCH = {  # what nnU-Net 2.8 plans for Dataset027_ACDC 2d (patch 256x224)

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from nnunet_emcad.scripts import nnunet_env
+from nnunet_emcad.command.scripts import nnunet_env
 from tiny_data import assert_onnx_matches_pytorch, copy_planned, export_trained_fold, run
 
 

@@ -16,7 +16,7 @@ import timm
 import torch
 
 from benchmarks.source_tree import code_block, readme_section
-from nnunet_emcad.scripts import nnunet_env
+from nnunet_emcad.command.scripts import nnunet_env
 from tiny_data import assert_onnx_matches_pytorch, copy_planned, export_trained_fold, run
 
 TESTS = os.path.dirname(os.path.abspath(__file__))

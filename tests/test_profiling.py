@@ -5,7 +5,7 @@ from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 from torch import nn
 
 from benchmarks.profiling import STAGE, Call, breakdown, record_calls, time_call, traffic
-from nnunet_emcad.emcad import EMCADNet
+from nnunet_emcad.model.emcad import EMCADNet
 from test_trainers import build, make_plans
 
 

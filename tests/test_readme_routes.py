@@ -16,9 +16,9 @@ from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
 from benchmarks.cpu_route import link_dataset
 from benchmarks.source_tree import code_block, readme_section, readme_text
-from nnunet_emcad import trainers as T
-from nnunet_emcad.demo_data import make_synthetic_dataset
-from nnunet_emcad.scripts import MALLOC_SETTINGS
+from nnunet_emcad.command.demo_data import make_synthetic_dataset
+from nnunet_emcad.command.scripts import MALLOC_SETTINGS
+from nnunet_emcad.nnunet import trainers as T
 from test_trainers import DATASET_JSON, make_plans
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -121,7 +121,7 @@ def test_your_own_schedule_from_the_readme_is_found_next_to_the_plugins_trainers
     proc = subprocess.run(['bash', '-e', '-c', f'{export}\n{sys.executable} -c "{lookup}"'], env=_user_env(tmp_path),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == 'nnUNetTrainerEMCAD_PVTb0 nnunet_emcad.trainers'
+    assert proc.stdout.strip().splitlines()[-1] == 'nnUNetTrainerEMCAD_PVTb0 nnunet_emcad.nnunet.trainers'
 
 
 SORTED_BY_MARK = """

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from helpers import fingerprint_features, fingerprint_fill, official_state_dict
-from nnunet_emcad.official import load_official_checkpoint
-from nnunet_emcad.emcad import create_emcad_pvt
-from nnunet_emcad.counting import count_flops, count_parameters, parameter_breakdown, saved_activation_bytes
+from nnunet_emcad.model.counting import count_flops, count_parameters, parameter_breakdown, saved_activation_bytes
+from nnunet_emcad.model.emcad import create_emcad_pvt
+from nnunet_emcad.model.official import load_official_checkpoint
 
 
 @pytest.mark.parametrize('variant,decoder,total', [('pvt_v2_b0', 506_507, 3_920_923),

@@ -10,8 +10,8 @@ import pytest
 import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
-from nnunet_emcad import trainers as T
-from nnunet_emcad.checkpoints import CheckpointError
+from nnunet_emcad.model.checkpoints import CheckpointError
+from nnunet_emcad.nnunet import trainers as T
 from test_trainers import DATASET_JSON, build, make_plans
 
 pytestmark = pytest.mark.usefixtures('nnunet_folders')

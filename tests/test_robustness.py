@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from helpers import official_state_dict
-from nnunet_emcad import cli
-from nnunet_emcad import trainers as T
-from nnunet_emcad.blocks import CAB, LGAG, MSCB, SAB
-from nnunet_emcad.checkpoints import CheckpointError
-from nnunet_emcad.emcad import create_emcad_pvt
-from nnunet_emcad.plans import create_emcad_unet
+from nnunet_emcad.command import cli
+from nnunet_emcad.model.blocks import CAB, LGAG, MSCB, SAB
+from nnunet_emcad.model.checkpoints import CheckpointError
+from nnunet_emcad.model.emcad import create_emcad_pvt
+from nnunet_emcad.nnunet import trainers as T
+from nnunet_emcad.nnunet.plans import create_emcad_unet
 from test_networks import ACDC_2D_ARCH
 from test_trainers import DATASET_JSON, build, make_plans
 
@@ -275,8 +275,8 @@ def test_pvt_weights_set_to_timm_come_through_timms_pretrained_cache_offline(tmp
     _timm_cache_entry(tmp_path / 'hf', imagenet)
     torch.save(imagenet, tmp_path / 'expected.pth')
     # a fresh interpreter: the hub reads HF_HOME and HF_HUB_OFFLINE when it is imported
-    code = ("import torch; from nnunet_emcad.checkpoints import timm_pretrained_weights as w; "
-            "from nnunet_emcad.emcad import create_emcad_pvt; "
+    code = ("import torch; from nnunet_emcad.model.checkpoints import timm_pretrained_weights as w; "
+            "from nnunet_emcad.model.emcad import create_emcad_pvt; "
             f"got, want = w('pvt_v2_b0'), torch.load({str(tmp_path / 'expected.pth')!r}); "
             "create_emcad_pvt('pvt_v2_b0', 3, 1).encoder.load_pretrained(got); "
             "print(sorted(got) == sorted(k for k in want if not k.startswith('head.')) "

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
 
 import nnunet_emcad._startup as startup
-from nnunet_emcad import trainers as T
-from nnunet_emcad.blocks import InstanceNorm2dCPU, InstanceNorm3dCPU
-from nnunet_emcad.trainers import unwrap
+from nnunet_emcad.model.blocks import InstanceNorm2dCPU, InstanceNorm3dCPU
+from nnunet_emcad.nnunet import trainers as T
+from nnunet_emcad.nnunet.trainers import unwrap
 
 pytestmark = pytest.mark.usefixtures('nnunet_folders')
 

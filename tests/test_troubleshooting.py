@@ -13,10 +13,10 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from helpers import official_state_dict
 from benchmarks.source_tree import readme_text
-from nnunet_emcad import trainers as T
-from nnunet_emcad.emcad import create_emcad_pvt
-from nnunet_emcad.plans import create_emcad_unet
-from nnunet_emcad.scripts import nnunet_env
+from nnunet_emcad.command.scripts import nnunet_env
+from nnunet_emcad.model.emcad import create_emcad_pvt
+from nnunet_emcad.nnunet import trainers as T
+from nnunet_emcad.nnunet.plans import create_emcad_unet
 from test_networks import ACDC_2D_ARCH
 from test_trainers import DATASET_JSON, make_plans
 from tiny_data import copy_planned

@@ -3,8 +3,8 @@ import os
 import shutil
 from typing import Dict, List, Tuple
 
-from nnunet_emcad import scripts
-from nnunet_emcad.demo_data import make_synthetic_dataset
+from nnunet_emcad.command import scripts
+from nnunet_emcad.command.demo_data import make_synthetic_dataset
 
 
 def make_dataset(raw: str, dataset_id: int = 901, n_train: int = 10, n_test: int = 3, seed: int = 0) -> str:
@@ -85,7 +85,7 @@ def export_trained_fold(env: Dict[str, str], log: str, dataset: str, configurati
     """``nnunet-emcad export-onnx`` of fold 0; returns its output, the facts file's content and nnU-Net's predictor."""
     import json
 
-    from nnunet_emcad.export import load_predictor
+    from nnunet_emcad.nnunet.export import load_predictor
 
     out = run(['nnunet-emcad', 'export-onnx', '-d', dataset, '-c', configuration, '-f', '0', '-tr', trainer,
                '-o', onnx_file], env, log)

@@ -1,5 +1,5 @@
 """A test-only trainer whose loss stops being finite at once, as with broken images (NaN in the data)."""
-from nnunet_emcad.trainers import nnUNetTrainerEMCAD_smoke
+from nnunet_emcad.nnunet.trainers import nnUNetTrainerEMCAD_smoke
 
 
 class nnUNetTrainerEMCAD_diverging(nnUNetTrainerEMCAD_smoke):

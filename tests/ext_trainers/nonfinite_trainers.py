@@ -2,7 +2,7 @@
 is for."""
 import torch
 
-from nnunet_emcad.trainers import nnUNetTrainerEMCAD_smoke, unwrap
+from nnunet_emcad.nnunet.trainers import nnUNetTrainerEMCAD_smoke, unwrap
 
 
 class nnUNetTrainerEMCAD_nonfinite(nnUNetTrainerEMCAD_smoke):

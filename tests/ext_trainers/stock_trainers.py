@@ -3,7 +3,7 @@ smoke schedule, to compare and ensemble with nnUNetTrainerEMCAD_smoke in a minut
 250-iteration nnUNetTrainer_1epoch."""
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from nnunet_emcad.short_training import short_schedule
-from nnunet_emcad.trainers import SMOKE
+from nnunet_emcad.nnunet.short_training import short_schedule
+from nnunet_emcad.nnunet.trainers import SMOKE
 
 nnUNetTrainer_smoke = short_schedule(nnUNetTrainer, SMOKE, 'nnUNetTrainer_smoke')

@@ -10,7 +10,7 @@ import torch
 from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
 from dynamic_network_architectures.building_blocks.residual_encoders import ResidualEncoder
 
-from nnunet_emcad.blocks import require_no_running_stats, run_stage
+from nnunet_emcad.model.blocks import require_no_running_stats, run_stage
 
 
 class _RecomputedStages:

@@ -13,9 +13,9 @@ from dynamic_network_architectures.building_blocks.residual_encoders import Resi
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 from torch import nn
 
-from nnunet_emcad.blocks import NormFactory, fast_cpu_norm
-from nnunet_emcad.emcad import EMCADNet, stages_up_to_stride, total_strides
-from nnunet_emcad.encoders import RECOMPUTED
+from nnunet_emcad.model.blocks import NormFactory, fast_cpu_norm
+from nnunet_emcad.model.emcad import EMCADNet, stages_up_to_stride, total_strides
+from nnunet_emcad.model.encoders import RECOMPUTED
 
 REQUIRES_IMPORT = ('conv_op', 'norm_op', 'dropout_op', 'nonlin')
 """The ``arch_kwargs`` that plans files hold as import strings (their ``_kw_requires_import``)."""
@@ -51,7 +51,7 @@ def configuration_encoder_kind(configuration_manager: ConfigurationManager) -> s
 def build_nnunet_encoder(arch_kwargs: Mapping, input_channels: int, kind: str = 'plain',
                          recompute_stages: int = 0) -> nn.Module:
     """nnU-Net's ``PlainConvEncoder`` or ``ResidualEncoder`` from resolved ``arch_kwargs``, whose first
-    ``recompute_stages`` stages run again in backward (``nnunet_emcad.encoders``; 0: nnU-Net's class as it is).
+    ``recompute_stages`` stages run again in backward (``nnunet_emcad.model.encoders``; 0: nnU-Net's class as it is).
 
     Plain plans give ``n_conv_per_stage``, ResEnc plans ``n_blocks_per_stage``; a residual encoder built from
     plain plans takes the ResEnc planners' blocks per stage.
@@ -109,7 +109,7 @@ def create_emcad_unet(arch_kwargs: Mapping, input_channels: int, num_classes: in
     stage at stride 4, as the paper decodes a PVT; at least the two deepest stages are decoded); see
     ``EMCADDecoder``'s ``first_stage`` and ``light_stages``. The decoder stages at strides up to
     ``recompute_stride`` run again in backward instead of keeping their activations (``EMCADDecoder``'s
-    ``recompute_stages``; 0: none), with ``recompute_encoder`` the encoder's too (``nnunet_emcad.encoders``).
+    ``recompute_stages``; 0: none), with ``recompute_encoder`` the encoder's too (``nnunet_emcad.model.encoders``).
     The decoder stages at strides up to ``mscb_only_stride`` leave CAB and SAB out (``mscb_only_stages``).
     ``decoder_norm='batch'`` keeps the official BatchNorm in the decoder blocks; ``'plan'`` uses the plan's
     norm (instance norm in nnU-Net's plans), whose statistics do not depend on the batch.

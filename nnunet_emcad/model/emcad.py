@@ -1,7 +1,7 @@
 """EMCAD networks: the EMCAD decoder over a PVTv2 encoder (timm) or over any encoder that returns its stages.
 
 Layout follows timm: the decoder, the encoders, the network, then the constructors. Building the decoder over
-nnU-Net's own encoders from a plans file is ``nnunet_emcad.plans``' work. Every network here keeps
+nnU-Net's own encoders from a plans file is ``nnunet_emcad.nnunet.plans``' work. Every network here keeps
 nnU-Net's contract: ``network.decoder.deep_supervision`` switches between a list of outputs (highest resolution
 first) and one full-resolution tensor, which is what ``nnUNetTrainer.set_deep_supervision_enabled`` sets.
 """
@@ -14,9 +14,9 @@ from timm.models import FeatureListNet
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
-from nnunet_emcad.blocks import (CAB, EUCB, LGAG, MSCB, SAB, LogitRefinement, NormFactory, along_axes,
-                                 init_emcad_weights, require_no_running_stats, run_stage)
-from nnunet_emcad.checkpoints import check_state_dict, load_pvt_v2_weights
+from nnunet_emcad.model.blocks import (CAB, EUCB, LGAG, MSCB, SAB, LogitRefinement, NormFactory, along_axes,
+                                       init_emcad_weights, require_no_running_stats, run_stage)
+from nnunet_emcad.model.checkpoints import check_state_dict, load_pvt_v2_weights
 
 # (stage-1 width, blocks per stage) of each PVTv2 variant, as timm and the original PVT code define them.
 PVT_V2_VARIANTS = {

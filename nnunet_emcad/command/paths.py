@@ -2,7 +2,9 @@
 source checkout it is installed from (editable installs; a wheel has none). Torch-free, like the package's import."""
 import os
 
-CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import nnunet_emcad
+
+CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(nnunet_emcad.__file__)))
 """The folder that holds the package: in a source checkout its root, which holds benchmarks/ and sits next to
 shared/."""
 

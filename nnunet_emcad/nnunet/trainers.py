@@ -23,12 +23,12 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.file_path_utilities import get_output_folder
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from nnunet_emcad.checkpoints import TIMM_PRETRAINED, CheckpointError, StateDict, timm_pretrained_weights
-from nnunet_emcad.emcad import PVT_V2_STRIDE, EMCADNet, create_emcad_pvt
-from nnunet_emcad.losses import FirstTargetLoss, MutationLoss, PaperDiceCELoss
-from nnunet_emcad.plans import (configuration_arch_kwargs, configuration_encoder_kind, create_emcad_unet,
-                                plan_norm)
-from nnunet_emcad.short_training import Schedule, short_schedule
+from nnunet_emcad.model.checkpoints import TIMM_PRETRAINED, CheckpointError, StateDict, timm_pretrained_weights
+from nnunet_emcad.model.emcad import PVT_V2_STRIDE, EMCADNet, create_emcad_pvt
+from nnunet_emcad.nnunet.losses import FirstTargetLoss, MutationLoss, PaperDiceCELoss
+from nnunet_emcad.nnunet.plans import (configuration_arch_kwargs, configuration_encoder_kind, create_emcad_unet,
+                                       plan_norm)
+from nnunet_emcad.nnunet.short_training import Schedule, short_schedule
 
 __all__ = [
     'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Stride1', 'nnUNetTrainerEMCAD_NoRecompute', 'nnUNetTrainerEMCAD_ResEnc',

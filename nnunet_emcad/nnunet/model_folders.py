@@ -15,7 +15,7 @@ from nnunetv2.utilities.label_handling.label_handling import determine_num_input
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from torch import nn
 
-from nnunet_emcad.checkpoints import CheckpointError
+from nnunet_emcad.model.checkpoints import CheckpointError
 
 
 def trained_models(results: str) -> List[Tuple[str, List[int]]]:

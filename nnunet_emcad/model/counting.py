@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from nnunet_emcad.emcad import create_emcad_pvt
+from nnunet_emcad.model.emcad import create_emcad_pvt
 
 PAPER_DECODER = {'pvt_v2_b0': (0.507e6, 0.110e9), 'pvt_v2_b2': (1.91e6, 0.381e9)}  # parameters, multiply-adds
 

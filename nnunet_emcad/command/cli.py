@@ -16,9 +16,9 @@ DESCRIPTION = ("EMCAD (CVPR 2024), a light attention decoder, as an nnU-Net v2 p
 
 def _demo(args: argparse.Namespace) -> int:
     """A short real EMCAD training through nnU-Net's commands: data, plan, train, predict, evaluate, overlays."""
-    from nnunet_emcad.scripts import CommandFailed
-    from nnunet_emcad.demo import run_demo
-    from nnunet_emcad.short_training import Schedule
+    from nnunet_emcad.command.scripts import CommandFailed
+    from nnunet_emcad.command.demo import run_demo
+    from nnunet_emcad.nnunet.short_training import Schedule
 
     if args.device is None:
         import torch
@@ -36,7 +36,7 @@ def _paper(args: argparse.Namespace) -> int:
     """Build the paper's EMCAD-B0/B2 and print their cost next to the paper's."""
     import torch
 
-    from nnunet_emcad.counting import paper_fidelity, paper_table
+    from nnunet_emcad.model.counting import paper_fidelity, paper_table
 
     torch.set_num_threads(args.threads)
     print(f"EMCAD at {args.size}x{args.size}, 3 input channels, {args.classes} classes "
@@ -70,7 +70,7 @@ def _info(args: argparse.Namespace) -> int:
             trainer = recursive_find_trainer_class_by_name(args.trainer)
         print(f"{args.trainer}: found by nnU-Net ({trainer.__module__})")
     except RuntimeError as e:
-        from nnunet_emcad.trainers import __all__ as emcad_trainers
+        from nnunet_emcad.nnunet.trainers import __all__ as emcad_trainers
 
         if args.trainer in emcad_trainers:
             print(f"{args.trainer}: NOT found by nnU-Net ({str(e).splitlines()[0]}); reinstall the package or add "
@@ -85,7 +85,7 @@ def _info(args: argparse.Namespace) -> int:
         print(f"{var}: {path or ''} ({state})")
     results = os.environ.get('nnUNet_results')
     if results and os.path.isdir(results):
-        from nnunet_emcad.model_folders import trained_models
+        from nnunet_emcad.nnunet.model_folders import trained_models
 
         trained = trained_models(results)
         print("trained in nnUNet_results (-d, -tr, -p, -c for nnUNetv2_predict):" if trained else
@@ -103,9 +103,9 @@ def _convert_official(args: argparse.Namespace) -> int:
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from nnunet_emcad.checkpoints import CheckpointError
-    from nnunet_emcad.model_folders import trainer_network
-    from nnunet_emcad.official import official_weights_for
+    from nnunet_emcad.model.checkpoints import CheckpointError
+    from nnunet_emcad.nnunet.model_folders import trainer_network
+    from nnunet_emcad.model.official import official_weights_for
 
     nnUNet_preprocessed = os.environ.get('nnUNet_preprocessed')
     if not nnUNet_preprocessed:
@@ -135,7 +135,7 @@ def _convert_official(args: argparse.Namespace) -> int:
 
 def _export_onnx(args: argparse.Namespace) -> int:
     """Export a trained fold's network to ONNX, check it against PyTorch with onnxruntime, write the plan facts."""
-    from nnunet_emcad.export import export_onnx, model_folder_for
+    from nnunet_emcad.nnunet.export import export_onnx, model_folder_for
 
     try:
         folder = model_folder_for(args.dataset, args.trainer, args.plans, args.configuration)
@@ -153,8 +153,8 @@ def _export_onnx(args: argparse.Namespace) -> int:
 def _rename_trainer(args: argparse.Namespace) -> int:
     """Copy a trained model folder under another trainer's name (folder and checkpoints), for a model whose
     trainer was renamed; checks first that its weights load into that trainer's network."""
-    from nnunet_emcad.checkpoints import CheckpointError
-    from nnunet_emcad.model_folders import rename_trainer
+    from nnunet_emcad.model.checkpoints import CheckpointError
+    from nnunet_emcad.nnunet.model_folders import rename_trainer
 
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net narrates its search for the trainer
@@ -168,7 +168,7 @@ def _rename_trainer(args: argparse.Namespace) -> int:
 
 def _benchmark(args: argparse.Namespace) -> int:
     """Run a benchmark of the source checkout's benchmarks/ (cost, accuracy, update_docs); arguments pass on."""
-    from nnunet_emcad.paths import checkout_benchmark
+    from nnunet_emcad.command.paths import checkout_benchmark
 
     script = checkout_benchmark(args.name)
     if not os.path.isfile(script):
@@ -182,7 +182,7 @@ def _benchmark(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Parse ``argv`` and run the chosen subcommand."""
-    from nnunet_emcad.demo import DATA_CHOICES
+    from nnunet_emcad.command.demo import DATA_CHOICES
 
     parser = argparse.ArgumentParser(prog='nnunet-emcad', description=DESCRIPTION)
     sub = parser.add_subparsers(dest='command', required=True)

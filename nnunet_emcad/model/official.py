@@ -2,7 +2,7 @@
 
 The official code names its containers differently (``decoder.mscb4.0.x`` for our ``decoder.mscb.3.x``) and
 keeps the backbone under ``backbone.`` in the original PVT's names; the blocks inside are the same, so a
-checkpoint imports by renaming. Reading and checking the file is ``nnunet_emcad.checkpoints``' work.
+checkpoint imports by renaming. Reading and checking the file is ``nnunet_emcad.model.checkpoints``' work.
 """
 import logging
 import re
@@ -11,8 +11,8 @@ from typing import Dict, Mapping, Optional, Tuple
 import torch
 from timm.models.pvt_v2 import checkpoint_filter_fn
 
-from nnunet_emcad.checkpoints import CheckpointError, CheckpointSource, StateDict, check_state_dict, read_state_dict
-from nnunet_emcad.emcad import PVT_V2_VARIANTS, EMCADNet, PVTv2Encoder, create_emcad_pvt
+from nnunet_emcad.model.checkpoints import CheckpointError, CheckpointSource, StateDict, check_state_dict, read_state_dict
+from nnunet_emcad.model.emcad import PVT_V2_VARIANTS, EMCADNet, PVTv2Encoder, create_emcad_pvt
 
 logger = logging.getLogger(__name__)
 
