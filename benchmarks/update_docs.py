@@ -15,7 +15,7 @@ if __package__ in (None, ''):  # run as python benchmarks/<name>.py: import benc
 
 from benchmarks.harness import RESULTS, STOCK, ratios, runs_summary, versus_stock
 from benchmarks.source_tree import README, SOURCE_ROOT
-from nnunet_emcad.nnunet.trainers import RENAMED_TRAINERS
+from nnunet_emcad.nnunet.trainers.base import RENAMED_TRAINERS
 
 RESULTS_DOC = os.path.join(SOURCE_ROOT, 'docs', 'results.md')
 LINK = '../benchmarks/results/'  # from docs/ to the reports

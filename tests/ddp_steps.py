@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 import nnunetv2.training.nnUNetTrainer.nnUNetTrainer as nnunet_trainer_module
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-from nnunet_emcad.nnunet.trainers import unwrap
+from nnunet_emcad.nnunet.trainers.base import unwrap
 
 WORLD = 2
 GLOBAL_BATCH = 4

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from helpers import official_state_dict
 from nnunet_emcad.command import cli
@@ -16,6 +17,8 @@ from nnunet_emcad.model.checkpoints import CheckpointError
 from nnunet_emcad.model.emcad import create_emcad_pvt
 from nnunet_emcad.nnunet import trainers as T
 from nnunet_emcad.nnunet.plans import create_emcad_unet
+from nnunet_emcad.nnunet.trainers import pvt
+from nnunet_emcad.nnunet.trainers.base import PVT_WEIGHTS_ENV, check_nnunet_folders
 from test_networks import ACDC_2D_ARCH
 from test_trainers import DATASET_JSON, build, make_plans
 
@@ -23,10 +26,10 @@ pytestmark = pytest.mark.usefixtures('nnunet_folders')
 
 
 def test_pvt_weights_named_but_missing_stop_at_construction(tmp_path, monkeypatch):
-    monkeypatch.setenv(T.PVT_WEIGHTS_ENV, str(tmp_path))
+    monkeypatch.setenv(PVT_WEIGHTS_ENV, str(tmp_path))
     with pytest.raises(CheckpointError, match=r'pvt_v2_b0\.pth does not exist.*unset nnUNet_EMCAD_PVT_WEIGHTS'):
         build(T.nnUNetTrainerEMCAD_PVTb0, make_plans(5, [64, 64]))
-    monkeypatch.setenv(T.PVT_WEIGHTS_ENV, str(tmp_path / 'b0.pth'))
+    monkeypatch.setenv(PVT_WEIGHTS_ENV, str(tmp_path / 'b0.pth'))
     with pytest.raises(CheckpointError, match=r'b0\.pth does not exist'):
         build(T.nnUNetTrainerEMCAD_PVTb0, make_plans(5, [64, 64]))
 
@@ -34,7 +37,7 @@ def test_pvt_weights_named_but_missing_stop_at_construction(tmp_path, monkeypatc
 def test_missing_pvt_weights_stop_neither_a_continued_training_nor_a_validation_of_a_finished_fold(tmp_path,
                                                                                                     monkeypatch):
     fold = build(T.nnUNetTrainerEMCAD_PVTb0, make_plans(5, [64, 64])).output_folder
-    monkeypatch.setenv(T.PVT_WEIGHTS_ENV, str(tmp_path / 'gone.pth'))
+    monkeypatch.setenv(PVT_WEIGHTS_ENV, str(tmp_path / 'gone.pth'))
     continued = build(T.nnUNetTrainerEMCAD_PVTb0, dict(make_plans(5, [64, 64]), continue_training=True))  # --c
     assert continued.pvt_weights is None and continued.pvt_weights_error is None
     open(os.path.join(fold, 'checkpoint_final.pth'), 'w').close()
@@ -44,7 +47,7 @@ def test_missing_pvt_weights_stop_neither_a_continued_training_nor_a_validation_
 
 def test_pvt_weights_of_another_model_fail_with_the_key_lists(tmp_path, monkeypatch):
     torch.save(create_emcad_unet(ACDC_2D_ARCH, 1, 2).state_dict(), tmp_path / 'pvt_v2_b0.pth')
-    monkeypatch.setenv(T.PVT_WEIGHTS_ENV, str(tmp_path))
+    monkeypatch.setenv(PVT_WEIGHTS_ENV, str(tmp_path))
     trainer = build(T.nnUNetTrainerEMCAD_PVTb0, make_plans(5, [64, 64]))
     with pytest.raises(CheckpointError, match='(?s)nothing was loaded.*missing keys.*unexpected keys'):
         trainer.network.encoder.load_pretrained(trainer.pvt_weights)
@@ -76,18 +79,18 @@ def test_read_only_check_follows_permissions(tmp_path, monkeypatch):
     monkeypatch.setenv('nnUNet_results', str(tmp_path / 'ro' / 'results'))
     (tmp_path / 'ro').mkdir()
     with pytest.raises(RuntimeError, match=r'nnUNet_results=.*ro/results is not writable'):
-        T.check_nnunet_folders()
+        check_nnunet_folders()
     monkeypatch.setenv('nnUNet_preprocessed', str(tmp_path / 'ro' / 'preprocessed'))
     monkeypatch.setenv('nnUNet_results', str(tmp_path / 'results'))
-    T.check_nnunet_folders()  # training only reads the preprocessed data
+    check_nnunet_folders()  # training only reads the preprocessed data
 
 
 def test_a_diverging_loss_stops_training(monkeypatch):
     trainer = build(T.nnUNetTrainerEMCAD, make_plans(5, [64, 64]))
-    monkeypatch.setattr(T.nnUNetTrainer, 'train_step', lambda self, batch: {'loss': np.array(np.nan)})
+    monkeypatch.setattr(nnUNetTrainer, 'train_step', lambda self, batch: {'loss': np.array(np.nan)})
     with pytest.raises(RuntimeError, match='training loss became nan in epoch 0: the network diverged'):
         trainer.train_step({})
-    monkeypatch.setattr(T.nnUNetTrainer, 'train_step', lambda self, batch: {'loss': np.array(0.5)})
+    monkeypatch.setattr(nnUNetTrainer, 'train_step', lambda self, batch: {'loss': np.array(0.5)})
     assert trainer.train_step({})['loss'] == 0.5
 
 
@@ -111,7 +114,7 @@ def test_the_guard_reads_the_scale_once_a_step_and_stops_after_the_skipped_steps
         self.grad_scaler.scale *= next(factors)
         return {'loss': np.array(0.5)}
 
-    monkeypatch.setattr(T.nnUNetTrainer, 'train_step', step)
+    monkeypatch.setattr(nnUNetTrainer, 'train_step', step)
     for _ in range(5):
         trainer.train_step({})
     assert trainer.grad_scaler.reads == 6  # before the first step, then after each
@@ -297,8 +300,8 @@ def test_a_pvt_trainer_told_timm_loads_what_timms_pretrained_mechanism_gives(mon
 
     imagenet = timm.create_model('pvt_v2_b0', pretrained=False, num_classes=0).state_dict()
     asked = []
-    monkeypatch.setattr(T, 'timm_pretrained_weights', lambda variant: asked.append(variant) or imagenet)
-    monkeypatch.setenv(T.PVT_WEIGHTS_ENV, 'timm')
+    monkeypatch.setattr(pvt, 'timm_pretrained_weights', lambda variant: asked.append(variant) or imagenet)
+    monkeypatch.setenv(PVT_WEIGHTS_ENV, 'timm')
     trainer = T.nnUNetTrainerEMCAD_PVTb0(make_plans(5, [64, 64]), '2d', 0, DATASET_JSON, device=torch.device('cpu'))
     assert asked == ['pvt_v2_b0']  # fetched at construction, before nnU-Net writes anything
     # nnU-Net's initialize infers the data set's format from the file endings of its preprocessed folder

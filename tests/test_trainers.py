@@ -11,7 +11,7 @@ from dynamic_network_architectures.building_blocks.residual_encoders import Resi
 import nnunet_emcad._startup as startup
 from nnunet_emcad.model.blocks import InstanceNorm2dCPU, InstanceNorm3dCPU
 from nnunet_emcad.nnunet import trainers as T
-from nnunet_emcad.nnunet.trainers import unwrap
+from nnunet_emcad.nnunet.trainers.base import unwrap
 
 pytestmark = pytest.mark.usefixtures('nnunet_folders')
 

@@ -13,7 +13,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from nnunet_emcad.nnunet.trainers import check_checkpoint_file
+from nnunet_emcad.nnunet.trainers.base import check_checkpoint_file
 
 
 def load_predictor(model_folder: str, fold: str, checkpoint_name: str = 'checkpoint_final.pth'):

@@ -2,7 +2,8 @@
 is for."""
 import torch
 
-from nnunet_emcad.nnunet.trainers import nnUNetTrainerEMCAD_smoke, unwrap
+from nnunet_emcad.nnunet.trainers import nnUNetTrainerEMCAD_smoke
+from nnunet_emcad.nnunet.trainers.base import unwrap
 
 
 class nnUNetTrainerEMCAD_nonfinite(nnUNetTrainerEMCAD_smoke):

@@ -4,7 +4,8 @@ a minute; the 500-iteration schedule itself is checked in process."""
 from dataclasses import replace
 
 from nnunet_emcad.nnunet.short_training import short_schedule
-from nnunet_emcad.nnunet.trainers import FIVE_HUNDRED_ITERATIONS, nnUNetTrainerEMCAD_PVTb0
+from nnunet_emcad.nnunet.trainers.pvt import nnUNetTrainerEMCAD_PVTb0
+from nnunet_emcad.nnunet.trainers.schedules import FIVE_HUNDRED_ITERATIONS
 
 ROUTE_EPOCHS = 4
 nnUNetTrainerEMCAD_PVTb0_route = short_schedule(

@@ -4,6 +4,6 @@ smoke schedule, to compare and ensemble with nnUNetTrainerEMCAD_smoke in a minut
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from nnunet_emcad.nnunet.short_training import short_schedule
-from nnunet_emcad.nnunet.trainers import SMOKE
+from nnunet_emcad.nnunet.trainers.schedules import SMOKE
 
 nnUNetTrainer_smoke = short_schedule(nnUNetTrainer, SMOKE, 'nnUNetTrainer_smoke')
