@@ -11,6 +11,9 @@ from torch import nn
 
 from benchmarks.source_tree import README
 
+TESTS = os.path.dirname(os.path.abspath(__file__))
+"""The tests' root: their shared modules, ``ext_trainers/`` and ``ddp_steps.py``."""
+
 _TO_OFFICIAL = (
     (re.compile(r'^encoder\.stem\.'), 'conv.'),
     (re.compile(r'^decoder\.seg_layers\.(\d+)\.'), lambda m: f'out_head{int(m.group(1)) + 1}.'),

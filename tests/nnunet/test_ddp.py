@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
+from helpers import TESTS
 from nnunet_emcad.command.scripts import nnunet_env
 from tiny_data import copy_planned
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
 # One trainer per path DDP takes. 2D: the default (nothing recomputed), the full-resolution decoder (its stages at
 # strides 1-4 run again in backward; _Stride4's decoder from stride 4 recomputes the same way), the default under
 # nnU-Net's torch.compile (through aot_eager), and EMCAD-B0, whose stem's BatchNorm nnU-Net syncs over the ranks

@@ -15,7 +15,7 @@ from benchmarks.gpu_check import build_rig, train
 from benchmarks.inductor_layout import inductor_lays_out_channels_last
 from nnunet_emcad.model.blocks import CAB, SAB
 from nnunet_emcad.nnunet import trainers as T
-from test_trainers import DATASET_JSON, make_plans
+from tiny_plans import DATASET_JSON, make_plans
 
 pytestmark = pytest.mark.usefixtures('nnunet_folders')
 

@@ -1,5 +1,4 @@
 """The trainers' contracts with nnU-Net, in process: deep supervision, patch sizes, 3D refusal, optimisers."""
-import copy
 import re
 import os
 
@@ -12,61 +11,9 @@ import nnunet_emcad._startup as startup
 from nnunet_emcad.model.blocks import InstanceNorm2dCPU, InstanceNorm3dCPU
 from nnunet_emcad.nnunet import trainers as T
 from nnunet_emcad.nnunet.trainers.base import unwrap
+from tiny_plans import DATASET_JSON, PATCH_FOR_STAGES, build, make_plans
 
 pytestmark = pytest.mark.usefixtures('nnunet_folders')
-
-DATASET_JSON = {'channel_names': {'0': 'MRI'}, 'labels': {'background': 0, 'a': 1, 'b': 2}, 'numTraining': 10,
-                'file_ending': '.nii.gz'}
-# 2D configurations as nnU-Net 2.8's ExperimentPlanner writes them: n stages -> a patch that needs them
-PATCH_FOR_STAGES = {5: [64, 64], 6: [256, 224], 7: [320, 256], 8: [512, 512]}
-
-
-def make_plans(n_stages: int, patch, residual: bool = False, extra_3d: bool = False) -> dict:
-    dim = len(patch)
-    strides = [[1] * dim] + [[2] * dim] * (n_stages - 1)
-    arch = {'n_stages': n_stages, 'features_per_stage': [min(32 * 2 ** i, 512) for i in range(n_stages)],
-            'conv_op': f'torch.nn.modules.conv.Conv{dim}d', 'kernel_sizes': [[3] * dim] * n_stages,
-            'strides': strides, 'n_conv_per_stage_decoder': [1 if residual else 2] * (n_stages - 1),
-            'conv_bias': True, 'norm_op': f'torch.nn.modules.instancenorm.InstanceNorm{dim}d',
-            'norm_op_kwargs': {'eps': 1e-05, 'affine': True}, 'dropout_op': None, 'dropout_op_kwargs': None,
-            'nonlin': 'torch.nn.LeakyReLU', 'nonlin_kwargs': {'inplace': True}}
-    if residual:
-        arch['n_blocks_per_stage'] = [1, 3, 4, 6, 6, 6, 6, 6][:n_stages]
-    else:
-        arch['n_conv_per_stage'] = [2] * n_stages
-    name = 'ResidualEncoderUNet' if residual else 'PlainConvUNet'
-    config = {'data_identifier': f'nnUNetPlans_{dim}d', 'preprocessor_name': 'DefaultPreprocessor',
-              'batch_size': 2, 'patch_size': list(patch), 'median_image_size_in_voxels': list(patch),
-              'spacing': [1.0] * dim, 'normalization_schemes': ['ZScoreNormalization'], 'use_mask_for_norm': [False],
-              'resampling_fn_data': 'resample_data_or_seg_to_shape',
-              'resampling_fn_seg': 'resample_data_or_seg_to_shape',
-              'resampling_fn_data_kwargs': {'is_seg': False, 'order': 3, 'order_z': 0, 'force_separate_z': None},
-              'resampling_fn_seg_kwargs': {'is_seg': True, 'order': 1, 'order_z': 0, 'force_separate_z': None},
-              'resampling_fn_probabilities': 'resample_data_or_seg_to_shape',
-              'resampling_fn_probabilities_kwargs': {'is_seg': False, 'order': 1, 'order_z': 0,
-                                                     'force_separate_z': None},
-              'architecture': {'network_class_name': f'dynamic_network_architectures.architectures.unet.{name}',
-                               'arch_kwargs': arch,
-                               '_kw_requires_import': ['conv_op', 'norm_op', 'dropout_op', 'nonlin']},
-              'batch_dice': True}
-    configurations = {f'{dim}d' if dim == 2 else '3d_fullres': config}
-    if extra_3d:
-        configurations['3d_fullres'] = make_plans(n_stages, [16] + list(patch))['configurations']['3d_fullres']
-    return {'dataset_name': 'Dataset999_Plans', 'plans_name': 'nnUNetPlans',
-            'original_median_spacing_after_transp': [1.0, 1.0, 1.0],
-            'original_median_shape_after_transp': [16] + list(patch)[-2:], 'image_reader_writer': 'SimpleITKIO',
-            'transpose_forward': [0, 1, 2], 'transpose_backward': [0, 1, 2], 'configurations': configurations,
-            'experiment_planner_used': 'ExperimentPlanner', 'label_manager': 'LabelManager',
-            'foreground_intensity_properties_per_channel': {'0': {'mean': 0.0, 'std': 1.0}},
-            'continue_training': False}
-
-
-def build(cls, plans, configuration='2d'):
-    trainer = cls(copy.deepcopy(plans), configuration, 0, DATASET_JSON, device=torch.device('cpu'))
-    trainer.network = trainer.build_network_architecture(
-        trainer.plans_manager, trainer.configuration_manager, 1, trainer.label_manager.num_segmentation_heads, True)
-    return trainer
-
 
 EMCAD_TRAINERS = [getattr(T, name) for name in T.__all__ if getattr(T, name).dimensions == 2]
 EMCAD_3D_TRAINERS = [getattr(T, name) for name in T.__all__ if getattr(T, name).dimensions == 3]

@@ -1,6 +1,7 @@
 """The README's own-dataset CPU route and its own-schedule recipe, run as the README writes them (the route on a
 shorter schedule of its trainer)."""
 import ast
+import glob
 import json
 import os
 import re
@@ -14,14 +15,14 @@ import pytest
 import torch
 from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
+from helpers import TESTS
 from benchmarks.cpu_route import link_dataset
 from benchmarks.source_tree import code_block, readme_section, readme_text
 from nnunet_emcad.command.demo_data import make_synthetic_dataset
 from nnunet_emcad.command.scripts import MALLOC_SETTINGS
 from nnunet_emcad.nnunet import trainers as T
-from test_trainers import DATASET_JSON, make_plans
+from tiny_plans import DATASET_JSON, make_plans
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
 BENCHMARKS = os.path.join(os.path.dirname(TESTS), 'benchmarks')
 
 
@@ -157,21 +158,21 @@ def test_the_quick_check_from_the_readme_leaves_out_the_slow_tests_and_only_them
     slow = {name for name, slow in sorted_by_mark['left_out'] if slow}
     assert len(quick) == len(sorted_by_mark['kept']) and len(slow) == len(sorted_by_mark['left_out'])
     this_test = test_the_quick_check_from_the_readme_leaves_out_the_slow_tests_and_only_them.__name__
-    assert f'tests/test_readme_routes.py::{this_test}' in quick
-    assert {name.split('::')[0] for name in slow} >= {'tests/test_nnunet_end_to_end.py', 'tests/test_nnunet_3d.py'}
-    assert not [name for name in quick if name.startswith(('tests/test_nnunet_end_to_end.py::',
-                                                           'tests/test_nnunet_3d.py::'))]
+    assert f'tests/command/test_readme_routes.py::{this_test}' in quick
+    end_to_end = ('tests/nnunet/test_nnunet_end_to_end.py', 'tests/nnunet/test_nnunet_3d.py')
+    assert {name.split('::')[0] for name in slow} >= set(end_to_end)
+    assert not [name for name in quick if name.split('::')[0] in end_to_end]
 
 
 def _tests_taking(fixture: str) -> list:
     """The node ids of the test functions in tests/ that take ``fixture`` as an argument."""
     found = []
-    for name in sorted(os.listdir(TESTS)):
-        if name.startswith('test_') and name.endswith('.py'):
-            with open(os.path.join(TESTS, name)) as f:
-                tree = ast.parse(f.read())
-            found += [f'tests/{name}::{node.name}' for node in tree.body if isinstance(node, ast.FunctionDef)
-                      and node.name.startswith('test_') and fixture in [a.arg for a in node.args.args]]
+    for path in sorted(glob.glob(os.path.join(TESTS, '**', 'test_*.py'), recursive=True)):
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        name = os.path.relpath(path, os.path.dirname(TESTS))
+        found += [f'{name}::{node.name}' for node in tree.body if isinstance(node, ast.FunctionDef)
+                  and node.name.startswith('test_') and fixture in [a.arg for a in node.args.args]]
     return found
 
 
@@ -179,7 +180,7 @@ def test_the_test_command_beside_a_data_only_shared_folder_skips_what_needs_othe
     # the README's layout for a user: ../shared/data with their data sets, nothing else of the project's shared folder
     (tmp_path / 'shared' / 'data').mkdir(parents=True)
     tests = _tests_taking('shared_file')
-    assert 'tests/test_reference_numbers.py::test_official_key_names_and_shapes' in tests
+    assert 'tests/model/test_reference_numbers.py::test_official_key_names_and_shapes' in tests
     proc = subprocess.run([sys.executable, '-m', 'pytest', '-n', '0', '-rs', '-p', 'no:cacheprovider', *tests],
                           cwd=os.path.dirname(TESTS), capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, NNUNET_EMCAD_SHARED_DATA=str(tmp_path / 'shared' / 'data')))

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from benchmarks.source_tree import SOURCE_ROOT
-from test_trainers import DATASET_JSON, make_plans
+from tiny_plans import DATASET_JSON, make_plans
 
 PROBE_SETUP = ("from setuptools import setup\n"
                "setup(name='offline-gpu-probe', version='1.0', py_modules=['offline_gpu_probe'])\n")

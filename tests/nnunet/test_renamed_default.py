@@ -12,7 +12,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnunet_emcad.model.checkpoints import CheckpointError
 from nnunet_emcad.nnunet import trainers as T
-from test_trainers import DATASET_JSON, build, make_plans
+from tiny_plans import DATASET_JSON, build, make_plans
 
 pytestmark = pytest.mark.usefixtures('nnunet_folders')
 BIN = os.path.dirname(sys.executable)

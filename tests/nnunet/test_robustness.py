@@ -19,8 +19,7 @@ from nnunet_emcad.nnunet import trainers as T
 from nnunet_emcad.nnunet.plans import create_emcad_unet
 from nnunet_emcad.nnunet.trainers import pvt
 from nnunet_emcad.nnunet.trainers.base import PVT_WEIGHTS_ENV, check_nnunet_folders
-from test_networks import ACDC_2D_ARCH
-from test_trainers import DATASET_JSON, build, make_plans
+from tiny_plans import ACDC_2D_ARCH, DATASET_JSON, build, make_plans
 
 pytestmark = pytest.mark.usefixtures('nnunet_folders')
 

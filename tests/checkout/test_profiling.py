@@ -6,7 +6,7 @@ from torch import nn
 
 from benchmarks.profiling import STAGE, Call, breakdown, record_calls, time_call, traffic
 from nnunet_emcad.model.emcad import EMCADNet
-from test_trainers import build, make_plans
+from tiny_plans import build, make_plans
 
 
 def _network(trainer: str) -> nn.Module:

@@ -15,11 +15,11 @@ import SimpleITK as sitk
 import timm
 import torch
 
+from helpers import TESTS
 from benchmarks.source_tree import code_block, readme_section
 from nnunet_emcad.command.scripts import nnunet_env
 from tiny_data import assert_onnx_matches_pytorch, copy_planned, export_trained_fold, run
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
 pytestmark = pytest.mark.slow
 
 

@@ -12,11 +12,10 @@ import pytest
 
 from helpers import doc_text
 from benchmarks.harness import malloc_note
-from benchmarks.source_tree import readme_text
+from benchmarks.source_tree import BENCHMARKS, readme_text
 from nnunet_emcad.command.scripts import nnunet_env
-from test_trainers import DATASET_JSON, make_plans
+from tiny_plans import DATASET_JSON, make_plans
 
-BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'benchmarks')
 
 
 def _tiny_plans_file(tmp_path) -> str:

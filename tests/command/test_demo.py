@@ -8,6 +8,7 @@ import sys
 import pytest
 from PIL import Image
 
+from benchmarks.source_tree import SOURCE_ROOT
 from nnunet_emcad.command import cli, paths
 from nnunet_emcad.command.demo import prepare_data
 
@@ -152,6 +153,5 @@ def test_help_and_info_open_with_their_own_words_not_warnings(tmp_path):
 
 
 def test_the_demos_default_folder_is_ignored_by_git():
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, '.gitignore')) as f:
+    with open(os.path.join(SOURCE_ROOT, '.gitignore')) as f:
         assert 'nnunet_emcad_demo/' in f.read().split()

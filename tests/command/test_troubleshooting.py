@@ -11,17 +11,15 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from helpers import official_state_dict
+from helpers import TESTS, official_state_dict
 from benchmarks.source_tree import readme_text
 from nnunet_emcad.command.scripts import nnunet_env
 from nnunet_emcad.model.emcad import create_emcad_pvt
 from nnunet_emcad.nnunet import trainers as T
 from nnunet_emcad.nnunet.plans import create_emcad_unet
-from test_networks import ACDC_2D_ARCH
-from test_trainers import DATASET_JSON, make_plans
 from tiny_data import copy_planned
+from tiny_plans import ACDC_2D_ARCH, DATASET_JSON, make_plans
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
 BIN = os.path.dirname(sys.executable)
 PLANNED = 'Dataset999_Plans'  # the data set name make_plans writes
 DAMAGED = bytes([0xff]) * 4096  # bytes that are no checkpoint (a disk error, a wrong file)

@@ -10,15 +10,7 @@ from nnunet_emcad.model.counting import saved_activation_bytes
 from nnunet_emcad.model.emcad import EMCADDecoder, create_emcad_pvt, stages_up_to_stride
 from nnunet_emcad.nnunet.plans import create_emcad_unet, decoded_first_stage, first_stage_at_stride
 from helpers import assert_same_outputs_and_gradients
-
-ACDC_2D_ARCH = {  # what nnU-Net 2.8 plans for Dataset027_ACDC 2d (patch 256x224)
-    'n_stages': 6, 'features_per_stage': [32, 64, 128, 256, 512, 512],
-    'conv_op': 'torch.nn.modules.conv.Conv2d', 'kernel_sizes': [[3, 3]] * 6,
-    'strides': [[1, 1], [2, 2], [2, 2], [2, 2], [2, 2], [2, 2]], 'n_conv_per_stage': [2] * 6,
-    'n_conv_per_stage_decoder': [2] * 5, 'conv_bias': True,
-    'norm_op': 'torch.nn.modules.instancenorm.InstanceNorm2d', 'norm_op_kwargs': {'eps': 1e-05, 'affine': True},
-    'dropout_op': None, 'dropout_op_kwargs': None, 'nonlin': 'torch.nn.LeakyReLU', 'nonlin_kwargs': {'inplace': True},
-}
+from tiny_plans import ACDC_2D_ARCH
 
 SMALL_2D_ARCH = dict(ACDC_2D_ARCH, n_stages=4, strides=ACDC_2D_ARCH['strides'][:4], kernel_sizes=[[3, 3]] * 4,
                      features_per_stage=[8, 16, 32, 64], n_conv_per_stage=[2] * 4, n_conv_per_stage_decoder=[2] * 3)
