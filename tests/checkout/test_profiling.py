@@ -64,7 +64,8 @@ def test_stock_nnunet_blocks_are_its_transposed_convolutions_convolution_stages_
     kinds = {(r['kind'], r['stride']) for r in rows}
     assert kinds == {('encoder', 1)} | {(k, s) for k in ('transposed conv', 'conv stage', 'head') for s in (1, 2, 4, 8)}
     for r in rows:
-        assert r['forward_ms'] > 0 and r['backward_ms'] > 0 and r['ops_forward'] >= 1 and r['bytes_forward'] > 0
+        # backward is forward + backward less forward, each timed once: on a busy machine it can come out as 0
+        assert r['forward_ms'] > 0 and r['backward_ms'] >= 0 and r['ops_forward'] >= 1 and r['bytes_forward'] > 0
         # prediction runs without deep supervision: the finest head alone
         assert (r['predict_ms'] > 0) == (r['kind'] != 'head' or r['stride'] == 1)
 

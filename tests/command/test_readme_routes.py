@@ -122,7 +122,7 @@ def test_your_own_schedule_from_the_readme_is_found_next_to_the_plugins_trainers
     proc = subprocess.run(['bash', '-e', '-c', f'{export}\n{sys.executable} -c "{lookup}"'], env=_user_env(tmp_path),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.strip().splitlines()[-1] == 'nnUNetTrainerEMCAD_PVTb0 nnunet_emcad.nnunet.trainers'
+    assert proc.stdout.strip().splitlines()[-1] == 'nnUNetTrainerEMCAD_PVTb0 nnunet_emcad.nnunet.trainers.base'
 
 
 SORTED_BY_MARK = """
