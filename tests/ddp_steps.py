@@ -8,9 +8,9 @@ here: the device nnU-Net puts each rank on (``cuda:rank``), its CUDA GradScaler 
 conversion to SyncBatchNorm (CUDA only; the PVT stem's BatchNorm then normalises each rank's half on its own);
 for a trainer named ``NAME+compile``, nnU-Net's own torch.compile (off on the CPU) through the ``aot_eager``
 backend, and no drop path (a PVT's drop path draws other masks in two ranks than in one process).
-With ``--nan-rank R`` rank R's second batch is NaN, and what each rank stopped with is written instead, with how
-many times it gathered the ranks' losses; ``--grad-scaler`` gives each trainer a GradScaler (on the CPU), as
-nnU-Net's DDP does on CUDA.
+For a trainer named ``NAME+nan``, rank 1's second batch of three is NaN, and what each rank stopped with is written
+instead, with how many times it gathered the ranks' losses; ``+scaler`` gives the trainer a GradScaler (on the CPU),
+as nnU-Net's DDP does on CUDA. Flags combine: ``nnUNetTrainerEMCAD+nan+scaler``.
 """
 import argparse
 import functools
@@ -34,6 +34,13 @@ from nnunet_emcad.nnunet.trainers.base import unwrap
 
 WORLD = 2
 GLOBAL_BATCH = 4
+NAN_RANK = 1
+NAN_STEPS = 3
+
+
+def flags(spec: str) -> List[str]:
+    """The flags of a trainer spec: ``NAME+compile+nan`` -> ['compile', 'nan']."""
+    return spec.split('+')[1:]
 
 
 def cpu_ddp(module: torch.nn.Module, device_ids: Optional[List[int]] = None) -> DistributedDataParallel:
@@ -41,19 +48,19 @@ def cpu_ddp(module: torch.nn.Module, device_ids: Optional[List[int]] = None) -> 
     return DistributedDataParallel(module)
 
 
-def make_trainer(spec: str, dataset: str, configuration: str, batch_dice: bool = True, grad_scaler: bool = False):
-    """The trainer ``spec`` names (``NAME`` or ``NAME+compile``) initialised on the tiny data set's plans for
-    ``configuration``, with the same initial weights in every process; without ``batch_dice`` (3D plans' setting)
-    each rank's Dice is its own, not gathered over the ranks; with ``grad_scaler`` a GradScaler on the CPU."""
-    name, _, compiled = spec.partition('+')
+def make_trainer(spec: str, dataset: str, configuration: str):
+    """The trainer ``spec`` names (``NAME`` with flags, see above) initialised on the tiny data set's plans for
+    ``configuration``, with the same initial weights in every process. With ``+nan`` each rank's Dice is its own,
+    not gathered over the ranks (3D plans' setting), so that the other ranks' losses stay finite."""
+    name = spec.split('+')[0]
     plans = dict(load_json(os.path.join(dataset, 'nnUNetPlans.json')), continue_training=False)  # as run_training
-    plans['configurations'][configuration]['batch_dice'] = batch_dice
+    plans['configurations'][configuration]['batch_dice'] = 'nan' not in flags(spec)
     dataset_json = load_json(os.path.join(dataset, 'dataset.json'))
     trainer = recursive_find_trainer_class_by_name(name)(plans, configuration, 0, dataset_json,
                                                          device=torch.device('cpu'))
     trainer.device = torch.device('cpu')  # nnU-Net's DDP puts rank r on cuda:r
-    trainer.grad_scaler = torch.amp.GradScaler('cpu') if grad_scaler else None  # and makes it one for CUDA
-    if compiled:
+    trainer.grad_scaler = torch.amp.GradScaler('cpu') if 'scaler' in flags(spec) else None  # and one for CUDA
+    if 'compile' in flags(spec):
         trainer._do_i_compile = lambda: True
     torch.manual_seed(0)
     trainer.initialize()
@@ -107,11 +114,9 @@ def patch_for_the_cpu() -> None:
     torch.compile = functools.partial(torch.compile, backend='aot_eager')
 
 
-def rank_worker(rank: int, trainers: List[str], dataset: str, configuration: str, steps: int, out: str,
-                nan_rank: Optional[int], grad_scaler: bool) -> None:
-    """Train each of ``trainers`` as rank ``rank``; with ``nan_rank``, that rank's second batch is NaN (and the
-    Dice per rank, so that the other ranks' losses stay finite), and what each rank stopped with is written
-    instead, with the number of all_gather calls."""
+def rank_worker(rank: int, trainers: List[str], dataset: str, configuration: str, steps: int, out: str) -> None:
+    """Train each of ``trainers`` as rank ``rank``; for a ``+nan`` one, what the rank stopped with is written, with
+    the number of its all_gather calls and where its part of the training log starts."""
     dist.init_process_group('gloo', init_method=f"file://{os.path.join(out, 'process_group')}", rank=rank,
                             world_size=WORLD)
     patch_for_the_cpu()
@@ -119,35 +124,35 @@ def rank_worker(rank: int, trainers: List[str], dataset: str, configuration: str
     try:
         for name in trainers:
             gathers.reset_mock()
-            trainer = make_trainer(name, dataset, configuration, batch_dice=nan_rank is None,
-                                   grad_scaler=grad_scaler)
+            trainer = make_trainer(name, dataset, configuration)
             assert trainer.is_ddp and isinstance(trainer.network, DistributedDataParallel)
-            batches = [part(b, rank) for b in global_batches(trainer, steps)]
-            if nan_rank is None:
+            diverging = 'nan' in flags(name)
+            batches = [part(b, rank) for b in global_batches(trainer, NAN_STEPS if diverging else steps)]
+            if not diverging:
                 torch.save(train(trainer, batches), os.path.join(out, f'{name}_rank{rank}.pt'))
                 continue
-            if rank == nan_rank:
+            if rank == NAN_RANK:
                 batches[1]['data'].fill_(float('nan'))
+            # trainers started in the same second share nnU-Net's log file (its name has the start time)
+            log_start = os.path.getsize(trainer.log_file) if os.path.isfile(trainer.log_file) else 0
             try:
                 train(trainer, batches)
                 stopped = None
             except RuntimeError as e:
                 stopped = str(e)
             with open(os.path.join(out, f'{name}_rank{rank}_stop.json'), 'w') as f:
-                json.dump({'stopped': stopped, 'log_file': trainer.log_file, 'gathers': gathers.call_count}, f)
+                json.dump({'stopped': stopped, 'log_file': trainer.log_file, 'log_start': log_start,
+                           'gathers': gathers.call_count}, f)
     finally:
         dist.destroy_process_group()
 
 
-def stops(trainers: List[str], out: str) -> dict:
-    """What every rank stopped with, and rank 0's training log, per trainer."""
-    summary = {}
-    for name in trainers:
-        ranks = [load_json(os.path.join(out, f'{name}_rank{r}_stop.json')) for r in range(WORLD)]
-        with open(ranks[0]['log_file']) as f:
-            summary[name] = {'stopped': [r['stopped'] for r in ranks], 'gathers': [r['gathers'] for r in ranks],
-                             'log': f.read()}
-    return summary
+def stopped(name: str, out: str) -> dict:
+    """What every rank stopped with for the ``+nan`` trainer ``name``, and its part of rank 0's training log."""
+    ranks = [load_json(os.path.join(out, f'{name}_rank{r}_stop.json')) for r in range(WORLD)]
+    with open(ranks[0]['log_file']) as f:
+        f.seek(ranks[0]['log_start'])
+        return {'stopped': [r['stopped'] for r in ranks], 'gathers': [r['gathers'] for r in ranks], 'log': f.read()}
 
 
 def main() -> None:
@@ -156,19 +161,16 @@ def main() -> None:
     parser.add_argument('out', help='folder for the results (summary.json)')
     parser.add_argument('--configuration', default='2d', help="the plans' configuration the trainers train")
     parser.add_argument('--trainers', nargs='+', required=True)
-    parser.add_argument('--steps', type=int, default=2)
-    parser.add_argument('--nan-rank', type=int, help='the rank whose second batch is NaN (the others are not)')
-    parser.add_argument('--grad-scaler', action='store_true', help='a GradScaler (on the CPU) for every trainer')
+    parser.add_argument('--steps', type=int, default=2, help=f'training steps (a +nan trainer takes {NAN_STEPS})')
     args = parser.parse_args()
-    mp.spawn(rank_worker, args=(args.trainers, args.dataset, args.configuration, args.steps, args.out, args.nan_rank,
-                                args.grad_scaler), nprocs=WORLD, join=True)
-    if args.nan_rank is not None:
-        with open(os.path.join(args.out, 'summary.json'), 'w') as f:
-            json.dump(stops(args.trainers, args.out), f, indent=1)
-        return
+    mp.spawn(rank_worker, args=(args.trainers, args.dataset, args.configuration, args.steps, args.out),
+             nprocs=WORLD, join=True)
     patch_for_the_cpu()
     summary = {}
     for name in args.trainers:
+        if 'nan' in flags(name):
+            summary[name] = stopped(name, args.out)
+            continue
         trainer = make_trainer(name, args.dataset, args.configuration)
         parameters = {k for k, _ in unwrap(trainer.network).named_parameters()}
         initial = {k: v.detach().clone() for k, v in unwrap(trainer.network).state_dict().items()}

@@ -21,6 +21,8 @@ from tiny_data import copy_planned
 TRAINERS = {'2d': ['nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Stride1', 'nnUNetTrainerEMCAD+compile',
                    'nnUNetTrainerEMCAD_PVTb0'],
             '3d_fullres': ['nnUNetTrainerEMCAD3D']}
+# The default with a NaN batch on rank 1, without and with a GradScaler (ddp_steps.py's +nan and +scaler)
+DIVERGING = {False: 'nnUNetTrainerEMCAD+nan', True: 'nnUNetTrainerEMCAD+nan+scaler'}
 
 
 def ddp_steps(env: dict, dataset: str, out, *args: str) -> dict:
@@ -44,7 +46,8 @@ def ddp_steps_2d(tiny_planned: str, root, *args: str) -> dict:
 @pytest.fixture(scope='module')
 def ddp_runs(tiny_planned, tiny_planned_3d, tmp_path_factory) -> dict:
     """Every trainer's steps, run once: its tests share one xdist worker (their group ``ddp_runs``)."""
-    runs = ddp_steps_2d(tiny_planned, tmp_path_factory.mktemp('ddp'), '--trainers', *TRAINERS['2d'])
+    runs = ddp_steps_2d(tiny_planned, tmp_path_factory.mktemp('ddp'), '--trainers', *TRAINERS['2d'],
+                        *DIVERGING.values())
     root = tmp_path_factory.mktemp('ddp3d')
     env = nnunet_env(str(root), package_settings=False, configuration='3d_fullres')
     copy_planned(tiny_planned_3d, env)
@@ -77,19 +80,18 @@ def test_two_ddp_processes_train_as_one_process_on_the_whole_batch(ddp_runs, tra
         assert result['max_weight_difference'] < 0.01 * result['max_weight_change']
 
 
+@pytest.mark.xdist_group('ddp_runs')
 @pytest.mark.parametrize('grad_scaler', [False, True], ids=['without a GradScaler', 'with a GradScaler'])
-def test_a_loss_that_diverges_on_one_rank_stops_every_rank_at_that_step_with_one_message_in_the_log(tiny_planned,
-                                                                                                    tmp_path,
+def test_a_loss_that_diverges_on_one_rank_stops_every_rank_at_that_step_with_one_message_in_the_log(ddp_runs,
                                                                                                     grad_scaler):
-    result = ddp_steps_2d(tiny_planned, tmp_path, '--trainers', 'nnUNetTrainerEMCAD', '--steps', '3',
-                          '--nan-rank', '1', *(['--grad-scaler'] if grad_scaler else []))
-    stopped = result['nnUNetTrainerEMCAD']['stopped']
+    result = ddp_runs[DIVERGING[grad_scaler]]
+    stopped = result['stopped']
     assert stopped[0] == stopped[1], 'every rank stops with the same message'
     assert stopped[0].startswith('training loss became nan on rank 1 in epoch 0: the network diverged')
-    assert stopped[0] in result['nnUNetTrainerEMCAD']['log']  # rank 0 writes nnU-Net's training log
+    assert stopped[0] in result['log']  # rank 0 writes nnU-Net's training log (this trainer's part of it)
     # the ranks gather their losses at every step without a GradScaler (steps 1 and 2, the NaN's), with one only
     # at the step it skipped (the NaN's: a float32 step on the CPU overflows nothing at the starting scale)
-    assert result['nnUNetTrainerEMCAD']['gathers'] == ([1, 1] if grad_scaler else [2, 2])
+    assert result['gathers'] == ([1, 1] if grad_scaler else [2, 2])
 
 
 
