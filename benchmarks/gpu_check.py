@@ -9,8 +9,10 @@ falling), the loss trajectory and its largest deviation from eager's, whether th
 the first step (compile time when compiled), the median step after it, and peak CUDA memory of the training
 steps; per trainer, AMP inference latency (eager) at batch 1 and at the plan's batch, and the memory layout
 inductor chooses for the training graph on CUDA (channels-last, where cuDNN's depth-wise kernels are fast, or
-the default; benchmarks.inductor_layout). Each run is a process of its own. Exits 1 when a compiled trainer
-does not train (non-finite loss, more than half of its steps skipped, or unchanged parameters).
+the default; benchmarks.inductor_layout). Compiled, an EMCAD trainer's own train_step (nnU-Net's, then the
+divergence guard) is timed in turn with nnUNetTrainer.train_step alone, on the same trainer and batch: what the
+guard costs a step. Each run is a process of its own. Exits 1 when a compiled trainer does not train (non-finite
+loss, more than half of its steps skipped, or unchanged parameters).
 
 The default trainers are chosen to fit about 8 minutes on one H100/H200 (compiling one training graph took about
 a minute on an H200; the whole default run is not timed yet); it leaves out nnUNetTrainerEMCAD_NoRecompute (what
@@ -134,6 +136,36 @@ def train(rig: Rig, steps: int, amp_dtype) -> dict:
             'peak_memory_mb': torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else None}
 
 
+def guard_cost(rig: Rig, steps: int) -> Optional[Dict[str, float]]:
+    """The trainer's own ``train_step`` (nnU-Net's step, then the divergence guard) against
+    ``nnUNetTrainer.train_step`` alone, on the same trainer, network, batch and GradScaler, the two taken in turn
+    ``steps`` times each: their median ms after the first of each. None for a trainer without a step of its own."""
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    trainer = rig.trainer
+    if type(trainer).train_step is nnUNetTrainer.train_step:
+        return None
+    cuda = rig.data.device.type == 'cuda'
+    network, trainer.network, trainer.grad_scaler = trainer.network, rig.network, rig.scaler  # as nnU-Net sets them
+    batch = {'data': rig.data, 'target': rig.target}
+    take = {'guarded': lambda: trainer.train_step(batch),
+            'unguarded': lambda: nnUNetTrainer.train_step(trainer, batch)}
+    times = {key: [] for key in take}
+    for i in range(steps):
+        for key, step in take.items():
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step()
+            if cuda:
+                torch.cuda.synchronize()
+            if i or steps == 1:
+                times[key].append((time.perf_counter() - start) * 1000)
+    trainer.network = network
+    return {f'{key}_ms': statistics.median(values) for key, values in times.items()}
+
+
 def inference_latency(rig: Rig, amp_dtype, repeats: int = 10) -> Dict[str, float]:
     """AMP inference latency (eager, deep supervision off) at batch 1 and at the rig's batch, median ms."""
     import torch
@@ -182,7 +214,9 @@ def measure(spec: dict) -> dict:
     if not spec['compiled']:
         result['inductor_channels_last'] = inductor_lays_out_channels_last(rig.trainer.network, rig.data.shape)
     result.update(train(rig, spec['steps'], amp_dtype))
-    if not spec['compiled']:
+    if spec['compiled']:  # the step nnU-Net takes on CUDA
+        result['guard'] = guard_cost(rig, spec['steps'])
+    else:
         result['inference_ms'] = inference_latency(rig, amp_dtype)
     return result
 
@@ -250,6 +284,16 @@ def report(rows: List[dict], settings: dict, info: Dict[str, str]) -> str:
     failed = [r['trainer'] for r in rows if not r['verdict']['trains']]
     lines += ['', f"Compiled trainers that do not train: {', '.join(failed)}." if failed else
               'Every compiled trainer trained.', '']
+    guarded = [r for r in rows if r['compiled'].get('guard')]
+    if guarded:
+        lines += ["The divergence guard, compiled: the trainer's own train_step (nnU-Net's step, then the guard) "
+                  "against nnUNetTrainer.train_step alone, on the same trainer, batch and GradScaler, taken in turn "
+                  f"{settings['steps']} times each (median after the first):", '']
+        for r in guarded:
+            g = r['compiled']['guard']
+            lines.append(f"- {r['trainer']} ({r['configuration']}): {_ms(g['guarded_ms'])} with the guard, "
+                         f"{_ms(g['unguarded_ms'])} without ({g['guarded_ms'] / g['unguarded_ms'] - 1:+.1%})")
+        lines.append('')
     return '\n'.join(lines)
 
 

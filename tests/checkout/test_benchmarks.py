@@ -466,8 +466,11 @@ def test_gpu_check_runs_end_to_end_as_a_cpu_dry_run_with_the_readmes_trainers(tm
         assert len(run['eager']['losses']) == len(run['compiled']['losses']) == 3
         assert run['eager']['inference_ms']['batch_1'] > 0 and 'inference_ms' not in run['compiled']
         assert run['eager']['inductor_channels_last'] is (run['trainer'] != 'nnUNetTrainer')
+        guard = run['compiled']['guard']  # the divergence guard's cost: EMCAD's own train_step against nnU-Net's
+        assert guard is None if run['trainer'] == 'nnUNetTrainer' else guard['guarded_ms'] > 0 < guard['unguarded_ms']
     report = (tmp_path / 'gpu.md').read_text()
     assert 'Every compiled trainer trained.' in report
+    assert re.search(r'- nnUNetTrainerEMCAD_Stride1 \(2d\): [\d.]+ ms with the guard, [\d.]+ ms without \([+-]', report)
     assert '`python benchmarks/gpu_check.py --plans' in report and '--backend aot_eager' in report
 
 
