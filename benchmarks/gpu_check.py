@@ -30,7 +30,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
 if __package__ in (None, ''):  # run as python benchmarks/<name>.py: import benchmarks.* from the checkout's root
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -109,6 +109,23 @@ def amp_train_step(rig: Rig, amp_dtype) -> Dict[str, float]:
     return {'loss': float(loss.detach()), 'grads_finite': finite, 'scale': rig.scaler.get_scale()}
 
 
+T = TypeVar('T')
+
+
+def timed_ms(fn: Callable[[], T], cuda: bool) -> Tuple[T, float]:
+    """``fn()``'s result and the milliseconds it took, with ``cuda`` its CUDA work included (synchronised before
+    and after)."""
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = fn()
+    if cuda:
+        torch.cuda.synchronize()
+    return result, (time.perf_counter() - start) * 1000
+
+
 def train(rig: Rig, steps: int, amp_dtype) -> dict:
     """``steps`` AMP training steps: the per-step records, first-step and median later step time (ms),
     whether the parameters changed, peak CUDA memory (MB)."""
@@ -121,13 +138,9 @@ def train(rig: Rig, steps: int, amp_dtype) -> dict:
     records, times = [], []
     initial_scale = rig.scaler.get_scale()
     for _ in range(steps):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        records.append(amp_train_step(rig, amp_dtype))
-        if cuda:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1000)
+        record, ms = timed_ms(lambda: amp_train_step(rig, amp_dtype), cuda)
+        records.append(record)
+        times.append(ms)
     changed = any(not torch.equal(a, b.detach()) for a, b in zip(before, rig.trainer.network.parameters()))
     scales = [initial_scale] + [r['scale'] for r in records]
     return {'losses': [r['loss'] for r in records], 'grads_finite': [r['grads_finite'] for r in records],
@@ -140,7 +153,6 @@ def guard_cost(rig: Rig, steps: int) -> Optional[Dict[str, float]]:
     """The trainer's own ``train_step`` (nnU-Net's step, then the divergence guard) against
     ``nnUNetTrainer.train_step`` alone, on the same trainer, network, batch and GradScaler, the two taken in turn
     ``steps`` times each: their median ms after the first of each. None for a trainer without a step of its own."""
-    import torch
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
     trainer = rig.trainer
@@ -154,14 +166,9 @@ def guard_cost(rig: Rig, steps: int) -> Optional[Dict[str, float]]:
     times = {key: [] for key in take}
     for i in range(steps):
         for key, step in take.items():
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step()
-            if cuda:
-                torch.cuda.synchronize()
+            _, ms = timed_ms(step, cuda)
             if i or steps == 1:
-                times[key].append((time.perf_counter() - start) * 1000)
+                times[key].append(ms)
     trainer.network = network
     return {f'{key}_ms': statistics.median(values) for key, values in times.items()}
 
@@ -179,14 +186,9 @@ def inference_latency(rig: Rig, amp_dtype, repeats: int = 10) -> Dict[str, float
         for key, x in (('batch_1', rig.data[:1]), ('batch_plan', rig.data)):
             times = []
             for i in range(repeats + 2):
-                if cuda:
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                trainer.network(x)
-                if cuda:
-                    torch.cuda.synchronize()
+                _, ms = timed_ms(lambda: trainer.network(x), cuda)
                 if i >= 2:
-                    times.append((time.perf_counter() - start) * 1000)
+                    times.append(ms)
             result[key] = statistics.median(times)
     trainer.set_deep_supervision_enabled(True)
     trainer.network.train()

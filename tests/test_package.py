@@ -1,5 +1,6 @@
 """The package's floors: the model, the nnU-Net adapter and the command, imports running one way."""
 import ast
+import glob
 import os
 from typing import Dict, List
 
@@ -13,16 +14,16 @@ FLOORS = ('model', 'nnunet', 'command')
 def _imports() -> Dict[str, List[str]]:
     """Each of the package's modules (a path below the package) -> the modules it imports, at any depth."""
     found = {}
-    for folder, _, names in os.walk(PACKAGE):
-        for name in names:
-            if name.endswith('.py'):
-                path = os.path.join(folder, name)
-                with open(path) as f:
-                    tree = ast.parse(f.read())
-                found[os.path.relpath(path, PACKAGE)] = [
-                    alias.name if isinstance(node, ast.Import) else node.module
-                    for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
-                    for alias in (node.names if isinstance(node, ast.Import) else node.names[:1]) if getattr(node, 'level', 0) == 0]
+    for path in glob.glob(os.path.join(PACKAGE, '**', '*.py'), recursive=True):
+        with open(path) as f:
+            tree = ast.parse(f.read())
+        modules = []
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                modules.append(node.module)
+        found[os.path.relpath(path, PACKAGE)] = modules
     return found
 
 

@@ -25,33 +25,27 @@ TRAINERS = {'2d': ['nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Stride1', 'nnUNetTr
 DIVERGING = {False: 'nnUNetTrainerEMCAD+nan', True: 'nnUNetTrainerEMCAD+nan+scaler'}
 
 
-def ddp_steps(env: dict, dataset: str, out, *args: str) -> dict:
-    """``ddp_steps.py`` on ``dataset`` (planned in ``env``'s folders); its summary. A rank left waiting for another
-    would hang: the timeout ends it."""
+def ddp_steps(planned: str, root, dataset: str, configuration: str, *trainers: str) -> dict:
+    """``ddp_steps.py`` on a copy of the planned tiny data set ``planned`` under ``root``; its summary. A rank left
+    waiting for another would hang: the timeout ends it."""
+    env = nnunet_env(str(root), package_settings=False, configuration=configuration)
+    copy_planned(planned, env)
+    out = root / 'out'
     out.mkdir()
     proc = subprocess.run([sys.executable, os.path.join(TESTS, 'ddp_steps.py'),
-                           os.path.join(env['nnUNet_preprocessed'], dataset), str(out), *args], env=env,
-                          capture_output=True, text=True, timeout=300)
+                           os.path.join(env['nnUNet_preprocessed'], dataset), str(out), '--configuration',
+                           configuration, '--trainers', *trainers], env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return json.loads((out / 'summary.json').read_text())
-
-
-def ddp_steps_2d(tiny_planned: str, root, *args: str) -> dict:
-    """``ddp_steps.py`` on a copy of the tiny planned 2D data set under ``root``."""
-    env = nnunet_env(str(root), package_settings=False)
-    copy_planned(tiny_planned, env)
-    return ddp_steps(env, 'Dataset901_Tiny', root / 'out', *args)
 
 
 @pytest.fixture(scope='module')
 def ddp_runs(tiny_planned, tiny_planned_3d, tmp_path_factory) -> dict:
     """Every trainer's steps, run once: its tests share one xdist worker (their group ``ddp_runs``)."""
-    runs = ddp_steps_2d(tiny_planned, tmp_path_factory.mktemp('ddp'), '--trainers', *TRAINERS['2d'],
-                        *DIVERGING.values())
-    root = tmp_path_factory.mktemp('ddp3d')
-    env = nnunet_env(str(root), package_settings=False, configuration='3d_fullres')
-    copy_planned(tiny_planned_3d, env)
-    runs.update(ddp_steps(env, 'Dataset902_Tiny3D', root / 'out', '--configuration', '3d_fullres', '--trainers',
+    runs = ddp_steps(tiny_planned, tmp_path_factory.mktemp('ddp'), 'Dataset901_Tiny', '2d', *TRAINERS['2d'],
+                     *DIVERGING.values())
+    runs.update(ddp_steps(tiny_planned_3d, tmp_path_factory.mktemp('ddp3d'), 'Dataset902_Tiny3D', '3d_fullres',
                           *TRAINERS['3d_fullres']))
     return runs
 
