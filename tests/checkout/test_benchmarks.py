@@ -165,7 +165,7 @@ def test_a_benchmark_patch_gets_the_network_topology_nnunets_planner_gives_it(ti
     from benchmarks.harness import BENCH_PLANS, bench_plans
     from nnunet_emcad.nnunet.trainers import nnUNetTrainerEMCAD
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-    from test_trainers import build
+    from tiny_plans import build
 
     preprocessed = nnunet_env(tiny_planned, package_settings=False)['nnUNet_preprocessed']
     with open(os.path.join(preprocessed, 'Dataset901_Tiny', 'nnUNetPlans.json')) as f:
