@@ -21,7 +21,8 @@ nnU-Net schedule is what a GPU user runs instead: nnUNetv2_train DATASET 2d FOLD
 --configuration 3d_fullres compares stock nnU-Net 3D with the EMCAD 3D trainers (results
 accuracy_<dataset>_3d_fullres). --dataset DatasetNNN_Name --raw FOLDER runs it on a data set of your own.
 --eval-at 300 600 1200 2400 scores every equal-iteration run also at those iterations: the run keeps its network
-at each (checkpoint_it<N>.pth, beside nnU-Net's checkpoints), each is predicted and scored like the final one, and
+at each (checkpoint_it<N>.pth, beside nnU-Net's checkpoints), each is predicted (with nnU-Net's predictor, in this
+process: its prediction is not timed) and scored like the final one, and
 the report gives Dice against iterations and, with --step-times (an against_stock report at the same batch and
 patch), against training minutes from seconds per step measured in turn with stock.
 Each run writes its measurements (benchmark.json in its nnU-Net output folder under --work) when it ends, and a
@@ -320,11 +321,30 @@ def _model_folder(env: Dict[str, str], args: argparse.Namespace, tr: str) -> str
                         f'{tr}__{BENCH_PLANS}__{args.configuration}')
 
 
+def predict_in_process(env: Dict[str, str], args: argparse.Namespace, model: str, checkpoint: str, inputs: str,
+                       predictions: str, log: str) -> None:
+    """What nnUNetv2_predict does with the benchmark's arguments, in this process through nnU-Net's sequential
+    path (nnUNetPredictor.predict_from_files_sequential): the same network, tiling and mirroring, without starting
+    Python for the command and its worker pools. For the points of --eval-at, whose prediction is not timed."""
+    import torch
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    os.makedirs(predictions, exist_ok=True)
+    with open(log, 'a') as f, contextlib.redirect_stdout(f), mock.patch.dict(os.environ, env):
+        f.write(f"$ nnUNetPredictor (in this process) -i {inputs} -o {predictions} -f {args.fold} -chk {checkpoint}"
+                f"{' --disable_tta' * args.disable_tta}\n")
+        predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=not args.disable_tta,
+                                    perform_everything_on_device=True, device=torch.device(args.device),
+                                    allow_tqdm=False)
+        predictor.initialize_from_trained_model_folder(model, (args.fold,), checkpoint)
+        predictor.predict_from_files_sequential(inputs, predictions, save_probabilities=False, overwrite=True)
+
+
 def _predict_and_score(env: Dict[str, str], args: argparse.Namespace, tr: str, checkpoint: str, log: str,
-                       logging: dict) -> dict:
-    """nnUNetv2_predict with ``checkpoint`` of ``tr``'s fold on the fold's validation cases (timed end to end), and
-    their scores; the fold's training time and iterations up to that checkpoint, from its training log
-    ``logging``."""
+                       logging: dict, final: bool = True) -> dict:
+    """The prediction of the fold's validation cases with ``checkpoint`` of ``tr``'s fold, and their scores; the
+    fold's training time and iterations up to that checkpoint, from its training log ``logging``. The ``final``
+    checkpoint is predicted by nnUNetv2_predict, timed end to end; a point before it in this process."""
     dataset_id, name = dataset_id_and_name(args.dataset)
     model = _model_folder(env, args, tr)
     epoch_seconds = _epoch_seconds(logging)
@@ -334,14 +354,18 @@ def _predict_and_score(env: Dict[str, str], args: argparse.Namespace, tr: str, c
     predictions = os.path.join(model, f'val_predictions_{args.fold}')
     shutil.rmtree(predictions, ignore_errors=True)
     print(f"predicting the {len(val_cases)} validation cases with {tr} ({checkpoint}) ...", flush=True)
-    start = time.perf_counter()
-    run_logged(['nnUNetv2_predict', '-i', inputs, '-o', predictions, '-d', str(dataset_id), '-c', args.configuration,
-                '-f', str(args.fold), '-tr', tr, '-p', BENCH_PLANS, '-device', args.device, '-npp', '1', '-nps', '1',
-                '-chk', checkpoint] + ['--disable_tta'] * args.disable_tta, env, log)
-    predict_seconds = time.perf_counter() - start
+    timed = {}
+    if final:
+        start = time.perf_counter()
+        run_logged(['nnUNetv2_predict', '-i', inputs, '-o', predictions, '-d', str(dataset_id), '-c',
+                    args.configuration, '-f', str(args.fold), '-tr', tr, '-p', BENCH_PLANS, '-device', args.device,
+                    '-npp', '1', '-nps', '1', '-chk', checkpoint] + ['--disable_tta'] * args.disable_tta, env, log)
+        timed['predict_seconds'] = time.perf_counter() - start
+    else:
+        predict_in_process(env, args, model, checkpoint, inputs, predictions, log)
     return {'iterations': len(epoch_seconds) * args.iterations_per_epoch, 'epochs': len(epoch_seconds),
             'train_seconds': float(sum(epoch_seconds)), **_scores(env, name, model, predictions, log),
-            'predict_seconds': predict_seconds, 'validation_cases': len(val_cases)}
+            **timed, 'validation_cases': len(val_cases)}
 
 
 def _scored_points(env: Dict[str, str], args: argparse.Namespace, tr: str, iterations: int, log: str) -> List[dict]:
@@ -354,7 +378,7 @@ def _scored_points(env: Dict[str, str], args: argparse.Namespace, tr: str, itera
         if n < iterations and n not in [p['iterations'] for p in points] \
                 and os.path.isfile(os.path.join(output, snapshot_file(n))):
             points.append(_predict_and_score(env, args, tr, snapshot_file(n), log,
-                                             _training_log(output, snapshot_file(n))))
+                                             _training_log(output, snapshot_file(n)), final=False))
             with open(cache, 'w') as f:
                 json.dump(points, f, indent=1)
     return sorted(points, key=lambda p: p['iterations'])

@@ -178,7 +178,8 @@ def ratios(result: dict) -> Dict[str, float]:
 
 def runs_summary(results: List[dict], trainer: str, budget: str) -> Optional[dict]:
     """A trainer's runs under a budget: their mean Dice each, its mean and spread (max - min), and the mean
-    iterations, training and prediction seconds; None when it has no run there."""
+    iterations, training and prediction seconds of those every run measured (a point of --eval-at has no timed
+    prediction); None when it has no run there."""
     runs = sorted((r for r in results if r['trainer'] == trainer and r['budget'] == budget),
                   key=lambda r: r.get('run', 1))
     if not runs:
@@ -187,7 +188,7 @@ def runs_summary(results: List[dict], trainer: str, budget: str) -> Optional[dic
     return {'runs': len(runs), 'dice_per_run': dice, 'dice': float(np.mean(dice)),
             'spread': float(max(dice) - min(dice)),
             **{key: float(np.mean([r[key] for r in runs]))
-               for key in ('iterations', 'train_seconds', 'predict_seconds')}}
+               for key in ('iterations', 'train_seconds', 'predict_seconds') if all(key in r for r in runs)}}
 
 
 def versus_stock(mine: dict, stock: dict) -> Tuple[str, str]:

@@ -9,8 +9,12 @@ import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from helpers import doc_text
+from benchmarks.accuracy import (command_line, constant_dice, default_trainers, equal_time_iterations, hd95,
+                                 parse_args, point_plots, predict_in_process, report, _run_folder, step_seconds,
+                                 trainer_settings)
 from benchmarks.harness import malloc_note
 from benchmarks.source_tree import BENCHMARKS, readme_text
 from nnunet_emcad.command.scripts import nnunet_env
@@ -146,8 +150,6 @@ def test_cost_report_shows_the_cuda_measurements_when_a_gpu_measured_them():
 
 
 def test_hd95_measures_surface_distance_in_physical_units():
-    from benchmarks.accuracy import hd95
-
     reference = np.zeros((1, 40, 40), dtype=bool)
     reference[0, 10:20, 10:20] = True
     shifted = np.roll(reference, 3, axis=2)
@@ -190,10 +192,6 @@ def test_a_benchmark_patch_gets_the_network_topology_nnunets_planner_gives_it(ti
 
 
 def test_the_floor_is_the_dice_of_predicting_each_class_everywhere(tmp_path):
-    from PIL import Image
-
-    from benchmarks.accuracy import constant_dice
-
     for case, ones, twos in (('a', 25, 0), ('b', 50, 10), ('c', 0, 0)):
         label = np.zeros(100, np.uint8)
         label[:ones] = 1
@@ -216,8 +214,6 @@ def test_the_floor_is_the_dice_of_predicting_each_class_everywhere(tmp_path):
     ['--iterations', '2400', '--eval-at', '300', '1200', '--step-times', 'steps.json', '--max-minutes', '40'],
 ])
 def test_accuracy_report_names_the_command_that_reproduces_it(argv):
-    from benchmarks.accuracy import command_line, default_trainers, parse_args
-
     args = parse_args(argv + ['--work', '/elsewhere'])
     words = command_line(args).split()
     assert words[:2] == ['python', 'benchmarks/accuracy.py']
@@ -296,8 +292,6 @@ def _line(text: str, start: str) -> str:
 
 
 def test_accuracy_report_gives_each_trainers_runs_mean_and_spread_and_calls_a_difference_inside_it_a_tie():
-    from benchmarks.accuracy import parse_args, report
-
     dice = {'nnUNetTrainer': (0.60, 0.62), 'nnUNetTrainerEMCAD': (0.61, 0.63),
             'nnUNetTrainerEMCAD_PVTb0': (0.70, 0.71), 'nnUNetTrainerEMCAD_PVTb2': (0.50, 0.52)}
     args = parse_args(['--trainers', *dice, '--iterations', '50', '--runs', '2', '--no-equal-time'])
@@ -339,8 +333,6 @@ def _step_times(path, batch: int, patch: list) -> str:
 
 def test_accuracy_report_gives_the_dice_at_each_eval_point_on_minutes_from_step_times_and_the_points_reached(
         tmp_path):
-    from benchmarks.accuracy import parse_args, point_plots, report, step_seconds
-
     args = parse_args(['--trainers', 'nnUNetTrainer', 'nnUNetTrainerEMCAD', '--iterations', '200', '--runs', '2',
                        '--no-equal-time', '--eval-at', '100', '--step-times', 'against_stock_p128.json'])
     assert args.eval_at == [100, 200]
@@ -372,16 +364,12 @@ def test_accuracy_report_gives_the_dice_at_each_eval_point_on_minutes_from_step_
 @pytest.mark.parametrize('eval_at, message', [(['110'], 'multiples of --iterations-per-epoch (25)'),
                                               (['400'], 'up to --iterations (200)')])
 def test_accuracy_benchmark_refuses_eval_points_it_cannot_save(eval_at, message, capsys):
-    from benchmarks.accuracy import parse_args
-
     with pytest.raises(SystemExit):
         parse_args(['--iterations', '200', '--eval-at', *eval_at])
     assert message in capsys.readouterr().err
 
 
 def test_accuracy_report_judges_no_goal_on_one_run_and_wants_equal_time_ahead_beyond_the_spread():
-    from benchmarks.accuracy import parse_args, report
-
     trainers = ['nnUNetTrainer', 'nnUNetTrainerEMCAD']
     alone = report([_run('nnUNetTrainer', 'equal_iterations', 0.6)], {'nnUNetTrainer': 1.0},
                    parse_args(['--trainers', 'nnUNetTrainer', '--no-equal-time']),
@@ -402,8 +390,6 @@ def test_accuracy_report_judges_no_goal_on_one_run_and_wants_equal_time_ahead_be
 
 @pytest.mark.parametrize('no_equal_time', [False, True])
 def test_accuracy_report_says_which_runs_are_missing(no_equal_time):
-    from benchmarks.accuracy import parse_args, report
-
     trainers = ['nnUNetTrainer', 'nnUNetTrainerEMCAD_PVTb0', 'nnUNetTrainerEMCAD_PVTb2']
     args = parse_args(['--trainers', *trainers, '--iterations', '50', '--runs', '2']
                       + ['--no-equal-time'] * no_equal_time)
@@ -422,8 +408,6 @@ def test_accuracy_report_says_which_runs_are_missing(no_equal_time):
 
 
 def test_accuracy_report_without_stock_has_no_goals():
-    from benchmarks.accuracy import parse_args, report
-
     args = parse_args(['--trainers', 'nnUNetTrainerEMCAD', 'nnUNetTrainer', '--iterations', '50', '--no-equal-time'])
     text = report([_run('nnUNetTrainerEMCAD', 'equal_iterations', 0.7)], {'nnUNetTrainerEMCAD': 1.0,
                                                                          'nnUNetTrainer': 2.0},
@@ -434,8 +418,6 @@ def test_accuracy_report_without_stock_has_no_goals():
 
 
 def test_accuracy_report_says_how_glibc_malloc_was_set_in_its_runs():
-    from benchmarks.accuracy import parse_args, report
-
     run = {'trainer': 'nnUNetTrainer', 'budget': 'equal_iterations', 'iterations': 50, 'train_seconds': 60.0,
            'dice_per_class': {'1': 0.5}, 'dice_mean': 0.5, 'predict_seconds': 9.0, 'validation_cases': 4,
            'malloc': malloc_note(nnunet_env('/tmp/unused'))}
@@ -559,9 +541,22 @@ def test_accuracy_benchmark_on_tiny_data_scores_each_eval_point_and_continues_a_
 
     new = benchmark('--runs', '1')
     assert re.findall(r'nnUNetv2_train 901 2d 0 -tr (\S+)', new) == ['Bench_nnUNetTrainer_it2']
-    predicted = [line for line in new.splitlines() if line.startswith('$ nnUNetv2_predict ')]
-    assert [line.split(' -chk ')[1] for line in predicted] == ['checkpoint_it1.pth --disable_tta',
-                                                              'checkpoint_final.pth --disable_tta']
+    # the point of --eval-at predicted in the benchmark's process, the final checkpoint by nnUNetv2_predict (timed)
+    predicted = [line for line in new.splitlines() if line.startswith(('$ nnUNetv2_predict ', '$ nnUNetPredictor '))]
+    assert [(line.split()[1], line.split(' -chk ')[1]) for line in predicted] == [
+        ('nnUNetPredictor', 'checkpoint_it1.pth --disable_tta'),
+        ('nnUNetv2_predict', 'checkpoint_final.pth --disable_tta')]
+    # in this process, the final checkpoint gives nnUNetv2_predict's segmentations
+    model = work / 'Dataset901_Tiny' / 'results' / 'Dataset901_Tiny' / 'Bench_nnUNetTrainer_it2__nnUNetBenchPlans__2d'
+    env = nnunet_env(str(work / 'Dataset901_Tiny'), raw=str(tmp_path / 'raw'),
+                     trainer_dir=str(work / 'Dataset901_Tiny' / 'trainers'))
+    predict_in_process(env, parse_args(command[2:]), str(model), 'checkpoint_final.pth',
+                       str(model / 'val_inputs_0'), str(tmp_path / 'in_process'), str(tmp_path / 'in_process.log'))
+    cases = sorted(p.name for p in (model / 'val_predictions_0').glob('*.png'))
+    assert cases and sorted(p.name for p in (tmp_path / 'in_process').glob('*.png')) == cases
+    for case in cases:
+        assert np.array_equal(*(np.asarray(Image.open(folder / case)) for folder in (model / 'val_predictions_0',
+                                                                                     tmp_path / 'in_process')))
     first = json.loads((out / 'accuracy_Dataset901_Tiny.json').read_text())['results']
     assert [(p['iterations'], p['epochs']) for p in first[0]['points']] == [(1, 1), (2, 2)]
     assert first[0]['points'][-1]['dice_mean'] == first[0]['dice_mean']
@@ -595,8 +590,6 @@ def test_accuracy_benchmark_on_tiny_data_scores_each_eval_point_and_continues_a_
 
 
 def test_equal_time_gives_the_nearest_whole_epoch_of_stocks_time_and_at_least_one():
-    from benchmarks.accuracy import equal_time_iterations
-
     assert equal_time_iterations(200.0, 5.0, 20) == 40  # stock's pace
     assert equal_time_iterations(200.0, 12.0, 20) == 20  # 16.7 iterations: one epoch is nearer than none
     assert equal_time_iterations(200.0, 3.0, 20) == 60  # 66.7
@@ -605,8 +598,6 @@ def test_equal_time_gives_the_nearest_whole_epoch_of_stocks_time_and_at_least_on
 
 
 def test_the_results_docs_accuracy_benchmark_options_parse():
-    from benchmarks.accuracy import parse_args
-
     text = doc_text('results')
     runs = re.search(r'`(--runs \d+)`\s+trains\s+every\s+trainer', text).group(1).split()
     own = re.search(r'`(--dataset DatasetNNN_Name --raw FOLDER)`\s+runs\s+the\s+benchmark', text).group(1)
@@ -695,8 +686,6 @@ def test_the_readmes_against_stock_command_parses_to_the_variants_eager_and_comp
 
 
 def test_a_finished_run_is_predicted_again_from_its_checkpoint_when_only_test_time_mirroring_changes(tmp_path):
-    from benchmarks.accuracy import _run_folder
-
     trained = {'batch_size': 8, 'patch_size': [128, 128], 'device': 'cpu'}
     output = tmp_path / 'fold_0'
     assert _run_folder(str(output), trained) is None  # a new run: stamped, nothing measured
@@ -712,8 +701,6 @@ def test_a_finished_run_is_predicted_again_from_its_checkpoint_when_only_test_ti
 
 def test_a_run_of_a_trainer_whose_settings_changed_is_trained_again_and_one_stamped_before_they_were_is_reused(
         tmp_path):
-    from benchmarks.accuracy import _run_folder, trainer_settings
-
     narrow = trainer_settings('nnUNetTrainerEMCAD')
     assert narrow['decoder_stride'] == '2' and narrow['decoder_width'] == '32'
     assert 'skipped_steps' not in narrow  # a run's state, not a setting
