@@ -52,8 +52,8 @@ if __package__ in (None, ''):  # run as python benchmarks/<name>.py: import benc
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from benchmarks.harness import (BENCH_PLANS, CACHE, EMCAD_3D_TRAINERS, EMCAD_TRAINERS, RESULTS, STOCK, bench_plans,
-                                machine, malloc_note, reproduce_command, runs_summary, verdict, versus_stock,
-                                write_results)
+                                machine, malloc_note, point_records, reproduce_command, runs_summary, verdict,
+                                versus_stock, write_results)
 from nnunet_emcad.command.paths import shared_data_dir
 from nnunet_emcad.command.scripts import CommandFailed, nnunet_env, plan_command, run_logged
 from nnunet_emcad.model.counting import count_flops
@@ -608,13 +608,6 @@ def patch_text(args: argparse.Namespace) -> str:
     """The training patch as the report names it."""
     return 'x'.join(map(str, args.patch_size)) + " (--patch-size, the planner's topology for it)" \
         if args.patch_size else "the plan's"
-
-
-def point_records(runs: Sequence[dict]) -> List[dict]:
-    """Every --eval-at point of the equal-iteration ``runs`` (finished or stopped) as a record of its own, with its
-    run's trainer and number, as ``runs_summary`` reads them."""
-    return [dict(p, trainer=r['trainer'], run=r.get('run', 1), budget='equal_iterations')
-            for r in runs if r['budget'] == 'equal_iterations' for p in r.get('points', [])]
 
 
 def step_seconds(path: str, batch_size: int, patch_size: Sequence[int]) -> Dict[str, float]:

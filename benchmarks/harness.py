@@ -191,6 +191,13 @@ def runs_summary(results: List[dict], trainer: str, budget: str) -> Optional[dic
                for key in ('iterations', 'train_seconds', 'predict_seconds') if all(key in r for r in runs)}}
 
 
+def point_records(runs: Sequence[dict]) -> List[dict]:
+    """Every --eval-at point of the accuracy benchmark's equal-iteration ``runs`` (finished or stopped) as a record
+    of its own, with its run's trainer and number, as ``runs_summary`` reads them."""
+    return [dict(p, trainer=r['trainer'], run=r.get('run', 1), budget='equal_iterations')
+            for r in runs if r['budget'] == 'equal_iterations' for p in r.get('points', [])]
+
+
 def versus_stock(mine: dict, stock: dict) -> Tuple[str, str]:
     """How ``mine`` compares with stock's ``runs_summary``: 'ahead', 'behind', 'tie' (the difference of the means
     is not larger than the larger of the two spreads) or 'spread unknown' (one run), and the same in words."""

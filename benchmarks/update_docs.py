@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 if __package__ in (None, ''):  # run as python benchmarks/<name>.py: import benchmarks.* from the checkout's root
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from benchmarks.harness import RESULTS, STOCK, ratios, runs_summary, versus_stock
+from benchmarks.harness import RESULTS, STOCK, point_records, ratios, runs_summary, versus_stock
 from benchmarks.source_tree import README, SOURCE_ROOT
 from nnunet_emcad.nnunet.trainers.base import RENAMED_TRAINERS
 
@@ -21,12 +21,15 @@ RESULTS_DOC = os.path.join(SOURCE_ROOT, 'docs', 'results.md')
 LINK = '../benchmarks/results/'  # from docs/ to the reports
 START, END = '<!-- results:start -->', '<!-- results:end -->'
 SUMMARY_START, SUMMARY_END = '<!-- summary:start -->', '<!-- summary:end -->'
+VERDICTS_START, VERDICTS_END = '<!-- verdicts:start -->', '<!-- verdicts:end -->'
 
 # The README's summary: these trainers, by today's names; a cell comes from the first report of its column that
 # measured the trainer. Dice: two runs of the accuracy benchmark on held-out cases, per data set.
 SUMMARY_TRAINERS = (STOCK, 'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Lean', 'nnUNetTrainerEMCAD_Stride1')
 ACCURACY_REPORTS = {'ACDC': ('accuracy_acdc_p128_narrow', 'accuracy_acdc_p128_lean'),
                     'ISBI 2012': ('accuracy_isbi_runs2', 'accuracy_isbi_lean')}
+# The longest budget per data set: the accuracy benchmark's curve reports (Dice at each point of --eval-at).
+CURVE_REPORTS = {'ACDC': 'accuracy_acdc_p128_curves', 'ISBI 2012': 'accuracy_isbi_curves'}
 COST_REPORTS = ('against_stock', 'against_stock_knobs')
 # Reports measured with nnunet-emcad 0.1, whose nnUNetTrainerEMCAD is today's nnUNetTrainerEMCAD_Stride1.
 MEASURED_WITH_0_1 = ('against_stock', 'accuracy_acdc_p128_narrow', 'accuracy_isbi_runs2')
@@ -113,21 +116,85 @@ def _cost_cells(results_dir: str) -> Dict[str, List[str]]:
     return cells
 
 
+def _points(data: dict) -> Dict[int, List[dict]]:
+    """A curve report's point records (trainers by today's names) per iteration count of its --eval-at, those of
+    its stopped runs included."""
+    records = point_records(data['results'] + data.get('stopped_runs', []))
+    return {n: [dict(r, trainer=SAME_NETWORK.get(r['trainer'], r['trainer'])) for r in records
+                if r['iterations'] == n] for n in data['settings']['eval_at']}
+
+
+def _longest_cells(results_dir: str, report: str) -> Dict[str, str]:
+    """Per trainer, its runs' Dice at the curve report's longest budget (its last point) and the verdict there
+    against stock's runs ('spread unknown' while one side has one run)."""
+    data = _load(results_dir, report)
+    if data is None:
+        return {}
+    iterations = data['settings']['eval_at'][-1]
+    at_longest = _points(data)[iterations]
+    stock = runs_summary(at_longest, STOCK, 'equal_iterations')
+    cells = {}
+    for trainer in SUMMARY_TRAINERS:
+        mine = runs_summary(at_longest, trainer, 'equal_iterations')
+        if mine is None:
+            continue
+        dice = ' / '.join(f'{d:.3f}' for d in mine['dice_per_run'])
+        side = '' if trainer == STOCK or stock is None else f": {versus_stock(mine, stock)[0]}"
+        cells[trainer] = f"[{dice} ({iterations} iterations){side}](benchmarks/results/{report}.md)"
+    return cells
+
+
 def summary(results_dir: str) -> str:
     """The README's summary table: per trainer, each run's Dice on the held-out cases of each data set at stock's
-    iterations and in stock's training time, and its cost against stock's."""
+    iterations, in stock's training time and at the longest budget measured, and its cost against stock's."""
     accuracy = {name: _accuracy_cells(results_dir, reports) for name, reports in ACCURACY_REPORTS.items()}
+    longest = {name: _longest_cells(results_dir, report) for name, report in CURVE_REPORTS.items()}
     cost = _cost_cells(results_dir)
     head = ['trainer'] + [f"{name} Dice, {budget}" for name in ACCURACY_REPORTS
-                          for budget in ("stock's iterations", "stock's training time")]
+                          for budget in ("stock's iterations", "stock's training time", 'longest budget')]
     head += ['step time vs stock', 'prediction speed vs stock', 'activations vs stock']
     lines = ['| ' + ' | '.join(head) + ' |', '|---|' + '---|' * (len(head) - 1)]
     missing = ['not measured'] * 2
     for trainer in SUMMARY_TRAINERS:
-        row = [f'`{trainer}`'] + [cell for name in ACCURACY_REPORTS for cell in accuracy[name].get(trainer, missing)]
+        row = [f'`{trainer}`']
+        for name in ACCURACY_REPORTS:
+            row += accuracy[name].get(trainer, missing) + [longest[name].get(trainer, 'not measured')]
         row += ['(stock)'] * 3 if trainer == STOCK else cost.get(trainer, ['not measured'] * 3)
         lines.append('| ' + ' | '.join(row) + ' |')
     return '\n'.join(lines) + '\n'
+
+
+def verdicts(results_dir: str) -> str:
+    """docs/results.md's verdict per budget: for each data set's curve report, every EMCAD trainer's verdict
+    against stock at each evaluated iteration, then the table it comes from (training minutes from the report's
+    step times, trainer / stock)."""
+    parts = []
+    for name, report in CURVE_REPORTS.items():
+        data = _load(results_dir, report)
+        if data is None:
+            parts.append(f"**{name}**: not measured yet (`--name {report}`).\n")
+            continue
+        points, seconds = _points(data), data.get('step_seconds') or {}
+        rows, said = [], {}
+        for iterations, records in points.items():
+            stock = runs_summary(records, STOCK, 'equal_iterations')
+            for trainer in dict.fromkeys(r['trainer'] for r in records if r['trainer'] != STOCK):
+                mine = runs_summary(records, trainer, 'equal_iterations')
+                side, words = versus_stock(mine, stock) if stock else ('stock not measured',) * 2
+                said.setdefault(trainer, {})[iterations] = side
+                minutes = ' / '.join(f"{iterations * seconds[t] / 60:.1f}" if t in seconds else 'not measured'
+                                     for t in (trainer, STOCK))
+                stock_dice = 'not measured' if stock is None else f"{stock['dice']:.3f}"
+                rows.append(f"| {iterations} | {minutes} | {trainer} | "
+                            f"{', '.join(f'{d:.3f}' for d in mine['dice_per_run'])} | {mine['dice']:.3f} | "
+                            f"{stock_dice} | {words} |")
+        lines = [f"**{name}** ([{report}.md]({LINK}{report}.md)): "
+                 + '; '.join(f"`{trainer}` against stock at {' / '.join(map(str, sides))} iterations: "
+                             f"{' / '.join(sides.values())}" for trainer, sides in said.items()) + '.', '',
+                 "| iterations | minutes (trainer / stock) | trainer | Dice per run | mean Dice | stock's mean Dice | "
+                 "against stock |", '|---:|---|---|---|---:|---:|---|'] + rows
+        parts.append('\n'.join(lines) + '\n')
+    return '\n'.join(parts)
 
 
 def replace_between(path: str, start: str, end: str, text: str) -> None:
@@ -148,6 +215,7 @@ def main(argv=None) -> int:
     parser.add_argument('--results', default=RESULTS)
     args = parser.parse_args(argv)
     replace_between(RESULTS_DOC, START, END, section(args.results))
+    replace_between(RESULTS_DOC, VERDICTS_START, VERDICTS_END, verdicts(args.results))
     replace_between(README, SUMMARY_START, SUMMARY_END, summary(args.results))
     return 0
 

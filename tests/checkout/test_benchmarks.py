@@ -271,13 +271,47 @@ def test_the_readme_summary_gives_each_trainers_runs_by_todays_name_against_stoc
     assert rows['nnUNetTrainerEMCAD_Stride1'][:2] == [f'[0.310 / 0.340 (1.0 min): tie]{link}', 'not run']
     assert rows['nnUNetTrainerEMCAD_Lean'][0] == \
         '[0.200 / 0.210 (1.0 min): behind](benchmarks/results/accuracy_acdc_p128_lean.md)'
-    assert all(row[2:4] == ['not measured'] * 2 for row in rows.values())  # no ISBI report
+    assert all(row[2:6] == ['not measured'] * 4 for row in rows.values())  # no curve report, no ISBI report
     cost = '(benchmarks/results/against_stock.md)'
-    assert rows['nnUNetTrainerEMCAD'][4:] == [f'[0.50x / 0.50x]{cost}', f'[2.00x / 2.00x]{cost}', f'[95%]{cost}']
-    assert rows['nnUNetTrainerEMCAD_Stride1'][4:] == [f'[1.80x / 1.80x]{cost}', f'[0.80x / 0.80x]{cost}',
+    assert rows['nnUNetTrainerEMCAD'][6:] == [f'[0.50x / 0.50x]{cost}', f'[2.00x / 2.00x]{cost}', f'[95%]{cost}']
+    assert rows['nnUNetTrainerEMCAD_Stride1'][6:] == [f'[1.80x / 1.80x]{cost}', f'[0.80x / 0.80x]{cost}',
                                                       f'[86%]{cost}']
-    assert rows['nnUNetTrainerEMCAD_Lean'][4:] == ['not measured'] * 3
-    assert rows['nnUNetTrainer'][4:] == ['(stock)'] * 3
+    assert rows['nnUNetTrainerEMCAD_Lean'][6:] == ['not measured'] * 3
+    assert rows['nnUNetTrainer'][6:] == ['(stock)'] * 3
+
+
+def _curve_run(trainer: str, run: int, dice_at: dict) -> dict:
+    """One equal-iteration run of the accuracy benchmark with --eval-at: its Dice at each point it reached."""
+    points = [{'iterations': n, 'dice_per_class': {'1': d}, 'dice_mean': d} for n, d in dice_at.items()]
+    return dict(_run(trainer, 'equal_iterations', dice_at[max(dice_at)], run), points=points)
+
+
+def test_the_longest_budget_and_the_verdict_per_budget_come_from_each_point_of_the_curve_reports(tmp_path):
+    from benchmarks.update_docs import summary, verdicts
+
+    runs = [_curve_run('nnUNetTrainer', 1, {100: 0.30, 400: 0.80}), _curve_run('nnUNetTrainer', 2, {100: 0.32,
+                                                                                                    400: 0.81}),
+            _curve_run('nnUNetTrainerEMCAD', 1, {100: 0.50, 400: 0.70}),
+            _curve_run('nnUNetTrainerEMCAD', 2, {100: 0.52, 400: 0.72}),
+            _curve_run('nnUNetTrainerEMCAD_Lean', 1, {100: 0.40, 400: 0.805})]
+    stopped = dict(_curve_run('nnUNetTrainerEMCAD_Lean', 2, {100: 0.41}), stopped=True)  # not at 400 yet
+    report = {'settings': {'eval_at': [100, 400]}, 'results': runs, 'stopped_runs': [stopped],
+              'step_seconds': {'nnUNetTrainer': 1.2, 'nnUNetTrainerEMCAD': 0.6}}
+    (tmp_path / 'accuracy_acdc_p128_curves.json').write_text(json.dumps(report))
+    rows = {line.split('`')[1]: [cell.strip() for cell in line.split('|')[2:-1]]
+            for line in summary(str(tmp_path)).splitlines()[2:]}
+    link = '(benchmarks/results/accuracy_acdc_p128_curves.md)'
+    assert rows['nnUNetTrainer'][2] == f'[0.800 / 0.810 (400 iterations)]{link}'
+    assert rows['nnUNetTrainerEMCAD'][2] == f'[0.700 / 0.720 (400 iterations): behind]{link}'
+    assert rows['nnUNetTrainerEMCAD_Lean'][2] == f'[0.805 (400 iterations): spread unknown]{link}'
+    assert rows['nnUNetTrainerEMCAD_Stride1'][2] == 'not measured' and rows['nnUNetTrainer'][5] == 'not measured'
+    text = verdicts(str(tmp_path))
+    assert '`nnUNetTrainerEMCAD` against stock at 100 / 400 iterations: ahead / behind' in text
+    assert '`nnUNetTrainerEMCAD_Lean` against stock at 100 / 400 iterations: ahead / spread unknown' in text
+    assert '| 400 | 4.0 / 8.0 | nnUNetTrainerEMCAD | 0.700, 0.720 | 0.710 | 0.805 | -9.5 points, beyond the ' \
+           '2.0-point spread: behind |' in text
+    assert '| 400 | not measured / 8.0 | nnUNetTrainerEMCAD_Lean | 0.805 |' in text
+    assert '**ISBI 2012**: not measured yet' in text
 
 
 def _run(trainer: str, budget: str, dice: float, run: int = 1, predict_seconds: float = 20.0) -> dict:
