@@ -1,5 +1,5 @@
-"""List the benchmark reports of benchmarks/results/*.md (the benchmarks' own reports) in docs/results.md, and
-write the README's summary table from them.
+"""List the benchmark reports of benchmarks/results/*.md (the benchmarks' own reports) in docs/results.md with the
+verdict per budget of the accuracy curves, and write the README's summary table from them.
 
 python benchmarks/update_docs.py   # rewrites the parts of docs/results.md and README.md between their markers
 """
@@ -172,7 +172,7 @@ def verdicts(results_dir: str) -> str:
     for name, report in CURVE_REPORTS.items():
         data = _load(results_dir, report)
         if data is None:
-            parts.append(f"**{name}**: not measured yet (`--name {report}`).\n")
+            parts.append(f"**{name}**: not measured yet (the accuracy benchmark's run with `--name {report}`).\n")
             continue
         points, seconds = _points(data), data.get('step_seconds') or {}
         rows, said = [], {}

@@ -95,14 +95,17 @@ def test_every_measurement_in_docs_is_in_a_benchmark_report_its_section_links():
     assert not unsourced, 'numbers without a report that holds them:\n' + '\n'.join(unsourced)
 
 
-def test_the_readme_summary_and_the_results_list_are_what_update_docs_writes_from_the_reports():
-    from benchmarks.update_docs import END, RESULTS_DOC, START, SUMMARY_END, SUMMARY_START, section, summary
+def test_the_readme_summary_the_results_list_and_the_verdicts_are_what_update_docs_writes_from_the_reports():
+    from benchmarks.update_docs import (END, RESULTS_DOC, START, SUMMARY_END, SUMMARY_START, VERDICTS_END,
+                                        VERDICTS_START, section, summary, verdicts)
 
     fix = 'run python benchmarks/update_docs.py'
     with open(README) as f:
         assert f.read().split(SUMMARY_START)[1].split(SUMMARY_END)[0] == '\n' + summary(RESULTS), fix
     with open(RESULTS_DOC) as f:
-        assert f.read().split(START)[1].split(END)[0] == '\n' + section(RESULTS), fix
+        doc = f.read()
+    assert doc.split(START)[1].split(END)[0] == '\n' + section(RESULTS), fix
+    assert doc.split(VERDICTS_START)[1].split(VERDICTS_END)[0] == '\n' + verdicts(RESULTS), fix
 
 
 HISTORY = sorted(glob.glob(os.path.join(ROOT, 'benchmarks', 'results', 'history', '*_*.md')))
