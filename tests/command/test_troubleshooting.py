@@ -1,10 +1,12 @@
-"""Every row of the README's troubleshooting table, provoked through the command the row names (a subprocess),
-and the row's message found in what that command prints. Failed starts leave nothing behind."""
+"""Every row of the README's troubleshooting table, provoked through the command the row names (a subprocess;
+a row met in Python, in this process), and the row's message found in what that command prints. Failed starts
+leave nothing behind."""
 import json
 import os
 import re
 import subprocess
 import sys
+import traceback
 
 import pytest
 import torch
@@ -13,6 +15,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from helpers import TESTS, official_state_dict
 from benchmarks.source_tree import readme_text
+import nnunet_emcad
 from nnunet_emcad.command.scripts import nnunet_env
 from nnunet_emcad.model.emcad import create_emcad_pvt
 from nnunet_emcad.nnunet import trainers as T
@@ -95,8 +98,12 @@ def _predict(env, trainer: str) -> str:
                    env)
 
 
-def _python(code: str, env) -> str:
-    return command([sys.executable, '-c', code], env)
+def _python(call) -> str:
+    """A row met in Python (no command): ``call()`` in this process; what it raised, as Python prints it."""
+    RAN.append('Python')
+    with pytest.raises(Exception) as raised:
+        call()
+    return ''.join(traceback.format_exception(raised.value))
 
 
 def two_d_trainer_on_3d(root, env, tmp):
@@ -234,20 +241,18 @@ def misspelt_trainer(root, env, tmp):
 
 
 def pvt_odd_size(root, env, tmp):
-    return _python("import torch; from nnunet_emcad import create_emcad_pvt; "
-                   "create_emcad_pvt('pvt_v2_b0', 3, 1)(torch.zeros(1, 1, 50, 50))", env)
+    return _python(lambda: nnunet_emcad.create_emcad_pvt('pvt_v2_b0', 3, 1)(torch.zeros(1, 1, 50, 50)))
 
 
 def pvt_unknown_variant(root, env, tmp):
-    return _python("from nnunet_emcad import create_emcad_pvt; create_emcad_pvt('pvt_v2_b9', 3, 1)", env)
+    return _python(lambda: nnunet_emcad.create_emcad_pvt('pvt_v2_b9', 3, 1))
 
 
 def official_without_backbone(root, env, tmp):
     state = {k: v for k, v in official_state_dict(create_emcad_pvt('pvt_v2_b2', 9, 1)).items()
              if not k.startswith('backbone.')}
     torch.save(state, tmp / 'decoder_only.pth')
-    return _python(f"from nnunet_emcad import load_official_checkpoint; "
-                   f"load_official_checkpoint({str(tmp / 'decoder_only.pth')!r})", env)
+    return _python(lambda: nnunet_emcad.load_official_checkpoint(str(tmp / 'decoder_only.pth')))
 
 
 # a distinctive part of each README row's message -> how a user meets it
@@ -298,6 +303,5 @@ def test_the_readme_message_comes_out_of_the_command_it_names(folders, tmp_path,
     out = SCENARIOS[_scenario_of(message)](root, env, tmp_path)
     assert re.search(as_pattern(message), out, re.S), f"README promises {message!r}; {where} printed:\n{out[-3000:]}"
     named = {name.split()[0] for name in re.findall(r'`([^`]+)`', where)
-             if name.startswith(('nnUNetv2_', 'nnunet-emcad'))} | ({os.path.basename(sys.executable)}
-                                                                    if where.startswith('Python') else set())
+             if name.startswith(('nnUNetv2_', 'nnunet-emcad'))} | ({'Python'} if where.startswith('Python') else set())
     assert named and named <= set(RAN), f"the row names {named}, the test ran {RAN}"

@@ -98,17 +98,6 @@ def test_compiled_prediction_on_a_cpu_runs_as_the_readme_writes_it_and_writes_th
 
 
 @pytest.mark.xdist_group('trained_fold')
-def test_validation_rerun_with_val_flag(planned, trained):
-    root, env, log = planned
-    fold = trained
-    summary = os.path.join(fold, 'validation', 'summary.json')
-    os.remove(summary)
-    run(['nnUNetv2_train', '901', '2d', '0', '-tr', 'nnUNetTrainerEMCAD_smoke', '-device', 'cpu', '--val', '--npz'],
-        env, log)
-    assert _dice(summary)['1'] > 0.5
-
-
-@pytest.mark.xdist_group('trained_fold')
 def test_onnx_export_of_the_trained_fold_matches_pytorch(planned, trained, tmp_path):
     import numpy as np
 
@@ -124,7 +113,7 @@ def test_onnx_export_of_the_trained_fold_matches_pytorch(planned, trained, tmp_p
     assert float(np.abs(expected).max()) > 1.0  # a trained network, not an all-zero one
 
 
-def test_pvt_trainer_with_imagenet_weights_from_a_local_file(planned, tmp_path):
+def test_pvt_trainer_with_imagenet_weights_from_a_local_file_and_its_c_and_val_without_them(planned, tmp_path):
     root, env, log = planned
     weights = tmp_path / 'pvt_v2_b0.pth'
     torch.save(timm.create_model('pvt_v2_b0').state_dict(), weights)
@@ -136,7 +125,8 @@ def test_pvt_trainer_with_imagenet_weights_from_a_local_file(planned, tmp_path):
                         'nnUNetTrainerEMCAD_PVTb0_smoke__nnUNetPlans__2d', 'fold_0')
     # 4 smoke epochs at the PVT trainers' learning rate (1e-4) leave it far from converged; untrained it scores near 0
     assert _dice(os.path.join(fold, 'validation', 'summary.json'))['1'] > 0.3
-    # --c and --val load the trained checkpoint: they need neither the weights file, now gone, nor the hub
+    # --c and --val load the trained checkpoint: they need neither the weights file, now gone, nor the hub; --val
+    # validates the fold again (its summary, removed, comes back)
     weights.unlink()
     out = run(['nnUNetv2_train', '901', '2d', '0', '-tr', 'nnUNetTrainerEMCAD_PVTb0_smoke', '-device', 'cpu', '--c'],
               env, log)
