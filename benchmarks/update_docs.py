@@ -164,6 +164,33 @@ def summary(results_dir: str) -> str:
     return '\n'.join(lines) + '\n'
 
 
+def behind_from(sides: Dict[int, str]) -> Optional[int]:
+    """The evaluated iteration count from which a trainer stays behind stock (``sides``: its verdict per
+    iteration count, ascending), or None when it is not behind at the longest."""
+    start = None
+    for iterations, side in sides.items():
+        start = (start or iterations) if side == 'behind' else None
+    return start
+
+
+def default_behind_from(results_dir: str) -> Dict[str, int]:
+    """Per data set whose curve report has the default behind stock at its longest budget: from which iteration
+    count on (the README's advice for long training must say so)."""
+    out = {}
+    for name, report in CURVE_REPORTS.items():
+        data = _load(results_dir, report)
+        if data is None:
+            continue
+        sides = {}
+        for iterations, records in _points(data).items():
+            mine, stock = (runs_summary(records, t, 'equal_iterations') for t in ('nnUNetTrainerEMCAD', STOCK))
+            if mine and stock:
+                sides[iterations] = versus_stock(mine, stock)[0]
+        if behind_from(sides) is not None:
+            out[name] = behind_from(sides)
+    return out
+
+
 def verdicts(results_dir: str) -> str:
     """docs/results.md's verdict per budget: for each data set's curve report, every EMCAD trainer's verdict
     against stock at each evaluated iteration, then the table it comes from (training minutes from the report's
@@ -190,7 +217,9 @@ def verdicts(results_dir: str) -> str:
                             f"{stock_dice} | {words} |")
         lines = [f"**{name}** ([{report}.md]({LINK}{report}.md)): "
                  + '; '.join(f"`{trainer}` against stock at {' / '.join(map(str, sides))} iterations: "
-                             f"{' / '.join(sides.values())}" for trainer, sides in said.items()) + '.', '',
+                             f"{' / '.join(sides.values())}"
+                             + ('' if behind_from(sides) is None else f", behind from {behind_from(sides)} on")
+                             for trainer, sides in said.items()) + '.', '',
                  "| iterations | minutes (trainer / stock) | trainer | Dice per run | mean Dice | stock's mean Dice | "
                  "against stock |", '|---:|---|---|---|---:|---:|---|'] + rows
         parts.append('\n'.join(lines) + '\n')

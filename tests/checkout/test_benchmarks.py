@@ -287,7 +287,7 @@ def _curve_run(trainer: str, run: int, dice_at: dict) -> dict:
 
 
 def test_the_longest_budget_and_the_verdict_per_budget_come_from_each_point_of_the_curve_reports(tmp_path):
-    from benchmarks.update_docs import summary, verdicts
+    from benchmarks.update_docs import default_behind_from, summary, verdicts
 
     runs = [_curve_run('nnUNetTrainer', 1, {100: 0.30, 400: 0.80}), _curve_run('nnUNetTrainer', 2, {100: 0.32,
                                                                                                     400: 0.81}),
@@ -312,6 +312,17 @@ def test_the_longest_budget_and_the_verdict_per_budget_come_from_each_point_of_t
            '2.0-point spread: behind |' in text
     assert '| 400 | not measured / 8.0 | nnUNetTrainerEMCAD_Lean | 0.805 |' in text
     assert '**ISBI 2012**: not measured yet' in text
+    assert 'iterations: ahead / behind, behind from 400 on;' in text
+    assert default_behind_from(str(tmp_path)) == {'ACDC': 400}
+
+
+def test_a_trainer_is_behind_from_the_first_point_after_which_it_stays_behind():
+    from benchmarks.update_docs import behind_from
+
+    assert behind_from({300: 'behind', 600: 'tie', 1200: 'behind', 2400: 'behind'}) == 1200
+    assert behind_from({300: 'behind', 600: 'behind'}) == 300
+    assert behind_from({300: 'behind', 600: 'tie'}) is None
+    assert behind_from({300: 'ahead', 600: 'spread unknown'}) is None
 
 
 def _run(trainer: str, budget: str, dice: float, run: int = 1, predict_seconds: float = 20.0) -> dict:

@@ -12,7 +12,7 @@ import pytest
 
 import nnunet_emcad
 from benchmarks.harness import RESULTS
-from benchmarks.source_tree import README
+from benchmarks.source_tree import README, readme_section
 
 ROOT = os.path.dirname(README)
 DOCUMENTS = [README] + sorted(glob.glob(os.path.join(ROOT, 'docs', '*.md')))
@@ -106,6 +106,16 @@ def test_the_readme_summary_the_results_list_and_the_verdicts_are_what_update_do
         doc = f.read()
     assert doc.split(START)[1].split(END)[0] == '\n' + section(RESULTS), fix
     assert doc.split(VERDICTS_START)[1].split(VERDICTS_END)[0] == '\n' + verdicts(RESULTS), fix
+
+
+def test_where_the_default_falls_behind_stock_at_length_the_readme_says_from_which_budget_on():
+    from benchmarks.update_docs import default_behind_from
+
+    advice = readme_section('## Which trainer')
+    for name, iterations in default_behind_from(RESULTS).items():
+        assert re.search(rf'{name}[^.]*behind[^.]*from {iterations} iterations', advice), \
+            f"on {name} the default is behind stock from {iterations} iterations on: the README's Which trainer " \
+            f"must say so, and which trainer to use for long training"
 
 
 HISTORY = sorted(glob.glob(os.path.join(ROOT, 'benchmarks', 'results', 'history', '*_*.md')))
