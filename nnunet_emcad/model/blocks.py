@@ -400,10 +400,12 @@ class LGAG(nn.Module):
     ``W_g`` and ``W_x`` are grouped ``kernel_size`` convs to ``channels // 2`` (groups ``channels // 2``; a 1x1
     kernel uses groups 1), each with BN; ``psi`` maps their ReLU'd sum to one sigmoid gate. The grouped gates
     run as a depth-wise conv and a sum over channel pairs (``DepthwiseSumConv2d``/``3d``), same parameters.
+    ``gate_norm=False`` (not in EMCAD) leaves the one-channel gate map unnormalised before its sigmoid (an
+    identity at ``psi.1``, so the other keys stay the official ones): instance norm would centre every image's map.
     """
 
     def __init__(self, channels: int, kernel_size: KernelT = 3, conv_op: Type[_ConvNd] = nn.Conv2d,
-                 norm_op: NormFactory = None):
+                 norm_op: NormFactory = None, gate_norm: bool = True):
         super().__init__()
         norm_op = _norm(norm_op, conv_op)
         inter = channels // 2
@@ -420,7 +422,7 @@ class LGAG(nn.Module):
         )
         self.psi = nn.Sequential(
             conv_op(inter, 1, 1, 1, 0, bias=True),
-            norm_op(1),
+            norm_op(1) if gate_norm else nn.Identity(),
             nn.Sigmoid(),
         )
         self.activation = nn.ReLU(inplace=True)

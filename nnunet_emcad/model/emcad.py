@@ -73,7 +73,8 @@ class EMCADDecoder(nn.Module):
     EMCAD) adds, when the decoder starts below stage 0, a ``LogitRefinement`` of that many channels: the first
     head's logits, interpolated to stage 0's size and corrected from stage 0's skip, become the first output.
     ``mscb_only_stages`` (not in EMCAD) leaves CAB and SAB out of the shallowest that many stages: MSCB alone
-    refines them (0: every full stage attends, as in the paper; the deepest stage always does).
+    refines them (0: every full stage attends, as in the paper; the deepest stage always does). ``gate_norm``
+    False (not in EMCAD) leaves every LGAG's gate map unnormalised (``LGAG``).
     ``recompute_stages`` trades compute for training memory: the shallowest ``recompute_stages`` stages (EUCB,
     LGAG, CAB, SAB, MSCB: most of the decoder's activations, at the finest resolutions) keep only their inputs
     for backward and run again there (``torch.utils.checkpoint``), with the same values and gradients. It needs
@@ -86,7 +87,7 @@ class EMCADDecoder(nn.Module):
                  conv_op: Type[_ConvNd] = nn.Conv2d, norm_op: NormFactory = None,
                  axes: Optional[Sequence[Sequence[bool]]] = None, first_stage: int = 0, light_stages: bool = False,
                  recompute_stages: int = 0, width: Optional[int] = None, refine_channels: int = 0,
-                 mscb_only_stages: int = 0):
+                 mscb_only_stages: int = 0, gate_norm: bool = True):
         super().__init__()
         if len(channels) != len(strides):
             raise ValueError(f"need one stride per stage: {len(channels)} channels, {len(strides)} strides")
@@ -116,7 +117,7 @@ class EMCADDecoder(nn.Module):
         self.eucb = nn.ModuleList([
             EUCB(channels[i + 1], channels[i], strides[i + 1], along_axes(3, axes[i]), conv_op, norm_op)
             for i in upsampled])
-        self.lgag = nn.ModuleList([LGAG(channels[i], along_axes(lgag_ks, axes[i]), conv_op, norm_op)
+        self.lgag = nn.ModuleList([LGAG(channels[i], along_axes(lgag_ks, axes[i]), conv_op, norm_op, gate_norm)
                                    for i in upsampled])
         self.cab = nn.ModuleList([CAB(channels[i], conv_op=conv_op) for i in range(self.first_attention_stage, n)])
         self.sab = SAB(along_axes(7, axes[self.first_attention_stage]), conv_op=conv_op)

@@ -1,5 +1,7 @@
 """Behaviour of each EMCAD block against the official definitions."""
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -232,6 +234,22 @@ def test_lgag_gates_the_skip():
     psi = gate.psi(torch.relu(gate.W_g(g) + gate.W_x(x)))
     torch.testing.assert_close(gate(g=g, x=x), x * psi)
     assert LGAG(32, kernel_size=1).W_x[0].groups == 1
+
+
+def test_an_lgag_gate_without_norm_is_not_centred_per_image_and_keeps_the_official_keys_but_the_norms():
+    torch.manual_seed(0)
+    plan_norm = functools.partial(fast_cpu_norm(nn.InstanceNorm2d), eps=1e-5, affine=True)  # nnU-Net's plans'
+    normed, plain = (LGAG(32, 3, norm_op=plan_norm, gate_norm=flag) for flag in (True, False))
+    plain.load_state_dict({k: v for k, v in normed.state_dict().items() if not k.startswith('psi.1.')})
+    assert set(normed.state_dict()) - set(plain.state_dict()) == {'psi.1.weight', 'psi.1.bias'}
+    assert isinstance(plain.psi[1], nn.Identity)
+    g, x = torch.randn(2, 32, 8, 8), torch.randn(2, 32, 8, 8) + 1.0
+    gate_maps = [torch.logit(gate.psi(torch.relu(gate.W_g(g) + gate.W_x(x))), eps=1e-6) for gate in (normed, plain)]
+    # instance norm centres each image's map before the sigmoid (its affine bias starts at 0); without it the
+    # map keeps the bias and level the convolution gives it
+    assert gate_maps[0].mean(dim=(1, 2, 3)).abs().max() < 1e-3
+    assert gate_maps[1].mean(dim=(1, 2, 3)).abs().min() > 1e-2
+    torch.testing.assert_close(plain(g=g, x=x), x * torch.sigmoid(gate_maps[1]), rtol=1e-4, atol=1e-4)
 
 
 def _assert_rewrite_of_conv(conv: nn.Module, rewritten: nn.Module, x: torch.Tensor) -> None:

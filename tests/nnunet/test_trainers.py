@@ -1,6 +1,6 @@
 """The trainers' contracts with nnU-Net, in process: deep supervision, patch sizes, 3D refusal, optimisers."""
-import re
 import os
+import re
 
 import pytest
 import torch
@@ -278,6 +278,17 @@ def test_trainers_run_the_stages_up_to_stride_4_again_in_backward_unless_told_no
     # the same weights: checkpoints move between the two
     assert {k: v.shape for k, v in network.state_dict().items()} == {k: v.shape for k, v in kept.state_dict().items()}
 
+
+
+def test_the_unnormalised_gate_variant_drops_only_the_norm_of_each_lgag_gate_map():
+    assert set(vars(T.nnUNetTrainerEMCAD_GateNoNorm)) - {'__module__', '__qualname__', '__doc__'} == \
+        {'lgag_gate_norm'}
+    plans = make_plans(5, [64, 64])
+    default, variant = (build(cls, plans).network for cls in (T.nnUNetTrainerEMCAD, T.nnUNetTrainerEMCAD_GateNoNorm))
+    dropped = {k for k in default.state_dict() if re.fullmatch(r'decoder\.lgag\.\d+\.psi\.1\.\w+', k)}
+    assert dropped and set(default.state_dict()) - set(variant.state_dict()) == dropped
+    assert set(variant.state_dict()) < set(default.state_dict())
+    assert all(isinstance(gate.psi[1], torch.nn.Identity) for gate in variant.decoder.lgag)
 
 
 FINE_STAGE_VARIANTS = [T.nnUNetTrainerEMCAD_Expansion1, T.nnUNetTrainerEMCAD_Kernel3,

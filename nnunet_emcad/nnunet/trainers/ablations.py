@@ -9,7 +9,7 @@ __all__ = [
     'nnUNetTrainerEMCAD_Stride2', 'nnUNetTrainerEMCAD_Stride2Refine', 'nnUNetTrainerEMCAD_AllHeads',
     'nnUNetTrainerEMCAD_Stride2Narrow', 'nnUNetTrainerEMCAD_Stride2NarrowRefine', 'nnUNetTrainerEMCAD_Expansion1',
     'nnUNetTrainerEMCAD_Kernel3', 'nnUNetTrainerEMCAD_NoFineAttention', 'nnUNetTrainerEMCAD_Lean',
-    'nnUNetTrainerEMCAD3D_Stride2Narrow',
+    'nnUNetTrainerEMCAD3D_Stride2Narrow', 'nnUNetTrainerEMCAD_GateNoNorm',
 ]
 
 
@@ -107,3 +107,11 @@ class nnUNetTrainerEMCAD3D_Stride2Narrow(nnUNetTrainerEMCAD):
     stride 2 (along the most-strided axis) at one width, 32."""
 
     dimensions = 3
+
+
+class nnUNetTrainerEMCAD_GateNoNorm(nnUNetTrainerEMCAD):
+    """``nnUNetTrainerEMCAD`` whose LGAG gates are not normalised before their sigmoid: with the plan's instance
+    norm every image's one-channel gate map is centred there, where the official BatchNorm centres it over the
+    batch (``blocks.LGAG``'s ``gate_norm``)."""
+
+    lgag_gate_norm = False

@@ -131,6 +131,7 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
     mscb_kernel_sizes = (1, 3, 5)  # MSCB's depth-wise kernels (the paper's)
     mscb_expansion_factor = 2  # MSCB's expansion of its input width (the paper's)
     mscb_only_stride = 0  # decoder stages at strides up to this leave CAB and SAB out (0: none; the paper's)
+    lgag_gate_norm = True  # LGAG's one-channel gate map normalised before its sigmoid (the official code's)
     recompute_stride = 0  # decoder stages at strides up to this run again in backward (plans.create_emcad_unet)
     recompute_encoder = False  # the encoder's stages up to recompute_stride too
     train_deepest_head = False  # nnU-Net's deep-supervision weights give the deepest output 0; True: its share
@@ -160,7 +161,8 @@ class nnUNetTrainerEMCAD(nnUNetTrainer):
                                             refine_channels=cls.refine_channels,
                                             kernel_sizes=cls.mscb_kernel_sizes,
                                             expansion_factor=cls.mscb_expansion_factor,
-                                            mscb_only_stride=cls.mscb_only_stride), cls.__name__)
+                                            mscb_only_stride=cls.mscb_only_stride,
+                                            gate_norm=cls.lgag_gate_norm), cls.__name__)
 
     def load_checkpoint(self, filename_or_checkpoint) -> None:
         """nnU-Net's loading (``--c``, ``--val``), after checking that a file is a checkpoint at all."""

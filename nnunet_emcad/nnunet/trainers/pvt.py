@@ -30,7 +30,7 @@ PVT_MIN_PATCH = 2 * PVT_V2_STRIDE
 # over PVTv2's four stages (strides 4 to 32, at PVTv2's widths).
 PVT_DECODER_LAYOUT = {'encoder_kind': None, 'decoder_stride': 4, 'light_stages': False, 'decoder_width': None,
                       'refine_channels': 0, 'mscb_kernel_sizes': (1, 3, 5), 'mscb_expansion_factor': 2,
-                      'mscb_only_stride': 0}
+                      'mscb_only_stride': 0, 'lgag_gate_norm': True}
 
 
 class nnUNetTrainerEMCAD_PVTb2(nnUNetTrainerEMCAD):
