@@ -10,7 +10,8 @@ for a trainer named ``NAME+compile``, nnU-Net's own torch.compile (off on the CP
 backend, and no drop path (a PVT's drop path draws other masks in two ranks than in one process).
 For a trainer named ``NAME+nan``, rank 1's second batch of three is NaN, and what each rank stopped with is written
 instead, with how many times it gathered the ranks' losses; ``+scaler`` gives the trainer a GradScaler (on the CPU),
-as nnU-Net's DDP does on CUDA. Flags combine: ``nnUNetTrainerEMCAD+nan+scaler``.
+as nnU-Net's DDP does on CUDA. Flags combine: ``nnUNetTrainerEMCAD+nan+scaler``. ``NAME@CONFIGURATION`` trains on
+that configuration's data set of ``--datasets`` (default: the first), so 2D and 3D trainers share one run.
 """
 import argparse
 import functools
@@ -40,7 +41,13 @@ NAN_STEPS = 3
 
 def flags(spec: str) -> List[str]:
     """The flags of a trainer spec: ``NAME+compile+nan`` -> ['compile', 'nan']."""
-    return spec.split('+')[1:]
+    return spec.split('@')[0].split('+')[1:]
+
+
+def configuration_of(spec: str, datasets: Dict[str, str]) -> str:
+    """The configuration a trainer spec trains: ``NAME@3d_fullres`` -> '3d_fullres'; the first of ``datasets``
+    without one."""
+    return spec.partition('@')[2] or next(iter(datasets))
 
 
 def cpu_ddp(module: torch.nn.Module, device_ids: Optional[List[int]] = None) -> DistributedDataParallel:
@@ -48,11 +55,12 @@ def cpu_ddp(module: torch.nn.Module, device_ids: Optional[List[int]] = None) -> 
     return DistributedDataParallel(module)
 
 
-def make_trainer(spec: str, dataset: str, configuration: str):
-    """The trainer ``spec`` names (``NAME`` with flags, see above) initialised on the tiny data set's plans for
-    ``configuration``, with the same initial weights in every process. With ``+nan`` each rank's Dice is its own,
-    not gathered over the ranks (3D plans' setting), so that the other ranks' losses stay finite."""
-    name = spec.split('+')[0]
+def make_trainer(spec: str, datasets: Dict[str, str]):
+    """The trainer ``spec`` names (``NAME`` with flags and configuration, see above) initialised on the plans of
+    its configuration's tiny data set, with the same initial weights in every process. With ``+nan`` each rank's
+    Dice is its own, not gathered over the ranks (3D plans' setting), so that the other ranks' losses stay finite."""
+    name, configuration = spec.split('@')[0].split('+')[0], configuration_of(spec, datasets)
+    dataset = datasets[configuration]
     plans = dict(load_json(os.path.join(dataset, 'nnUNetPlans.json')), continue_training=False)  # as run_training
     plans['configurations'][configuration]['batch_dice'] = 'nan' not in flags(spec)
     dataset_json = load_json(os.path.join(dataset, 'dataset.json'))
@@ -114,7 +122,7 @@ def patch_for_the_cpu() -> None:
     torch.compile = functools.partial(torch.compile, backend='aot_eager')
 
 
-def rank_worker(rank: int, trainers: List[str], dataset: str, configuration: str, steps: int, out: str) -> None:
+def rank_worker(rank: int, trainers: List[str], datasets: Dict[str, str], steps: int, out: str) -> None:
     """Train each of ``trainers`` as rank ``rank``; for a ``+nan`` one, what the rank stopped with is written, with
     the number of its all_gather calls and where its part of the training log starts."""
     dist.init_process_group('gloo', init_method=f"file://{os.path.join(out, 'process_group')}", rank=rank,
@@ -124,7 +132,7 @@ def rank_worker(rank: int, trainers: List[str], dataset: str, configuration: str
     try:
         for name in trainers:
             gathers.reset_mock()
-            trainer = make_trainer(name, dataset, configuration)
+            trainer = make_trainer(name, datasets)
             assert trainer.is_ddp and isinstance(trainer.network, DistributedDataParallel)
             diverging = 'nan' in flags(name)
             batches = [part(b, rank) for b in global_batches(trainer, NAN_STEPS if diverging else steps)]
@@ -157,21 +165,21 @@ def stopped(name: str, out: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument('dataset', help="the planned tiny data set's preprocessed folder")
     parser.add_argument('out', help='folder for the results (summary.json)')
-    parser.add_argument('--configuration', default='2d', help="the plans' configuration the trainers train")
-    parser.add_argument('--trainers', nargs='+', required=True)
+    parser.add_argument('--datasets', nargs='+', required=True, metavar='CONFIGURATION=FOLDER',
+                        help="each configuration's planned tiny data set (its preprocessed folder)")
+    parser.add_argument('--trainers', nargs='+', required=True, help='NAME[+FLAG...][@CONFIGURATION]')
     parser.add_argument('--steps', type=int, default=2, help=f'training steps (a +nan trainer takes {NAN_STEPS})')
     args = parser.parse_args()
-    mp.spawn(rank_worker, args=(args.trainers, args.dataset, args.configuration, args.steps, args.out),
-             nprocs=WORLD, join=True)
+    datasets = dict(pair.split('=', 1) for pair in args.datasets)
+    mp.spawn(rank_worker, args=(args.trainers, datasets, args.steps, args.out), nprocs=WORLD, join=True)
     patch_for_the_cpu()
     summary = {}
     for name in args.trainers:
         if 'nan' in flags(name):
             summary[name] = stopped(name, args.out)
             continue
-        trainer = make_trainer(name, args.dataset, args.configuration)
+        trainer = make_trainer(name, datasets)
         parameters = {k for k, _ in unwrap(trainer.network).named_parameters()}
         initial = {k: v.detach().clone() for k, v in unwrap(trainer.network).state_dict().items()}
         single = train(trainer, global_batches(trainer, args.steps))

@@ -25,29 +25,32 @@ TRAINERS = {'2d': ['nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_Stride1', 'nnUNetTr
 DIVERGING = {False: 'nnUNetTrainerEMCAD+nan', True: 'nnUNetTrainerEMCAD+nan+scaler'}
 
 
-def ddp_steps(planned: str, root, dataset: str, configuration: str, *trainers: str) -> dict:
-    """``ddp_steps.py`` on a copy of the planned tiny data set ``planned`` under ``root``; its summary. A rank left
-    waiting for another would hang: the timeout ends it."""
-    env = nnunet_env(str(root), package_settings=False, configuration=configuration)
-    copy_planned(planned, env)
+def ddp_steps(root, planned: dict, *trainers: str) -> dict:
+    """``ddp_steps.py`` on copies of the planned tiny data sets ``planned`` (configuration -> (planned folder,
+    data set)) under ``root``, for trainer specs (``NAME@CONFIGURATION`` for all but the first configuration); its
+    summary. A rank left waiting for another would hang: the timeout ends it."""
+    env = nnunet_env(str(root), package_settings=False)
+    datasets = []
+    for configuration, (folder, dataset) in planned.items():
+        copy_planned(folder, env)
+        datasets.append(f"{configuration}={os.path.join(env['nnUNet_preprocessed'], dataset)}")
     out = root / 'out'
     out.mkdir()
-    proc = subprocess.run([sys.executable, os.path.join(TESTS, 'ddp_steps.py'),
-                           os.path.join(env['nnUNet_preprocessed'], dataset), str(out), '--configuration',
-                           configuration, '--trainers', *trainers], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run([sys.executable, os.path.join(TESTS, 'ddp_steps.py'), str(out), '--datasets', *datasets,
+                           '--trainers', *trainers], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return json.loads((out / 'summary.json').read_text())
 
 
 @pytest.fixture(scope='module')
 def ddp_runs(tiny_planned, tiny_planned_3d, tmp_path_factory) -> dict:
-    """Every trainer's steps, run once: its tests share one xdist worker (their group ``ddp_runs``)."""
-    runs = ddp_steps(tiny_planned, tmp_path_factory.mktemp('ddp'), 'Dataset901_Tiny', '2d', *TRAINERS['2d'],
-                     *DIVERGING.values())
-    runs.update(ddp_steps(tiny_planned_3d, tmp_path_factory.mktemp('ddp3d'), 'Dataset902_Tiny3D', '3d_fullres',
-                          *TRAINERS['3d_fullres']))
-    return runs
+    """Every trainer's steps, in one run of two ranks (2D and 3D): its tests share one xdist worker (their group
+    ``ddp_runs``). Keyed by trainer name and flags. The 3D steps run under the 2D malloc settings too: only their
+    speed differs."""
+    runs = ddp_steps(tmp_path_factory.mktemp('ddp'), {'2d': (tiny_planned, 'Dataset901_Tiny'),
+                                                      '3d_fullres': (tiny_planned_3d, 'Dataset902_Tiny3D')},
+                     *TRAINERS['2d'], *DIVERGING.values(), *[f'{t}@3d_fullres' for t in TRAINERS['3d_fullres']])
+    return {spec.split('@')[0]: result for spec, result in runs.items()}
 
 
 @pytest.mark.xdist_group('ddp_runs')
