@@ -52,8 +52,8 @@ if __package__ in (None, ''):  # run as python benchmarks/<name>.py: import benc
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from benchmarks.harness import (BENCH_PLANS, CACHE, EMCAD_3D_TRAINERS, EMCAD_TRAINERS, RESULTS, STOCK, bench_plans,
-                                machine, malloc_note, point_records, reproduce_command, runs_summary, verdict,
-                                versus_stock, write_results)
+                                machine, malloc_note, point_records, point_summaries, reproduce_command, runs_summary,
+                                verdict, versus_stock, write_results)
 from nnunet_emcad.command.paths import shared_data_dir
 from nnunet_emcad.command.scripts import CommandFailed, nnunet_env, plan_command, run_logged
 from nnunet_emcad.model.counting import count_flops
@@ -635,8 +635,6 @@ def _minutes(trainer: str, iterations: int, seconds: Optional[Dict[str, float]])
 def points_lines(runs: Sequence[dict], args: argparse.Namespace, seconds: Optional[Dict[str, float]]) -> List[str]:
     """The --eval-at section: per point and trainer, the runs' Dice, mean, spread and verdict against stock's
     runs at the same point; which points each run reached."""
-    records = point_records(runs)
-    trainers = list(dict.fromkeys(r['trainer'] for r in records))
     minutes = f"the point's iterations times the trainer's seconds per training step, measured in turn with " \
         f"stock ({os.path.basename(args.step_times)}; the step alone, without data loading and nnU-Net's " \
         f"per-epoch validation), not these runs' wall clock" if seconds else 'not given (--step-times)'
@@ -647,18 +645,12 @@ def points_lines(runs: Sequence[dict], args: argparse.Namespace, seconds: Option
              f"not what a training of that many iterations would reach. Minutes: {minutes}.", '',
              '| trainer | iterations | minutes | runs | Dice per run | mean Dice | spread | against stock |',
              '|---|---:|---:|---:|---|---:|---:|---|']
-    for n in args.eval_at:
-        at_n = [r for r in records if r['iterations'] == n]
-        stock = runs_summary(at_n, STOCK, 'equal_iterations')
-        for trainer in trainers:
-            mine = runs_summary(at_n, trainer, 'equal_iterations')
-            if mine is None:
-                continue
-            m = _minutes(trainer, n, seconds)
-            against = '' if trainer == STOCK or stock is None else versus_stock(mine, stock)[1]
-            lines.append(f"| {trainer} | {n} | {'not measured' if m is None else f'{m:.1f}'} | {mine['runs']} | "
-                         f"{', '.join(f'{d:.3f}' for d in mine['dice_per_run'])} | {mine['dice']:.3f} | "
-                         f"{100 * mine['spread']:.1f} | {against} |")
+    for n, trainer, mine, stock in point_summaries(point_records(runs), args.eval_at):
+        m = _minutes(trainer, n, seconds)
+        against = '' if trainer == STOCK or stock is None else versus_stock(mine, stock)[1]
+        lines.append(f"| {trainer} | {n} | {'not measured' if m is None else f'{m:.1f}'} | {mine['runs']} | "
+                     f"{', '.join(f'{d:.3f}' for d in mine['dice_per_run'])} | {mine['dice']:.3f} | "
+                     f"{100 * mine['spread']:.1f} | {against} |")
     reached = [f"{r['trainer']} run {r.get('run', 1)}: "
                f"{', '.join(str(p['iterations']) for p in r['points']) or 'none yet'}"
                + (' (stopped; the same command continues it)' if r.get('stopped') else '')

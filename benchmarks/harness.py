@@ -198,6 +198,19 @@ def point_records(runs: Sequence[dict]) -> List[dict]:
             for r in runs if r['budget'] == 'equal_iterations' for p in r.get('points', [])]
 
 
+def point_summaries(records: Sequence[dict], eval_at: Sequence[int]) -> List[Tuple[int, str, dict, Optional[dict]]]:
+    """Per point of ``eval_at`` and trainer (in the order ``records`` first name them, stock included) with runs
+    there: (iterations, trainer, its ``runs_summary`` of the ``point_records`` at that point, stock's or None)."""
+    trainers = list(dict.fromkeys(r['trainer'] for r in records))
+    summaries = []
+    for n in eval_at:
+        at_n = [r for r in records if r['iterations'] == n]
+        stock = runs_summary(at_n, STOCK, 'equal_iterations')
+        summaries += [(n, trainer, mine, stock) for trainer in trainers
+                      if (mine := runs_summary(at_n, trainer, 'equal_iterations')) is not None]
+    return summaries
+
+
 def versus_stock(mine: dict, stock: dict) -> Tuple[str, str]:
     """How ``mine`` compares with stock's ``runs_summary``: 'ahead', 'behind', 'tie' (the difference of the means
     is not larger than the larger of the two spreads) or 'spread unknown' (one run), and the same in words."""

@@ -8,12 +8,12 @@ import json
 import os
 import re
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 if __package__ in (None, ''):  # run as python benchmarks/<name>.py: import benchmarks.* from the checkout's root
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-from benchmarks.harness import RESULTS, STOCK, point_records, ratios, runs_summary, versus_stock
+from benchmarks.harness import RESULTS, STOCK, point_records, point_summaries, ratios, runs_summary, versus_stock
 from benchmarks.source_tree import README, SOURCE_ROOT
 from nnunet_emcad.nnunet.trainers.base import RENAMED_TRAINERS
 
@@ -116,12 +116,11 @@ def _cost_cells(results_dir: str) -> Dict[str, List[str]]:
     return cells
 
 
-def _points(data: dict) -> Dict[int, List[dict]]:
-    """A curve report's point records (trainers by today's names) per iteration count of its --eval-at, those of
-    its stopped runs included."""
+def _points(data: dict) -> List[Tuple[int, str, dict, Optional[dict]]]:
+    """A curve report's ``point_summaries`` (trainers by today's names), its stopped runs' points included."""
     records = point_records(data['results'] + data.get('stopped_runs', []))
-    return {n: [dict(r, trainer=SAME_NETWORK.get(r['trainer'], r['trainer'])) for r in records
-                if r['iterations'] == n] for n in data['settings']['eval_at']}
+    return point_summaries([dict(r, trainer=SAME_NETWORK.get(r['trainer'], r['trainer'])) for r in records],
+                           data['settings']['eval_at'])
 
 
 def _longest_cells(results_dir: str, report: str) -> Dict[str, str]:
@@ -130,17 +129,13 @@ def _longest_cells(results_dir: str, report: str) -> Dict[str, str]:
     data = _load(results_dir, report)
     if data is None:
         return {}
-    iterations = data['settings']['eval_at'][-1]
-    at_longest = _points(data)[iterations]
-    stock = runs_summary(at_longest, STOCK, 'equal_iterations')
+    longest = data['settings']['eval_at'][-1]
     cells = {}
-    for trainer in SUMMARY_TRAINERS:
-        mine = runs_summary(at_longest, trainer, 'equal_iterations')
-        if mine is None:
-            continue
-        dice = ' / '.join(f'{d:.3f}' for d in mine['dice_per_run'])
-        side = '' if trainer == STOCK or stock is None else f": {versus_stock(mine, stock)[0]}"
-        cells[trainer] = f"[{dice} ({iterations} iterations){side}](benchmarks/results/{report}.md)"
+    for iterations, trainer, mine, stock in _points(data):
+        if iterations == longest and trainer in SUMMARY_TRAINERS:
+            dice = ' / '.join(f'{d:.3f}' for d in mine['dice_per_run'])
+            side = '' if trainer == STOCK or stock is None else f": {versus_stock(mine, stock)[0]}"
+            cells[trainer] = f"[{dice} ({iterations} iterations){side}](benchmarks/results/{report}.md)"
     return cells
 
 
@@ -179,13 +174,8 @@ def default_behind_from(results_dir: str) -> Dict[str, int]:
     out = {}
     for name, report in CURVE_REPORTS.items():
         data = _load(results_dir, report)
-        if data is None:
-            continue
-        sides = {}
-        for iterations, records in _points(data).items():
-            mine, stock = (runs_summary(records, t, 'equal_iterations') for t in ('nnUNetTrainerEMCAD', STOCK))
-            if mine and stock:
-                sides[iterations] = versus_stock(mine, stock)[0]
+        sides = {iterations: versus_stock(mine, stock)[0] for iterations, trainer, mine, stock in
+                 (_points(data) if data else []) if trainer == 'nnUNetTrainerEMCAD' and stock}
         if behind_from(sides) is not None:
             out[name] = behind_from(sides)
     return out
@@ -201,20 +191,19 @@ def verdicts(results_dir: str) -> str:
         if data is None:
             parts.append(f"**{name}**: not measured yet (the accuracy benchmark's run with `--name {report}`).\n")
             continue
-        points, seconds = _points(data), data.get('step_seconds') or {}
+        seconds = data.get('step_seconds') or {}
         rows, said = [], {}
-        for iterations, records in points.items():
-            stock = runs_summary(records, STOCK, 'equal_iterations')
-            for trainer in dict.fromkeys(r['trainer'] for r in records if r['trainer'] != STOCK):
-                mine = runs_summary(records, trainer, 'equal_iterations')
-                side, words = versus_stock(mine, stock) if stock else ('stock not measured',) * 2
-                said.setdefault(trainer, {})[iterations] = side
-                minutes = ' / '.join(f"{iterations * seconds[t] / 60:.1f}" if t in seconds else 'not measured'
-                                     for t in (trainer, STOCK))
-                stock_dice = 'not measured' if stock is None else f"{stock['dice']:.3f}"
-                rows.append(f"| {iterations} | {minutes} | {trainer} | "
-                            f"{', '.join(f'{d:.3f}' for d in mine['dice_per_run'])} | {mine['dice']:.3f} | "
-                            f"{stock_dice} | {words} |")
+        for iterations, trainer, mine, stock in _points(data):
+            if trainer == STOCK:
+                continue
+            side, words = versus_stock(mine, stock) if stock else ('stock not measured',) * 2
+            said.setdefault(trainer, {})[iterations] = side
+            minutes = ' / '.join(f"{iterations * seconds[t] / 60:.1f}" if t in seconds else 'not measured'
+                                 for t in (trainer, STOCK))
+            stock_dice = 'not measured' if stock is None else f"{stock['dice']:.3f}"
+            rows.append(f"| {iterations} | {minutes} | {trainer} | "
+                        f"{', '.join(f'{d:.3f}' for d in mine['dice_per_run'])} | {mine['dice']:.3f} | "
+                        f"{stock_dice} | {words} |")
         lines = [f"**{name}** ([{report}.md]({LINK}{report}.md)): "
                  + '; '.join(f"`{trainer}` against stock at {' / '.join(map(str, sides))} iterations: "
                              f"{' / '.join(sides.values())}"
