@@ -1,8 +1,10 @@
 """A tiny, easy 2D segmentation data set in nnU-Net raw format, and running nnU-Net's console scripts."""
 import os
 import shutil
+import time
 from typing import Dict, List, Tuple
 
+import warm_commands
 from nnunet_emcad.command import scripts
 from nnunet_emcad.command.demo_data import make_synthetic_dataset
 
@@ -39,8 +41,18 @@ def copy_planned(source_root: str, env: Dict[str, str]) -> None:
 
 
 def run(args: List[str], env: Dict[str, str], log: str, timeout: float = 900) -> str:
-    """Run one console script into ``log``; returns its output."""
-    return scripts.run_logged(args, env, log, timeout=timeout)
+    """Run one console script (started warm: ``warm_commands``) with its output appended to ``log`` as
+    ``scripts.run_logged`` writes it; returns its output, raises ``scripts.CommandFailed`` where it fails."""
+    start = time.perf_counter()
+    proc = warm_commands.run(args, env, timeout=timeout)
+    code, output = proc.returncode, proc.stdout
+    os.makedirs(os.path.dirname(os.path.abspath(log)), exist_ok=True)
+    with open(log, 'a') as f:
+        f.write(f"$ {' '.join(args)}\n{output}# {time.perf_counter() - start:.1f} s, exit {code}\n")
+    if code:
+        tail = ''.join(output.splitlines(True)[-40:])
+        raise scripts.CommandFailed(f"{' '.join(args)} failed (exit {code}); the end of {log}:\n{tail}")
+    return output
 
 
 def make_3d_dataset(raw: str, dataset_id: int = 902, n_train: int = 10, n_test: int = 2, seed: int = 0,

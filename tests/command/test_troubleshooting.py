@@ -1,10 +1,9 @@
-"""Every row of the README's troubleshooting table, provoked through the command the row names (a subprocess;
-a row met in Python, in this process), and the row's message found in what that command prints. Failed starts
-leave nothing behind."""
+"""Every row of the README's troubleshooting table, provoked through the command the row names (a process of its
+own, started warm: ``warm_commands``; a row met in Python, in this process), and the row's message found in what
+that command prints. Failed starts leave nothing behind."""
 import json
 import os
 import re
-import subprocess
 import sys
 import traceback
 
@@ -20,6 +19,7 @@ from nnunet_emcad.command.scripts import nnunet_env
 from nnunet_emcad.model.emcad import create_emcad_pvt
 from nnunet_emcad.nnunet import trainers as T
 from nnunet_emcad.nnunet.plans import create_emcad_unet
+import warm_commands
 from tiny_data import copy_planned
 from tiny_plans import ACDC_2D_ARCH, DATASET_JSON, make_plans
 
@@ -47,10 +47,9 @@ def as_pattern(message: str) -> str:
 def command(args, env, cwd=None) -> str:
     """Run a console script (or Python) as a user would; returns stdout and stderr together (it must fail)."""
     RAN.append(os.path.basename(args[0]))
-    proc = subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=600,
-                          stdin=subprocess.DEVNULL)
+    proc = warm_commands.run(args, env, cwd=cwd)
     assert proc.returncode != 0, proc.stdout[-2000:]
-    return proc.stdout + proc.stderr
+    return proc.stdout
 
 
 @pytest.fixture(scope='session')

@@ -12,6 +12,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
 from nnunet_emcad.model.checkpoints import CheckpointError
 from nnunet_emcad.nnunet import trainers as T
+import warm_commands
 from tiny_plans import DATASET_JSON, build, make_plans
 
 pytestmark = pytest.mark.usefixtures('nnunet_folders')
@@ -41,8 +42,8 @@ def predictor(model: str) -> nnUNetPredictor:
 
 
 def rename(model: str, trainer: str) -> subprocess.CompletedProcess:
-    return subprocess.run([os.path.join(BIN, 'nnunet-emcad'), 'rename-trainer', model, trainer],
-                          capture_output=True, text=True, timeout=600, env=os.environ)
+    return warm_commands.run([os.path.join(BIN, 'nnunet-emcad'), 'rename-trainer', model, trainer], dict(os.environ),
+                             stderr=subprocess.PIPE)
 
 
 def test_an_old_default_model_names_its_trainer_now_and_predicts_there_after_rename_trainer():
