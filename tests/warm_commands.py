@@ -1,6 +1,6 @@
-"""Console scripts started warm: forked from a server process that has imported their heavy third-party modules
-(torch, timm, SciPy, scikit-image, ...) once, instead of each command importing them again
-(benchmarks/results/test_durations.md, "Commands started warm").
+"""Python commands (console scripts, ``python SCRIPT.py``) started warm: forked from a server process that has
+imported their heavy third-party modules (torch, timm, SciPy, scikit-image, ...) once, instead of each command
+importing them again (benchmarks/results/test_durations.md, "Commands started warm").
 
 Each command still runs in a process of its own as a shell starts it: its environment, arguments, working
 directory, standard streams and a session of its own; the script file itself runs as ``__main__``; nnU-Net and
@@ -65,7 +65,7 @@ def _command(request: dict) -> None:
         if 'numpy' in sys.modules:
             sys.modules['numpy'].random.seed()  # fresh entropy, as a new process's numpy has
         sys.argv = list(request['argv'])
-        sys.path[0] = os.path.dirname(sys.argv[0])
+        sys.path[0] = os.path.dirname(os.path.realpath(sys.argv[0]))  # the script's folder, as Python puts it first
         try:
             runpy.run_path(sys.argv[0], run_name='__main__')
             code = 0
@@ -162,23 +162,33 @@ def _close_servers() -> None:
         server.close()
 
 
-def _python_script(args: List[str], env: Dict[str, str]) -> Optional[str]:
-    """The file of ``args[0]`` where it is a Python script of this interpreter (a console script), else None."""
+def _is_this_python(program: str, env: Dict[str, str]) -> bool:
+    path = shutil.which(program, path=env.get('PATH'))
+    return bool(path) and os.path.abspath(path) == os.path.abspath(sys.executable)
+
+
+def _warm_argv(args: List[str], env: Dict[str, str], cwd: str) -> Optional[List[str]]:
+    """What a warm command's ``sys.argv`` is: a console script of this interpreter (found on ``env``'s PATH) with
+    its arguments, or ``python SCRIPT.py ...``'s script with its arguments; None for any other command."""
+    if _is_this_python(args[0], env):
+        script = len(args) > 1 and args[1].endswith('.py') and os.path.isfile(os.path.join(cwd, args[1]))
+        return list(args[1:]) if script else None
     path = shutil.which(args[0], path=env.get('PATH'))
     if not path:
         return None
     with open(path, 'rb') as f:
         first = f.readline().decode(errors='replace')
     shebang = first[2:].strip() if first.startswith('#!') else ''
-    return path if shebang and os.path.exists(shebang) and os.path.samefile(shebang, sys.executable) else None
+    return [path] + list(args[1:]) if shebang and _is_this_python(shebang, env) else None
 
 
-def run(args: List[str], env: Dict[str, str], cwd: Optional[str] = None, timeout: float = 600,
+def run(args: List[str], env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None, timeout: float = 600,
         stderr: int = subprocess.STDOUT) -> subprocess.CompletedProcess:
     """``subprocess.run(args, env=env, cwd=cwd, stdout=PIPE, stderr=stderr, text=True, stdin=DEVNULL)``, with a
-    console script started warm; ``stderr``: ``subprocess.STDOUT`` (with stdout, in order) or ``subprocess.PIPE``."""
-    script = None if os.environ.get('NNUNET_EMCAD_TESTS_COLD') == '1' else _python_script(args, env)
-    if script is None:
+    Python command started warm; ``stderr``: ``subprocess.STDOUT`` (with stdout, in order) or ``subprocess.PIPE``."""
+    env, cwd = dict(os.environ if env is None else env), os.path.abspath(cwd or os.getcwd())
+    argv = None if os.environ.get('NNUNET_EMCAD_TESTS_COLD') == '1' else _warm_argv(args, env, cwd)
+    if argv is None:
         return subprocess.run(args, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=stderr, text=True,
                               stdin=subprocess.DEVNULL, timeout=timeout)
     startup = tuple(sorted((k, v) for k, v in env.items() if not k.startswith(_PER_COMMAND)))
@@ -189,8 +199,7 @@ def run(args: List[str], env: Dict[str, str], cwd: Optional[str] = None, timeout
         err = out if stderr == subprocess.STDOUT else os.path.join(folder, 'stderr')
         for path in {out, err}:
             open(path, 'w').close()
-        request = {'argv': [script] + list(args[1:]), 'env': env, 'cwd': os.path.abspath(cwd or os.getcwd()),
-                   'stdout': out, 'stderr': err}
+        request = {'argv': argv, 'env': env, 'cwd': cwd, 'stdout': out, 'stderr': err}
         code = _SERVERS[startup].run(request, timeout)
         texts = [open(path, encoding='utf-8', errors='replace').read() for path in (out, err)]
     return subprocess.CompletedProcess(args, code, texts[0], None if err == out else texts[1])

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import warm_commands
 from helpers import doc_text
 from benchmarks.accuracy import (command_line, constant_dice, default_trainers, equal_time_iterations, hd95,
                                  parse_args, point_plots, predict_in_process, report, _run_folder, step_seconds,
@@ -36,10 +37,10 @@ def _tiny_plans_file(tmp_path) -> str:
 def test_cost_benchmark_on_a_tiny_plan(tmp_path):
     plans_file = _tiny_plans_file(tmp_path)
     trainers = ['nnUNetTrainer', 'nnUNetTrainerEMCAD', 'nnUNetTrainerEMCAD_PVTb0']
-    proc = subprocess.run([sys.executable, os.path.join(BENCHMARKS, 'cost.py'), '--plans',
-                           plans_file, '--trainers', *trainers, '--repeats', '2',
-                           '--warmup', '1', '--train-batch', '2', '--train-repeats', '1', '--device', 'cpu',
-                           '--out', str(tmp_path / 'results')], capture_output=True, text=True, timeout=600)
+    proc = warm_commands.run([sys.executable, os.path.join(BENCHMARKS, 'cost.py'), '--plans',
+                              plans_file, '--trainers', *trainers, '--repeats', '2',
+                              '--warmup', '1', '--train-batch', '2', '--train-repeats', '1', '--device', 'cpu',
+                              '--out', str(tmp_path / 'results')], timeout=600, stderr=subprocess.PIPE)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / 'results' / 'cost.json').read_text())
     rows = {r['name']: r for r in result['networks']}
@@ -72,10 +73,10 @@ def test_cost_benchmark_on_a_tiny_plan(tmp_path):
 def test_the_breakdown_benchmark_times_stock_and_emcad_part_by_part_at_a_patch_of_its_own(tmp_path):
     plans_file = _tiny_plans_file(tmp_path)
     # the full-resolution decoder: stages at every stride, three of them run again in backward
-    proc = subprocess.run([sys.executable, os.path.join(BENCHMARKS, 'breakdown.py'), '--plans', plans_file,
-                           '--trainers', 'nnUNetTrainer', 'nnUNetTrainerEMCAD_Stride1', '--patch-size', '32', '32',
-                           '--batch', '2', '--repeats', '1', '--out', str(tmp_path / 'results')],
-                          capture_output=True, text=True, timeout=600)
+    proc = warm_commands.run([sys.executable, os.path.join(BENCHMARKS, 'breakdown.py'), '--plans', plans_file,
+                              '--trainers', 'nnUNetTrainer', 'nnUNetTrainerEMCAD_Stride1', '--patch-size', '32', '32',
+                              '--batch', '2', '--repeats', '1', '--out', str(tmp_path / 'results')],
+                             timeout=600, stderr=subprocess.PIPE)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / 'results' / 'breakdown.json').read_text())
     stock, emcad = result['networks']
@@ -102,8 +103,8 @@ def test_the_breakdown_benchmark_times_stock_and_emcad_part_by_part_at_a_patch_o
                     key=lambda r: r.get('forward_ms', 0) + r.get('backward_ms', 0))
     assert first.startswith(f"| nnUNetTrainerEMCAD_Stride1 | {costliest['stride']} | {costliest['kind']} |")
     (tmp_path / 'results' / 'breakdown.md').write_text('')
-    assert subprocess.run([sys.executable, os.path.join(BENCHMARKS, 'breakdown.py'), '--republish', '--out',
-                           str(tmp_path / 'results')], capture_output=True, timeout=300).returncode == 0
+    assert warm_commands.run([sys.executable, os.path.join(BENCHMARKS, 'breakdown.py'), '--republish', '--out',
+                              str(tmp_path / 'results')], timeout=300).returncode == 0
     assert (tmp_path / 'results' / 'breakdown.md').read_text() == report
     command = next(line for line in report.splitlines() if line.startswith('Reproduce: '))
     words = command[len('Reproduce: `'):-1].split()
@@ -144,8 +145,8 @@ def test_cost_report_shows_the_cuda_measurements_when_a_gpu_measured_them():
     assert 'CPU inference under torch.compile (inductor), as `nnUNet_compile=1 nnUNetv2_predict` runs it' in text
     assert '| nnUNetTrainer | 40 ms | 30 ms | 20 s | 1.00x | 1.33x |' in text
     assert '| nnUNetTrainerEMCAD | 10 ms | 15 ms | 35 s | 2.00x | 2.67x |' in text
-    help_text = subprocess.run([sys.executable, os.path.join(BENCHMARKS, 'cost.py'), '--help'],
-                               capture_output=True, text=True).stdout
+    help_text = warm_commands.run([sys.executable, os.path.join(BENCHMARKS, 'cost.py'), '--help'],
+                                  stderr=subprocess.PIPE).stdout
     assert 'Cost at a plan' in help_text and '--train-batch' in help_text
 
 
@@ -480,10 +481,10 @@ def test_gpu_check_runs_end_to_end_as_a_cpu_dry_run_with_the_readmes_trainers(tm
     plans_dir.mkdir()
     (plans_dir / 'nnUNetPlans.json').write_text(json.dumps(make_plans(3, [32, 32])))
     (plans_dir / 'dataset.json').write_text(json.dumps(DATASET_JSON))
-    proc = subprocess.run([sys.executable, os.path.join(BENCHMARKS, 'gpu_check.py'), '--plans',
-                           str(plans_dir / 'nnUNetPlans.json'), '--trainers', *trainers,
-                           '--steps', '3', '--batch-size', '2', '--device', 'cpu', '--backend', 'aot_eager',
-                           '--out', str(tmp_path)], capture_output=True, text=True, timeout=600)
+    proc = warm_commands.run([sys.executable, os.path.join(BENCHMARKS, 'gpu_check.py'), '--plans',
+                              str(plans_dir / 'nnUNetPlans.json'), '--trainers', *trainers,
+                              '--steps', '3', '--batch-size', '2', '--device', 'cpu', '--backend', 'aot_eager',
+                              '--out', str(tmp_path)], timeout=600, stderr=subprocess.PIPE)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     runs = json.loads((tmp_path / 'gpu.json').read_text())['runs']
     assert [r['trainer'] for r in runs] == ['nnUNetTrainer', 'nnUNetTrainerEMCAD_Stride1',
@@ -549,8 +550,8 @@ def test_gpu_check_writes_its_report_after_every_trainer_naming_those_still_to_c
 
 
 def test_gpu_check_help_says_what_it_measures():
-    proc = subprocess.run([sys.executable, os.path.join(BENCHMARKS, 'gpu_check.py'), '--help'],
-                          capture_output=True, text=True, timeout=120)
+    proc = warm_commands.run([sys.executable, os.path.join(BENCHMARKS, 'gpu_check.py'), '--help'],
+                             timeout=120, stderr=subprocess.PIPE)
     assert proc.returncode == 0
     for promise in ('torch.compile', 'skipped steps', 'peak CUDA memory', 'inference latency', 'leaves out',
                     'Exits 1 when a compiled trainer does not train', 'channels-last'):
@@ -573,7 +574,7 @@ def test_accuracy_benchmark_on_tiny_data_scores_each_eval_point_and_continues_a_
     def benchmark(*extra: str) -> str:
         """The benchmark with ``extra`` options; what it appended to the command log."""
         before = log.read_text() if log.exists() else ''
-        proc = subprocess.run(command + list(extra), capture_output=True, text=True, timeout=600)
+        proc = warm_commands.run(command + list(extra), timeout=600, stderr=subprocess.PIPE)
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
         return log.read_text()[len(before):]
 
@@ -675,9 +676,9 @@ def test_the_against_stock_benchmark_runs_each_trainer_in_turn_with_stock_and_ju
     plans_file = _tiny_plans_file(tmp_path)
     script = os.path.join(BENCHMARKS, 'against_stock.py')
     trainers = ['nnUNetTrainerEMCAD_Stride4', 'nnUNetTrainerEMCAD_Stride2NarrowRefine']
-    proc = subprocess.run([sys.executable, script, '--plans', plans_file, '--patch-size', '32', '32', '--batch', '2',
-                           '--repeats', '1', '--modes', 'eager', '--trainers', *trainers,
-                           '--out', str(tmp_path / 'results')], capture_output=True, text=True, timeout=600)
+    proc = warm_commands.run([sys.executable, script, '--plans', plans_file, '--patch-size', '32', '32', '--batch', '2',
+                              '--repeats', '1', '--modes', 'eager', '--trainers', *trainers,
+                              '--out', str(tmp_path / 'results')], timeout=600, stderr=subprocess.PIPE)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / 'results' / 'against_stock.json').read_text())
     stride4, refined = result['trainers']
@@ -695,8 +696,8 @@ def test_the_against_stock_benchmark_runs_each_trainer_in_turn_with_stock_and_ju
     assert first.endswith(' of 3 |') and _line(report, '| 2 |').endswith('| n/a: decodes from stride 4 |')
     assert ('GPU numbers: pending' in report) == (result['machine']['gpu'] == 'none')  # a CPU run says so
     (tmp_path / 'results' / 'against_stock.md').write_text('')
-    assert subprocess.run([sys.executable, script, '--republish', '--out', str(tmp_path / 'results')],
-                          capture_output=True, timeout=300).returncode == 0
+    assert warm_commands.run([sys.executable, script, '--republish', '--out', str(tmp_path / 'results')],
+                             timeout=300).returncode == 0
     assert (tmp_path / 'results' / 'against_stock.md').read_text() == report
     words = _line(report, 'Reproduce: ')[len('Reproduce: `'):-1].split()
     assert words[:2] == ['python', 'benchmarks/against_stock.py'] and '--out' not in words

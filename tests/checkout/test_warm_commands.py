@@ -38,6 +38,7 @@ def probe(tmp_path):
     folder.mkdir()
     (folder / 'probe').write_text(PROBE)
     (folder / 'probe').chmod(0o755)
+    (folder / 'probe.py').write_text(PROBE)  # for python bin/probe.py
     env = nnunet_env(str(tmp_path / 'nnunet'), package_settings=False)
     return dict(env, PATH=f"{folder}{os.pathsep}{env['PATH']}"), tmp_path
 
@@ -61,14 +62,16 @@ def test_an_nnunet_command_started_warm_prints_and_exits_as_it_does_started_cold
 def test_each_warm_command_has_its_own_arguments_environment_working_directory_and_streams(probe):
     env, tmp = probe
     runs = []
-    for name in ('one', 'two'):
+    commands = {'one': ['probe', 'one'], 'two': [sys.executable, os.path.join('..', 'bin', 'probe.py'), 'two']}
+    for name, command in commands.items():
         (tmp / name).mkdir()
-        proc = warm_commands.run(['probe', name], dict(env, nnUNet_raw=str(tmp / name)), cwd=str(tmp / name),
+        proc = warm_commands.run(command, dict(env, nnUNet_raw=str(tmp / name)), cwd=str(tmp / name),
                                  stderr=subprocess.PIPE)
         assert proc.returncode == 0 and proc.stderr == 'to stderr\n', proc
         runs.append(json.loads(proc.stdout))
-    for name, seen in zip(('one', 'two'), runs, strict=True):
-        assert seen['name'] == '__main__' and seen['argv'] == [name] and seen['path0'] == str(tmp / 'bin')
+    for name, seen in zip(commands, runs, strict=True):
+        assert seen['name'] == '__main__' and seen['argv'] == [name]
+        assert seen['path0'] == os.path.realpath(tmp / 'bin')  # the script's folder, first on sys.path
         assert seen['cwd'] == seen['raw'] == str(tmp / name)
         assert seen['trainers'] == TRAINER_DIR  # the package's start-up hook ran in the command's environment
 
