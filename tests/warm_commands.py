@@ -163,11 +163,14 @@ def _close_servers() -> None:
 
 
 def _is_this_python(program: str, env: Dict[str, str]) -> bool:
+    """``program`` is this interpreter: the same file in the same folder (``python``, ``python3`` of one
+    virtual environment; not the interpreter the environment was made from)."""
     path = shutil.which(program, path=env.get('PATH'))
-    return bool(path) and os.path.abspath(path) == os.path.abspath(sys.executable)
+    return bool(path) and os.path.dirname(os.path.abspath(path)) == os.path.dirname(os.path.abspath(sys.executable)) \
+        and os.path.samefile(path, sys.executable)
 
 
-def _warm_argv(args: List[str], env: Dict[str, str], cwd: str) -> Optional[List[str]]:
+def warm_argv(args: List[str], env: Dict[str, str], cwd: str) -> Optional[List[str]]:
     """What a warm command's ``sys.argv`` is: a console script of this interpreter (found on ``env``'s PATH) with
     its arguments, or ``python SCRIPT.py ...``'s script with its arguments; None for any other command."""
     if _is_this_python(args[0], env):
@@ -187,7 +190,7 @@ def run(args: List[str], env: Optional[Dict[str, str]] = None, cwd: Optional[str
     """``subprocess.run(args, env=env, cwd=cwd, stdout=PIPE, stderr=stderr, text=True, stdin=DEVNULL)``, with a
     Python command started warm; ``stderr``: ``subprocess.STDOUT`` (with stdout, in order) or ``subprocess.PIPE``."""
     env, cwd = dict(os.environ if env is None else env), os.path.abspath(cwd or os.getcwd())
-    argv = None if os.environ.get('NNUNET_EMCAD_TESTS_COLD') == '1' else _warm_argv(args, env, cwd)
+    argv = None if os.environ.get('NNUNET_EMCAD_TESTS_COLD') == '1' else warm_argv(args, env, cwd)
     if argv is None:
         return subprocess.run(args, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=stderr, text=True,
                               stdin=subprocess.DEVNULL, timeout=timeout)

@@ -50,6 +50,8 @@ def _without_import_warnings(text: str) -> str:
 
 def test_an_nnunet_command_started_warm_prints_and_exits_as_it_does_started_cold(tmp_path, monkeypatch):
     env = nnunet_env(str(tmp_path), package_settings=False)
+    for script in ('nnUNetv2_plan_and_preprocess', 'nnUNetv2_train', 'nnUNetv2_predict', 'nnunet-emcad'):
+        assert warm_commands.warm_argv([script], env, str(tmp_path)), f'{script} would start cold'
     args = ['nnUNetv2_train', '999', '2d', '0', '-tr', 'nnUNetTrainerEMCAD', '-device', 'cpu']
     warm = warm_commands.run(args, env)
     monkeypatch.setenv('NNUNET_EMCAD_TESTS_COLD', '1')
