@@ -123,8 +123,11 @@ def test_pvt_trainer_with_imagenet_weights_from_a_local_file_and_its_c_and_val_w
     assert f'loaded ImageNet pvt_v2_b0 weights from {weights}' in out
     fold = os.path.join(env['nnUNet_results'], 'Dataset901_Tiny',
                         'nnUNetTrainerEMCAD_PVTb0_smoke__nnUNetPlans__2d', 'fold_0')
-    # 4 smoke epochs at the PVT trainers' learning rate (1e-4) leave it far from converged; untrained it scores near 0
-    assert _dice(os.path.join(fold, 'validation', 'summary.json'))['1'] > 0.3
+    # 4 smoke epochs at the PVT trainers' learning rate (1e-4) leave it far from converged, and where it ends varies
+    # with the random data order (0.28-0.65 in seven runs); a network that marks every pixel as disk scores 0.14 at most,
+    # one that marks none 0
+    trained = _dice(os.path.join(fold, 'validation', 'summary.json'))
+    assert trained['1'] > 0.15, trained
     # --c and --val load the trained checkpoint: they need neither the weights file, now gone, nor the hub; --val
     # validates the fold again (its summary, removed, comes back)
     weights.unlink()
@@ -135,7 +138,9 @@ def test_pvt_trainer_with_imagenet_weights_from_a_local_file_and_its_c_and_val_w
     os.remove(os.path.join(fold, 'validation', 'summary.json'))
     out = run(['nnUNetv2_train', '901', '2d', '0', '-tr', 'nnUNetTrainerEMCAD_PVTb0_smoke', '-device', 'cpu', '--val'],
               offline, log)
-    assert 'loaded ImageNet' not in out and _dice(os.path.join(fold, 'validation', 'summary.json'))['1'] > 0.3
+    # the same network as at the end of training: the same scores
+    assert 'loaded ImageNet' not in out
+    assert _dice(os.path.join(fold, 'validation', 'summary.json')) == pytest.approx(trained, abs=1e-6)
 
 
 @pytest.mark.xdist_group('trained_fold')
