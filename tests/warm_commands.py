@@ -77,9 +77,7 @@ def _command(request: dict) -> None:
                 trace = trace.tb_next  # from the script's frame on, as Python prints it
             sys.excepthook(type(e), e.with_traceback(trace or e.__traceback__), trace or e.__traceback__)
             code = 1
-        for thread in threading.enumerate():
-            if thread is not threading.current_thread() and not thread.daemon:
-                thread.join()
+        threading._shutdown()  # as Python's exit: threading's exit hooks (which wake idle pools' workers), then joins
         atexit._run_exitfuncs()
     finally:
         for stream in (sys.stdout, sys.stderr):

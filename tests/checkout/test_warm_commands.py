@@ -23,6 +23,10 @@ if sys.argv[1] == 'sleep':
     with open('worker.pid', 'w') as f:
         f.write(str(worker.pid))
     time.sleep(60)
+if sys.argv[1] == 'pool':  # kept open to the end (inductor caches its pool): Python's exit wakes its workers
+    import concurrent.futures
+    concurrent.futures.kept = concurrent.futures.ThreadPoolExecutor(2)
+    print('pooled', concurrent.futures.kept.submit(lambda: 2 + 2).result())
 print(json.dumps({{'name': __name__, 'argv': sys.argv[1:], 'cwd': os.getcwd(), 'raw': os.environ.get('nnUNet_raw'),
                   'trainers': os.environ.get('nnUNet_extTrainer'), 'path0': sys.path[0]}}))
 print('to stderr', file=sys.stderr)
@@ -88,6 +92,14 @@ def test_a_warm_command_exits_with_its_code_message_or_traceback_as_python_does(
     assert re.search(r'\ATraceback \(most recent call last\):\n  File "[^"]+/probe", line 4, in <module>\n',
                      failed.stdout), failed.stdout
     assert failed.stdout.endswith('ValueError: probe failed\n')
+
+
+def test_a_warm_command_with_a_thread_pool_left_open_exits_as_python_does(probe):
+    # inductor leaves its compile threads' pool open in nnU-Net's compiled prediction: a command started warm that
+    # joined the pool's threads without waking them first hung there, its work done
+    env, _ = probe
+    proc = warm_commands.run(['probe', 'pool'], env, timeout=30)
+    assert proc.returncode == 0 and proc.stdout.startswith('pooled 4\n'), proc.stdout
 
 
 def test_a_warm_command_past_its_time_limit_is_killed_with_its_workers(probe):
