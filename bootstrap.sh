@@ -18,6 +18,14 @@ install() {
   fi
 }
 
+byte_compile() {
+  # pip installs with --no-compile: it byte-compiles on one core, compileall on every core. A file in a newer
+  # Python's syntax (torch ships one) fails to compile here as under pip; nothing imports it
+  local site
+  site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_path("purelib"))')
+  "$venv/bin/python" -m compileall -q -j 0 "$site" >>"$log" 2>&1 || true
+}
+
 if [ ! -x "$venv/bin/python" ]; then
   echo "bootstrap: creating $venv with $($python --version 2>&1)"
   "$python" -m venv "$venv"
@@ -25,12 +33,14 @@ fi
 if ! "$venv/bin/python" -c 'import torch, torchvision' >/dev/null 2>&1; then
   echo "bootstrap: installing PyTorch (log: $log)"
   # shellcheck disable=SC2086
-  install install ${TORCH_PACKAGES:-torch==2.14.1 torchvision==0.29.1}
+  install install --no-compile ${TORCH_PACKAGES:-torch==2.14.1 torchvision==0.29.1}
+  byte_compile
 fi
 stamp="$venv/.nnunet_emcad_installed"
 if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ]; then
   echo "bootstrap: installing nnunet-emcad and its dependencies (log: $log)"
-  install install -e '.[test,demo,onnx]'
+  install install --no-compile -e '.[test,demo,onnx]'
+  byte_compile
   touch "$stamp"
 fi
 
