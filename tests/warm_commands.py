@@ -160,10 +160,9 @@ def _close_servers() -> None:
         server.close()
 
 
-def _is_this_python(program: str, env: Dict[str, str]) -> bool:
-    """``program`` is this interpreter: the same file in the same folder (``python``, ``python3`` of one
+def _is_this_python(path: Optional[str]) -> bool:
+    """The program at ``path`` is this interpreter: the same file in the same folder (``python``, ``python3`` of one
     virtual environment; not the interpreter the environment was made from)."""
-    path = shutil.which(program, path=env.get('PATH'))
     return bool(path) and os.path.dirname(os.path.abspath(path)) == os.path.dirname(os.path.abspath(sys.executable)) \
         and os.path.samefile(path, sys.executable)
 
@@ -171,16 +170,17 @@ def _is_this_python(program: str, env: Dict[str, str]) -> bool:
 def warm_argv(args: List[str], env: Dict[str, str], cwd: str) -> Optional[List[str]]:
     """What a warm command's ``sys.argv`` is: a console script of this interpreter (found on ``env``'s PATH) with
     its arguments, or ``python SCRIPT.py ...``'s script with its arguments; None for any other command."""
-    if _is_this_python(args[0], env):
-        script = len(args) > 1 and args[1].endswith('.py') and os.path.isfile(os.path.join(cwd, args[1]))
-        return list(args[1:]) if script else None
     path = shutil.which(args[0], path=env.get('PATH'))
     if not path:
         return None
+    if _is_this_python(path):
+        script = len(args) > 1 and args[1].endswith('.py') and os.path.isfile(os.path.join(cwd, args[1]))
+        return list(args[1:]) if script else None
     with open(path, 'rb') as f:
         first = f.readline().decode(errors='replace')
     shebang = first[2:].strip() if first.startswith('#!') else ''
-    return [path] + list(args[1:]) if shebang and _is_this_python(shebang, env) else None
+    return [path] + list(args[1:]) if shebang and _is_this_python(shutil.which(shebang, path=env.get('PATH'))) \
+        else None
 
 
 def run(args: List[str], env: Optional[Dict[str, str]] = None, cwd: Optional[str] = None, timeout: float = 600,
